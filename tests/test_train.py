@@ -1,0 +1,109 @@
+"""The jitted, vmapped update step: the slides' rule, optax, compile-once, and that it learns."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from strategies import problem
+
+import jaxbp
+
+SPEC = jaxbp.ConvNetSpec(in_shape=(10, 9, 2), n_filters=3, kernel_size=(3, 3), stride=(2, 1), n_out=2)
+
+
+@pytest.mark.parametrize("grads", ["manual", "autodiff"])
+def test_sgd_step_is_the_slides_update_by_hand(grads):
+    params, x, y = problem(SPEC, 0, 4)
+    alpha = 0.3
+    opt = jaxbp.sgd(alpha)
+    new, _, E = jaxbp.make_update_step(SPEC, opt, grads=grads)(params, opt.init(params), x, y)
+    g = jaxbp.manual_grads(params, x, y, SPEC)
+    # w = w - alpha dE/dw, for W, b and f
+    np.testing.assert_allclose(new.W, params.W - alpha * g.W, rtol=1e-12)
+    np.testing.assert_allclose(new.b, params.b - alpha * g.b, rtol=1e-12)
+    np.testing.assert_allclose(new.f, params.f - alpha * g.f, rtol=1e-12)
+    np.testing.assert_allclose(E, jaxbp.loss(params, x, y, SPEC), rtol=1e-12)
+
+
+def test_jaxbp_sgd_equals_optax_sgd_over_steps_and_schedules():
+    params, x, y = problem(SPEC, 1, 4)
+    schedule = optax.exponential_decay(0.5, transition_steps=1, decay_rate=0.5)
+    for ours, theirs in [(jaxbp.sgd(0.2), optax.sgd(0.2)), (jaxbp.sgd(schedule), optax.sgd(schedule))]:
+        p1, s1, p2, s2 = params, ours.init(params), params, theirs.init(params)
+        step1 = jaxbp.make_update_step(SPEC, ours)
+        step2 = jaxbp.make_update_step(SPEC, theirs)
+        for _ in range(3):
+            p1, s1, _ = step1(p1, s1, x, y)
+            p2, s2, _ = step2(p2, s2, x, y)
+        chex.assert_trees_all_close(p1, p2, rtol=1e-12)
+
+
+def test_any_optax_optimizer_and_custom_grads():
+    params, x, y = problem(SPEC, 2, 4)
+    opt = optax.adam(1e-2)
+    manual = jaxbp.make_update_step(SPEC, opt, grads="manual")
+    autodiff = jaxbp.make_update_step(SPEC, opt, grads="autodiff")
+    custom = jaxbp.make_update_step(SPEC, opt, grads=jaxbp.backward.value_and_manual_grads_example)
+    outs = [fn(params, opt.init(params), x, y) for fn in (manual, autodiff, custom)]
+    chex.assert_trees_all_close(outs[0], outs[1], rtol=1e-10)
+    chex.assert_trees_all_close(outs[0], outs[2], rtol=1e-12)
+
+
+def test_step_compiles_once_per_input_shape():
+    params, x, y = problem(SPEC, 3, 6)
+    traces = []
+
+    def counting_grads(p, xi, yi, spec):  # Python side effects run only while tracing
+        traces.append(xi.shape)
+        return jaxbp.backward.value_and_manual_grads_example(p, xi, yi, spec)
+
+    opt = jaxbp.sgd(0.1)
+    step = jaxbp.make_update_step(SPEC, opt, grads=counting_grads)
+    state = opt.init(params)
+    for _ in range(4):
+        params, state, _ = step(params, state, x, y)
+    assert len(traces) == 1 and step._cache_size() == 1
+    for _ in range(3):
+        params, state, _ = step(params, state, x[:3], y[:3])  # a new batch size: one more trace
+    assert len(traces) == 2 and step._cache_size() == 2
+
+
+def test_training_lowers_the_loss_float32():
+    # a small learnable task: the label is whether the image's left half is brighter
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 10, 9, 2)).astype(np.float32)
+    label = (x[:, :, :4].mean(axis=(1, 2, 3)) > x[:, :, 5:].mean(axis=(1, 2, 3))).astype(np.float32)
+    y = np.stack([label, 1 - label], axis=1)
+    params = jaxbp.init_params(jax.random.key(0), SPEC, jnp.float32)
+    opt = jaxbp.sgd(2.0)
+    step = jaxbp.make_update_step(SPEC, opt)
+    state = opt.init(params)
+    losses = []
+    for _ in range(60):
+        params, state, E = step(params, state, jnp.asarray(x), jnp.asarray(y))
+        losses.append(float(E))
+    assert losses[-1] < 0.5 * losses[0], losses[::10]
+    assert all(np.isfinite(losses))
+
+
+def test_init_params_is_deterministic_and_fan_in_scaled():
+    spec = jaxbp.ConvNetSpec(in_shape=(28, 28, 1), n_filters=16, kernel_size=(5, 5), n_out=10)
+    a = jaxbp.init_params(jax.random.key(7), spec)
+    b = jaxbp.init_params(jax.random.key(7), spec)
+    chex.assert_trees_all_equal(a, b)
+    assert not np.allclose(a.f, jaxbp.init_params(jax.random.key(8), spec).f)
+    # truncated-normal LeCun init: variance 1 / fan_in (measured within 20% on these sizes)
+    np.testing.assert_allclose(np.var(a.f), 1 / 25, rtol=0.2)
+    np.testing.assert_allclose(np.var(a.W), 1 / spec.n_hidden, rtol=0.2)
+    assert np.all(a.b == 0) and a.f.dtype == jnp.float32
+
+
+def test_forward_shapes():
+    spec = jaxbp.ConvNetSpec(in_shape=(28, 28, 1), n_filters=8, kernel_size=(5, 5), n_out=10)
+    params = jaxbp.init_params(jax.random.key(0), spec)
+    x = jnp.zeros((5, 28, 28, 1), jnp.float32)
+    assert jaxbp.forward(params, x[0], spec).shape == (10,)
+    assert jaxbp.forward(params, x, spec).shape == (5, 10)
+    assert jaxbp.loss(params, x, jnp.zeros((5, 10), jnp.float32), spec).shape == ()
