@@ -34,10 +34,14 @@ def bars(n: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.nd
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=400, help="update steps (default 400)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="optax adam or the slides' sgd")
+    parser.add_argument(
+        "--optimizer", choices=["adam", "sgd"], default="adam", help="optax adam or the slides' sgd"
+    )
     parser.add_argument("--lr", type=float, default=1e-2, help="learning rate alpha (default 1e-2)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import example
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -54,24 +55,41 @@ def test_manual_equals_finite_differences_float64(spec, batch, seed):
         assert relative_error(leaf_manual, leaf_numeric) < 1e-7
 
 
-# Measured over 150 random specs of the sweep (batch 1-5): float32 manual gradients differ from
-# the float64 ones by a relative error of at most 1.17e-6 (median 8.6e-8), and float32 manual and
-# autodiff agree bitwise on CPU. Tolerances: 1e-5 against float64 (8.5x the worst measured), and
-# 2e-5 between the two float32 paths (each within 1e-5 of the float64 truth).
-FLOAT32_VS_FLOAT64 = 1e-5
-FLOAT32_MANUAL_VS_AUTODIFF = 2e-5
+# float32 error model. Every gradient is proportional to dE/dO = O - Y, and float32 rounds O to a
+# relative u ~ 6e-8, so where O is close to Y the rounding of O - Y dominates: the relative error
+# scales with the conditioning kappa = max(|O| + |Y|) / max|O - Y|, not with u alone.
+# Measured (121 derandomized examples of this sweep, batch 1-5): relative error of float32 manual
+# gradients against float64 <= 2.2e-6 * kappa (median 2.8e-8 * kappa); kappa reached 239. A flat
+# 1e-5, derived first from 150 well-conditioned examples, was falsified by an example with O ~ Y
+# (kappa = 98, error 2.2e-4), which is why kappa is in the model. Tolerance: 1e-5 * kappa for each
+# float32 path against float64 (4.5x the worst measured), so 2e-5 * kappa between the two paths
+# (measured: at most 3.5e-8 between float32 manual and autodiff).
+FLOAT32_PER_KAPPA = 1e-5
+
+both_grads_and_output = jax.jit(
+    lambda p, x, y, s: (*both_grads(p, x, y, s), jaxbp.forward(p, x, s)), static_argnums=3
+)
 
 
 @settings(max_examples=30)
 @given(spec=specs(), batch=st.integers(1, 5), seed=st.integers(0, 2**16))
+@example(
+    spec=jaxbp.ConvNetSpec(
+        in_shape=(7, 7, 1), n_filters=2, kernel_size=(4, 4), padding=((2, 2), (2, 2)), dilation=(1, 2)
+    ),
+    batch=2,
+    seed=1445,
+)  # the ill-conditioned example (O ~ Y) that falsified a flat tolerance
 def test_float32_agreement(spec, batch, seed):
     params64, x64, y64 = problem(spec, seed, batch)
-    reference, _ = both_grads(params64, x64, y64, spec)
+    reference, _, O = both_grads_and_output(params64, x64, y64, spec)
+    kappa = float(jnp.max(jnp.abs(O) + jnp.abs(y64)) / jnp.max(jnp.abs(O - y64)))
     params, x, y = jax.tree.map(lambda a: a.astype(jnp.float32), (params64, x64, y64))
     manual, autodiff = both_grads(params, x, y, spec)
     chex.assert_trees_all_equal_dtypes(manual, params)
-    assert tree_relative_error(manual, reference) < FLOAT32_VS_FLOAT64
-    assert tree_relative_error(manual, autodiff) < FLOAT32_MANUAL_VS_AUTODIFF
+    assert tree_relative_error(manual, reference) < FLOAT32_PER_KAPPA * kappa
+    assert tree_relative_error(autodiff, reference) < FLOAT32_PER_KAPPA * kappa
+    assert tree_relative_error(manual, autodiff) < 2 * FLOAT32_PER_KAPPA * kappa
 
 
 SLIDES_SPEC = jaxbp.ConvNetSpec(
