@@ -165,7 +165,7 @@ class Conv2D:
         """x (H, W, C) -> (Ho, Wo, K)."""
         _check_shape(self, x)
         z = ops.conv2d(x, params.f, **self._conv_kwargs(x.shape[:2]))
-        return z + params.b if self.use_bias else z
+        return z + params.b[None, None, :] if self.use_bias else z
 
     def vjp(self, params: Conv2DParams, x, y, dE_dy) -> tuple[Conv2DParams, jax.Array]:
         r"""With delta = dE/dZ (Ho, Wo, K):

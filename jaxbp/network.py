@@ -221,6 +221,10 @@ class Network:
         """E = loss(a_L, y) for one example."""
         return self.loss.value(self.forward_example(params, x), y)
 
+    def predict_example(self, params: tuple, x: jax.Array) -> jax.Array:
+        """The loss's reading of a_L (`to_output`): probabilities for the cross-entropies."""
+        return self.loss.to_output(self.forward_example(params, x))
+
     def value_and_chain_terms_example(
         self, params: tuple, x: jax.Array, y: jax.Array
     ) -> tuple[jax.Array, tuple[LayerTerms, ...]]:
@@ -259,8 +263,11 @@ class Network:
         return self.forward_example(params, x)
 
     def predict(self, params: tuple, x: jax.Array) -> jax.Array:
-        """The loss's reading of the output (`to_output`): probabilities for the cross-entropies."""
-        return self.loss.to_output(self.forward(params, x))
+        """`predict_example` for one example, or each example of a batch."""
+        x, _, batched = self.check_inputs(params, x)
+        if batched:
+            return jax.vmap(self.predict_example, in_axes=(None, 0))(params, x)
+        return self.predict_example(params, x)
 
     def loss_value(self, params: tuple, x: jax.Array, y: jax.Array) -> jax.Array:
         """E for one example, or the mean of per-example E over a batch."""
