@@ -110,6 +110,8 @@ class Conv2D:
     .. math::
        Z[i, j, k] = \sum_{a, b, c} X_{pad}[i s_h + a d_h,\; j s_w + b d_w,\; c]\, f[a, b, c, k] + b_k
 
+    (a, b run over the filter's rows and columns; b_k is the bias.)
+
     Attributes:
       n_filters: K, the output channels.
       kernel_size: (kh, kw) (an int means square).
