@@ -274,9 +274,10 @@ def relu_vjp(z: jax.Array, dE_dh: jax.Array) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------------------------
-# Pooling over (wh, ww) windows moved by (sh, sw), per channel. Both backwards are written as a
-# sum over the wh * ww window offsets (a, b): the output Y[i, j] reads X_pad[i sh + a, j sw + b]
-# for every offset, so dE/dX_pad[i sh + a, j sw + b] receives each offset's share of delta[i, j].
+# Pooling over (wh, ww) windows moved by (sh, sw), per channel. The output Y[i, j] reads
+# X_pad[i sh + a, j sw + b] for every window offset (a, b), so dE/dX_pad[i sh + a, j sw + b]
+# receives that offset's share of delta[i, j]: all offsets equally for the average, only the
+# window's maximum for the max.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -338,7 +339,13 @@ def avg_pool_vjp(
 
     .. math::
        \frac{\partial E}{\partial X_{pad}[p, q, c]} = \frac{1}{w_h w_w}
-       \sum_{a, b} \sum_{i, j} [p = i s_h + a]\,[q = j s_w + b]\; \delta[i, j, c]
+       \sum_{a < w_h,\, b < w_w} \delta_{\uparrow s}[p - a,\; q - b,\; c]
+
+    with delta dilated by the stride (s - 1 zeros between entries, zero outside): a window sum
+    of the dilated delta, padded by w - 1 on the low side so that the window ending at p starts
+    at p - (w - 1). As in `conv2d_input_vjp`, the forward padding is cropped by the pad itself
+    (low w - 1 - lo, high whatever returns H), and the sum is ``lax.reduce_window``, one pass
+    instead of wh * ww shifted copies (JAX's own transpose of a window sum is the same).
 
     Args:
       delta: (Ho, Wo, C) dE/dY.
@@ -347,12 +354,13 @@ def avg_pool_vjp(
     Returns:
       (H, W, C) dE/dX.
     """
-    padded_hw = tuple(n + lo + hi for n, (lo, hi) in zip(in_hw, padding))
+    config = []
+    for n, n_out, w, s, (lo, _) in zip(in_hw, delta.shape[:2], window, stride, padding):
+        pad_lo = w - 1 - lo
+        config.append((pad_lo, n - pad_lo - 1 - (n_out - 1) * s + w - 1, s - 1))
     share = delta / (window[0] * window[1])
-    dE_dx_pad = sum(
-        window_slice_vjp(share, (a, b), stride, padded_hw) for a in range(window[0]) for b in range(window[1])
-    )
-    return _crop(dE_dx_pad, padding, in_hw)
+    share_up = lax.pad(share, jnp.zeros((), share.dtype), (*config, (0, 0, 0)))
+    return lax.reduce_window(share_up, 0.0, lax.add, (*window, 1), (1, 1, 1), "VALID")
 
 
 def max_pool(x: jax.Array, *, window: tuple[int, int], stride: tuple[int, int], padding: Pads) -> jax.Array:
