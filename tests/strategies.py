@@ -1,5 +1,6 @@
 """Hypothesis strategies: random valid ConvNetSpecs and data for them."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from hypothesis import strategies as st
@@ -59,3 +60,9 @@ def problem(spec, seed: int, batch: int | None, dtype=np.float64):
     x = jnp.asarray(rng.normal(size=(*lead, *spec.in_shape)), dtype)
     y = jnp.asarray(rng.uniform(size=(*lead, spec.n_out)), dtype)
     return params, x, y
+
+
+def layer_params(layer, in_shape, rng):
+    """Params of the layer's structure, every leaf standard normal (biases non-zero too)."""
+    shapes = jax.eval_shape(lambda: layer.init(jax.random.key(0), in_shape, jnp.float64))
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape)), shapes)

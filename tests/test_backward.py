@@ -17,7 +17,9 @@ from strategies import specs
 
 import jaxbp
 from jaxbp import backward
+from jaxbp import layers
 from jaxbp import model
+from jaxbp import network
 from jaxbp import ops
 from jaxbp import params as params_module
 from jaxbp import spec as spec_module
@@ -160,7 +162,7 @@ def test_value_is_the_loss():
 
 # --- the manual path calls no autodiff transform ----------------------------------------------
 
-MANUAL_PATH = (ops, backward, model, params_module, spec_module)
+MANUAL_PATH = (ops, backward, model, params_module, spec_module, layers, network)
 AUTODIFF_NAMES = {
     "grad",
     "value_and_grad",
@@ -177,15 +179,53 @@ AUTODIFF_NAMES = {
 }
 
 
+def autodiff_names_used(source: str) -> set[str]:
+    """Autodiff transforms a module's source names: imported (``from jax import grad``), called by
+    a bare name, or reached as an attribute of an imported module (``jax.vjp``, ``j.grad`` after
+    ``import jax as j``). An attribute of anything else is not flagged: a layer's own ``vjp``
+    method (``layer.vjp(...)``, the hand-written backward) is not JAX's."""
+    tree = ast.parse(source)
+    imported = {
+        (alias.asname or alias.name).split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    }
+    used = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            used |= {alias.name for alias in node.names} & AUTODIFF_NAMES
+        elif isinstance(node, ast.Name) and node.id in AUTODIFF_NAMES:
+            used.add(node.id)
+        elif isinstance(node, ast.Attribute) and node.attr in AUTODIFF_NAMES:
+            root = node.value
+            while isinstance(root, ast.Attribute):
+                root = root.value
+            if isinstance(root, ast.Name) and root.id in imported:
+                used.add(node.attr)
+    return used
+
+
 @pytest.mark.parametrize("module", MANUAL_PATH, ids=lambda m: m.__name__)
 def test_manual_path_source_names_no_autodiff(module):
-    tree = ast.parse(inspect.getsource(module))
-    used = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
-    used |= {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
-    used |= {
-        alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names
-    }
-    assert not used & AUTODIFF_NAMES, f"{module.__name__} names {used & AUTODIFF_NAMES}"
+    used = autodiff_names_used(inspect.getsource(module))
+    assert not used, f"{module.__name__} names {used}"
+
+
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ("import jax\njax.grad(f)", {"grad"}),
+        ("import jax as j\nj.vjp(f, x)", {"vjp"}),
+        ("from jax import linearize", {"linearize"}),
+        ("import jax.numpy as jnp\njnp.custom_jvp", {"custom_jvp"}),
+        ("from jax import lax\nlax.linear_transpose", {"linear_transpose"}),
+        ("value_and_grad(f)", {"value_and_grad"}),
+        ("import jax\nlayer.vjp(params, x, y, dE_dy)\nself.loss.vjp(o, y)", set()),
+    ],
+)
+def test_autodiff_scan_flags_jax_transforms_not_layer_methods(source, expected):
+    assert autodiff_names_used(source) == expected
 
 
 def test_manual_grads_runs_with_autodiff_disabled(monkeypatch):
