@@ -142,10 +142,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.lr = DEFAULT_LR[args.optimizer]
     if args.lr <= 0:
         parser.error(f"--lr must be > 0, got {args.lr}")
-    try:
-        args.digits = int_pair(args.digits)
-    except (ValueError, argparse.ArgumentTypeError):
-        parser.error(f"--digits must be two digits like 3,8, got {args.digits!r}")
+    digits = args.digits.split(",")
+    if len(digits) != 2 or not all(d.strip().isdigit() for d in digits) or digits[0] == digits[1]:
+        parser.error(f"--digits must be two different digits like 3,8, got {args.digits!r}")
+    args.digits = tuple(int(d) for d in digits)
     if args.seeds is not None:
         try:
             args.seeds = [int(s) for s in args.seeds.split(",")]
@@ -176,13 +176,16 @@ def tree_rel_diff(a, b):
 
 
 @functools.cache
-def make_epoch(spec, optimizer_name: str, lr: float, grads: str):
-    """A jitted epoch: `lax.scan` of the update step(s) over the batches (cached per setting).
+def make_step(spec, optimizer_name: str, lr: float, grads: str):
+    """The jitted update step of every trajectory (cached per setting).
 
-    Returns ``epoch(states, xs, ys) -> (states, losses, diffs)`` with states a dict trajectory ->
-    (params, opt_state), xs (steps, B, H, W, C), losses a dict trajectory -> (steps,) batch losses
-    before each update, and diffs (for grads="both") the per-step relative differences of the
-    gradients the two trajectories stepped with and of their params after the step.
+    Returns ``step(states, x, y) -> (states, losses, diffs)`` with states a dict trajectory ->
+    (params, opt_state), x (B, H, W, C), losses a dict trajectory -> the batch loss before the
+    update, and diffs (for grads="both") the relative differences of the gradients the two
+    trajectories stepped with and of their params after the step.
+
+    A Python loop calls it once per batch: measured on this CPU, a `lax.scan` over an epoch's
+    steps ran float64 steps 8x slower (0.71 s vs 0.087 s per step, K=32, 5x5, batch 32).
     """
     import jax
     import optax
@@ -203,25 +206,20 @@ def make_epoch(spec, optimizer_name: str, lr: float, grads: str):
         manual = stepper(jaxbp.manual_value_and_grads)
         autodiff = stepper(jaxbp.autodiff_value_and_grads)
 
-        def body(states, batch):
-            p_m, s_m, E_m, g_m = manual(*states["manual"], *batch)
-            p_a, s_a, E_a, g_a = autodiff(*states["autodiff"], *batch)
+        def body(states, x, y):
+            p_m, s_m, E_m, g_m = manual(*states["manual"], x, y)
+            p_a, s_a, E_a, g_a = autodiff(*states["autodiff"], x, y)
             diffs = {"grad_rel_diff": tree_rel_diff(g_m, g_a), "param_rel_diff": tree_rel_diff(p_m, p_a)}
-            return {"manual": (p_m, s_m), "autodiff": (p_a, s_a)}, ({"manual": E_m, "autodiff": E_a}, diffs)
+            return {"manual": (p_m, s_m), "autodiff": (p_a, s_a)}, {"manual": E_m, "autodiff": E_a}, diffs
 
     else:
         step = jaxbp.make_update_step(spec, optimizer, grads=grads)
 
-        def body(states, batch):
-            params, opt_state, E = step(*states[grads], *batch)
-            return {grads: (params, opt_state)}, ({grads: E}, {})
+        def body(states, x, y):
+            params, opt_state, E = step(*states[grads], x, y)
+            return {grads: (params, opt_state)}, {grads: E}, {}
 
-    @jax.jit
-    def epoch(states, xs, ys):
-        states, (losses, diffs) = jax.lax.scan(body, states, (xs, ys))
-        return states, losses, diffs
-
-    return epoch
+    return jax.jit(body)
 
 
 @functools.cache
@@ -292,7 +290,7 @@ def run(args: argparse.Namespace) -> dict:
             raise ValueError(f"{args.resume} is at epoch {first_epoch}, past --epochs {args.epochs}")
 
     os.makedirs(args.out, exist_ok=True)
-    epoch_fn = make_epoch(spec, args.optimizer, args.lr, args.grads)
+    step = make_step(spec, args.optimizer, args.lr, args.grads)
     evaluate = make_evaluate(spec)
     from tqdm import tqdm
 
@@ -308,7 +306,11 @@ def run(args: argparse.Namespace) -> dict:
     for epoch in bar:
         order = epoch_order(args.seed, epoch, len(x_train), args.batch_size)
         xs, ys = jnp.asarray(x_train[order]), jnp.asarray(y_train[order])
-        states, losses, step_diffs = epoch_fn(states, xs, ys)
+        per_step = []
+        for t in range(len(order)):
+            states, losses, step_diffs = step(states, xs[t], ys[t])
+            per_step.append((losses, step_diffs))
+        losses, step_diffs = jax.tree.map(lambda *v: np.asarray(jnp.stack(v)), *per_step)
         for name in names:
             test_loss, O = evaluate(states[name][0], x_test, y_test)
             accuracy = float(np.mean(data.predicted_class(np.asarray(O)) == task.labels_test))
