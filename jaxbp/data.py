@@ -235,7 +235,7 @@ def load_dataset(source: str, *, split_seed: int = 0, pixel_range=(0.0, 1.0)) ->
     if source == "digits":
         return load_digits(split_seed=split_seed, pixel_range=pixel_range)
     if source.startswith("idx:") and len(source) > 4:
-        return load_idx(source[4:], pixel_range=pixel_range)
+        return load_idx(os.path.expanduser(source[4:]), pixel_range=pixel_range)
     raise ValueError(f"data must be 'digits' or 'idx:DIR', got {source!r}")
 
 
