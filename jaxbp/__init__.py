@@ -9,6 +9,12 @@ from jaxbp.backward import chain_terms
 from jaxbp.backward import manual_grads
 from jaxbp.backward import manual_value_and_grads
 from jaxbp.backward import per_example_manual_grads
+from jaxbp.checkpoint import load_checkpoint
+from jaxbp.checkpoint import save_checkpoint
+from jaxbp.data import load_digits
+from jaxbp.data import load_idx
+from jaxbp.data import make_task
+from jaxbp.data import read_idx
 from jaxbp.layers import AvgPool
 from jaxbp.layers import Conv2D
 from jaxbp.layers import Conv2DParams
