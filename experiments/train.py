@@ -1,10 +1,11 @@
 """Train the slides' network on handwritten digits, with the manual backward, jax.grad, or both.
 
 The network is the slides' X -> conv(X, f) -> sigmoid -> flatten -> W^T H1 + b -> sigmoid = O,
-trained on E = sum((O - Y)^2) / 2 (mean over a batch). Data: scikit-learn's 8x8 digits by
-default (no download; a fixed, seeded, stratified 80/20 split), or MNIST / Fashion-MNIST from
-IDX files with --data idx:DIR. --task multiclass uses 10 outputs and one-hot targets; --task
-binary the slides' single output on two digits (--digits 3,8).
+trained on E = sum((O - Y)^2) / 2 (mean over a batch); --model lenet trains LeNet-5 (tanh, average
+pooling, softmax cross-entropy; `jaxbp.lenet5`) with the same hand-written layer backward.
+Data: scikit-learn's 8x8 digits by default (no download; a fixed, seeded, stratified 80/20
+split), or MNIST / Fashion-MNIST from IDX files with --data idx:DIR. --task multiclass uses 10
+outputs and one-hot targets; --task binary the slides' single output on two digits (--digits 3,8).
 
 --grads both trains two copies from the same key in the same data order, one with each backward,
 and records per step the relative difference of the gradients the two copies step with (manual
@@ -17,6 +18,7 @@ grad_agreement.png. --seeds 0,1,2,3,4 runs one folder per seed plus seeds.json.
     python experiments/train.py                                  # the default run, ~30 s
     python experiments/train.py --grads both --dtype float64     # bitwise equal; ~15 min on CPU
     python experiments/train.py --task binary --digits 3,8
+    python experiments/train.py --model lenet --out runs/lenet    # LeNet-5, 30 epochs
     python experiments/train.py --data idx:~/data/mnist --epochs 5 --filters 8 --kernel-size 5
 """
 
@@ -36,12 +38,13 @@ import plots  # noqa: E402
 
 # Defaults of the run, chosen by the measurements in the README's Results section.
 DEFAULTS = dict(
+    model="slides",
     data="digits",
     task="multiclass",
     digits="3,8",
     grads="manual",
     seed=0,
-    epochs=100,
+    epochs=None,
     batch_size=32,
     optimizer="adam",
     lr=None,
@@ -55,9 +58,12 @@ DEFAULTS = dict(
     out=os.path.join("runs", "train"),
 )
 DEFAULT_LR = {"adam": 1e-3, "sgd": 0.1, "momentum": 0.05}
+# Per-model defaults where they differ (epochs; adam's lr), from the runs in the README's Results.
+MODEL_DEFAULTS = {"slides": dict(epochs=100, adam_lr=1e-3), "lenet": dict(epochs=30, adam_lr=3e-3)}
 TRAJECTORIES = {"manual": ("manual",), "autodiff": ("autodiff",), "both": ("manual", "autodiff")}
 # Settings a checkpoint must share with the run that resumes it (epochs may grow).
 RESUME_KEYS = (
+    "model",
     "data",
     "task",
     "digits",
@@ -104,13 +110,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add, d = parser.add_argument, DEFAULTS
+    add(
+        "--model",
+        choices=list(MODEL_DEFAULTS),
+        default=d["model"],
+        help="the slides' network (default) or LeNet-5 (jaxbp.lenet5; --filters/--kernel-size/"
+        "--stride/--padding apply to the slides' network only)",
+    )
     add("--data", default=d["data"], help="'digits' (default, built in) or 'idx:DIR' (MNIST files)")
     add("--task", choices=["multiclass", "binary"], default=d["task"], help="10 outputs, or 1 output")
     add("--digits", default=d["digits"], help="the two digits of --task binary (default 3,8)")
     add("--grads", choices=list(TRAJECTORIES), default=d["grads"], help="which backward (default manual)")
     add("--seed", type=int, default=d["seed"], help="init and data-order seed (default 0)")
     add("--seeds", default=None, help="comma-separated seeds: one run per seed in OUT/seed_S")
-    add("--epochs", type=int, default=d["epochs"], help="passes over the training set (default 100)")
+    add("--epochs", type=int, default=d["epochs"], help="passes over the training set (100; lenet 30)")
     add("--batch-size", type=int, default=d["batch_size"], help="examples per step (default 32)")
     add(
         "--optimizer",
@@ -136,10 +149,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.stride = (args.stride,) * 2
     if isinstance(args.pixel_range, str):
         args.pixel_range = float_pair(args.pixel_range)
+    if args.epochs is None:
+        args.epochs = MODEL_DEFAULTS[args.model]["epochs"]
     if args.epochs < 1 or args.batch_size < 1 or args.filters < 1:
         parser.error("--epochs, --batch-size and --filters must be >= 1")
     if args.lr is None:
-        args.lr = DEFAULT_LR[args.optimizer]
+        args.lr = (
+            MODEL_DEFAULTS[args.model]["adam_lr"] if args.optimizer == "adam" else DEFAULT_LR[args.optimizer]
+        )
     if args.lr <= 0:
         parser.error(f"--lr must be > 0, got {args.lr}")
     digits = args.digits.split(",")
@@ -175,6 +192,34 @@ def tree_rel_diff(a, b):
     return jnp.max(jnp.stack(jax.tree.leaves(jax.tree.map(leaf, a, b))))
 
 
+def model_functions(model) -> dict:
+    """The calls that differ between the slides' ConvNetSpec API and a layer `Network`.
+
+    Returns a dict of batch functions: init(key, dtype), forward(params, x) -> O (probabilities
+    for a network), loss(params, x, y), manual and autodiff (params, x, y) -> (E, grads), and
+    filters(params) -> the first conv's (kh, kw, C, K) filters.
+    """
+    import jaxbp
+
+    if isinstance(model, jaxbp.Network):
+        return dict(
+            init=model.init,
+            forward=model.predict,
+            loss=model.loss_value,
+            manual=model.manual_value_and_grads,
+            autodiff=lambda p, x, y: jaxbp.network_autodiff_value_and_grads(p, x, y, model),
+            filters=lambda params: params[0].f,
+        )
+    return dict(
+        init=lambda key, dtype: jaxbp.init_params(key, model, dtype),
+        forward=lambda p, x: jaxbp.forward(p, x, model),
+        loss=lambda p, x, y: jaxbp.loss(p, x, y, model),
+        manual=lambda p, x, y: jaxbp.manual_value_and_grads(p, x, y, model),
+        autodiff=lambda p, x, y: jaxbp.autodiff_value_and_grads(p, x, y, model),
+        filters=lambda params: params.f,
+    )
+
+
 @functools.cache
 def make_step(spec, optimizer_name: str, lr: float, grads: str):
     """The jitted update step of every trajectory (cached per setting).
@@ -197,14 +242,14 @@ def make_step(spec, optimizer_name: str, lr: float, grads: str):
         # make_update_step's step, with the gradient kept so the two can be compared
         def stepper(value_and_grads):
             def step(params, opt_state, x, y):
-                E, g = value_and_grads(params, x, y, spec)
+                E, g = value_and_grads(params, x, y)
                 updates, opt_state = optimizer.update(g, opt_state, params)
                 return optax.apply_updates(params, updates), opt_state, E, g
 
             return step
 
-        manual = stepper(jaxbp.manual_value_and_grads)
-        autodiff = stepper(jaxbp.autodiff_value_and_grads)
+        fns = model_functions(spec)
+        manual, autodiff = stepper(fns["manual"]), stepper(fns["autodiff"])
 
         def body(states, x, y):
             p_m, s_m, E_m, g_m = manual(*states["manual"], x, y)
@@ -227,9 +272,8 @@ def make_evaluate(spec):
     """Jitted ``evaluate(params, x, y) -> (mean loss, O)`` on a whole test set."""
     import jax
 
-    import jaxbp
-
-    return jax.jit(lambda params, x, y: (jaxbp.loss(params, x, y, spec), jaxbp.forward(params, x, spec)))
+    fns = model_functions(spec)
+    return jax.jit(lambda params, x, y: (fns["loss"](params, x, y), fns["forward"](params, x)))
 
 
 def epoch_order(seed: int, epoch: int, n: int, batch_size: int) -> np.ndarray:
@@ -260,19 +304,24 @@ def run(args: argparse.Namespace) -> dict:
     x_test, y_test = jnp.asarray(task.x_test, dtype), jnp.asarray(task.y_test, dtype)
     if len(x_train) < args.batch_size:
         raise ValueError(f"--batch-size {args.batch_size} is larger than the training set ({len(x_train)})")
-    spec = jaxbp.ConvNetSpec(
-        in_shape=tuple(x_train.shape[1:]),
-        n_filters=args.filters,
-        kernel_size=tuple(args.kernel_size),
-        stride=tuple(args.stride),
-        padding=args.padding,
-        n_out=task.n_out,
-    )
+    if args.model == "lenet":
+        loss = jaxbp.SigmoidBinaryCrossEntropy() if task.n_out == 1 else jaxbp.SoftmaxCrossEntropy()
+        spec = jaxbp.lenet5(tuple(x_train.shape[1:]), task.n_out, loss=loss)
+    else:
+        spec = jaxbp.ConvNetSpec(
+            in_shape=tuple(x_train.shape[1:]),
+            n_filters=args.filters,
+            kernel_size=tuple(args.kernel_size),
+            stride=tuple(args.stride),
+            padding=args.padding,
+            n_out=task.n_out,
+        )
+    fns = model_functions(spec)
     config = {k: v for k, v in vars(args).items() if k not in ("quiet", "out", "resume", "seeds")}
     config = json.loads(json.dumps(config))  # tuples -> lists, as they will read back
     names = TRAJECTORIES[args.grads]
     optimizer = make_optimizer(args.optimizer, args.lr)
-    params = jaxbp.init_params(jax.random.key(args.seed), spec, dtype)
+    params = fns["init"](jax.random.key(args.seed), dtype)
     states = {name: (params, optimizer.init(params)) for name in names}
     history = {name: {"train_loss": [], "test_loss": [], "test_accuracy": []} for name in names}
     diffs = {"grad_rel_diff": [], "param_rel_diff": []}
@@ -349,7 +398,7 @@ def run(args: argparse.Namespace) -> dict:
     params = states[primary][0]
     _, O_test = evaluate(params, x_test, y_test)
     plots.curves(os.path.join(args.out, "curves.png"), history)
-    plots.filters(os.path.join(args.out, "filters.png"), np.asarray(params.f))
+    plots.filters(os.path.join(args.out, "filters.png"), np.asarray(fns["filters"](params)))
     plots.predictions(
         os.path.join(args.out, "predictions.png"),
         task.x_test,

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbp.network import Network
 from jaxbp.spec import ConvNetSpec
 
 FORMAT = "jaxbp-checkpoint-1"
@@ -31,14 +32,19 @@ def _jsonable(value):
     return value
 
 
-def spec_to_dict(spec: ConvNetSpec) -> dict:
-    """The fields of `spec` as JSON values (tuples become lists, a precision its name)."""
+def spec_to_dict(spec: ConvNetSpec | Network) -> dict:
+    """The fields of `spec` as JSON values (tuples become lists, a precision its name); a
+    `Network` as its repr, which spells out every layer's hyperparameters and the loss."""
+    if isinstance(spec, Network):
+        return {"network": repr(spec)}
     if not isinstance(spec, ConvNetSpec):
-        raise TypeError(f"spec must be a ConvNetSpec, got {type(spec).__name__}")
+        raise TypeError(f"spec must be a ConvNetSpec or a Network, got {type(spec).__name__}")
     return {field.name: _jsonable(getattr(spec, field.name)) for field in dataclasses.fields(spec)}
 
 
-def save_checkpoint(path: str | os.PathLike, tree, *, spec: ConvNetSpec, metadata: dict | None = None):
+def save_checkpoint(
+    path: str | os.PathLike, tree, *, spec: ConvNetSpec | Network, metadata: dict | None = None
+):
     """Write `tree` (any pytree of arrays) and `spec` to `path` (an .npz file), atomically.
 
     Args:
@@ -83,7 +89,7 @@ def read_checkpoint_header(path: str | os.PathLike) -> dict:
     return header
 
 
-def load_checkpoint(path: str | os.PathLike, template, *, spec: ConvNetSpec):
+def load_checkpoint(path: str | os.PathLike, template, *, spec: ConvNetSpec | Network):
     """Read a checkpoint written by `save_checkpoint`, exactly (bit for bit).
 
     Args:
