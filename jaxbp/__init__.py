@@ -7,6 +7,9 @@ from jaxbp.backward import chain_terms
 from jaxbp.backward import manual_grads
 from jaxbp.backward import manual_value_and_grads
 from jaxbp.backward import per_example_manual_grads
+from jaxbp.check import GradCheckReport
+from jaxbp.check import compare_grads
+from jaxbp.manual_vjp import loss_with_manual_vjp
 from jaxbp.model import forward
 from jaxbp.model import loss
 from jaxbp.params import Params
