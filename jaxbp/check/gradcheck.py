@@ -222,7 +222,12 @@ def compare_grads(
                     known_scales=known_scales,
                 )
                 dtype_name = jnp.dtype(leaf.dtype).name if hasattr(leaf, "dtype") else row.dtype
-                rows.append(dataclasses.replace(row, shape=shape, dtype=dtype_name))
+                row = dataclasses.replace(row, shape=shape, dtype=dtype_name)
+                if ok_shape and row.note == "" and dtype_name != dtype.name:
+                    row = dataclasses.replace(
+                        row, ok=False, note=f"dtype {dtype_name}, expected {dtype.name}"
+                    )
+                rows.append(row)
         context["finite differences"] = (
             f"central, float64, eps={eps:g}: elementwise for leaves of <= {max_elementwise} entries, "
             f"else {n_directions} random unit directions (seed {seed})"

@@ -146,7 +146,7 @@ def compare_arrays(
     ok = not problem and rel <= tol
     note = problem
     if not ok and not problem:
-        if cosine >= PARALLEL_COSINE:
+        if cosine >= PARALLEL_COSINE and abs(ratio - 1) > 1e-4:
             note = f"parallel to the {reference_name}, scaled by {ratio:.6g}"
             for scale, why in (known_scales or {}).items():
                 if math.isclose(ratio, scale, rel_tol=1e-6):

@@ -38,7 +38,7 @@ class Tolerance(NamedTuple):
     autodiff: float
     finite_differences: float
     floor: float = REL_FLOOR
-    eps: float = 1e-6
+    eps: float = 1e-5
 
 
 # Measured on CPU, 200 random specs each (experiments/results/tolerance_profiles.json):
