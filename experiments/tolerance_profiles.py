@@ -28,26 +28,32 @@ from jaxbp.check.cli import random_spec  # noqa: E402
 
 
 def measure(n_specs: int, seed: int, dtype: str, quiet: bool) -> dict:
-    """{comparison: {max, median, n}} over n_specs random specs in `dtype`."""
+    """{comparison: {max, median, max_abs, worst_spec_index, n}} over n_specs random specs in `dtype`."""
     rng = np.random.default_rng(seed)
-    errors: dict[str, list[float]] = {}
+    errors: dict[str, list[tuple[float, float, int]]] = {}
     for index in tqdm(range(n_specs), desc=dtype, disable=quiet):
         spec = random_spec(rng)
         batch = int(rng.integers(0, 6)) or None
         params, x, y = random_problem(rng, spec, batch, dtype)
         report = jaxbp.compare_grads(params, x, y, spec, seed=seed + index)
         for row in report.rows:
-            method = (
-                ""
-                if row.reference == "autodiff"
-                else (" directional" if "direction" in row.method else " elementwise")
-            )
+            method = ""
+            if row.reference != "autodiff":
+                method = " directional" if "direction" in row.method else " elementwise"
             key = f"{row.stage}: {row.candidate} vs {row.reference}{method}"
-            errors.setdefault(key, []).append(row.rel)
-    return {
-        key: {"max": float(np.max(v)), "median": float(np.median(v)), "n": len(v)}
-        for key, v in sorted(errors.items())
-    }
+            errors.setdefault(key, []).append((row.rel, row.max_abs, index))
+    summary = {}
+    for key, values in sorted(errors.items()):
+        rel, max_abs, index = zip(*values)
+        worst = int(np.argmax(rel))
+        summary[key] = {
+            "max": float(rel[worst]),
+            "median": float(np.median(rel)),
+            "max_abs": float(np.max(max_abs)),
+            "worst_spec_index": index[worst],
+            "n": len(rel),
+        }
+    return summary
 
 
 def main(argv=None) -> dict:
@@ -74,7 +80,11 @@ def main(argv=None) -> dict:
     (out / "tolerance_profiles.json").write_text(json.dumps(result, indent=1) + "\n")
     for dtype in ("float64", "float32"):
         for key, v in result[dtype].items():
-            print(f"{dtype}  {key:55s} max {v['max']:.2e}  median {v['median']:.2e}  (n={v['n']})")
+            print(
+                f"{dtype}  {key:55s} max {v['max']:.2e}  median {v['median']:.2e}  "
+                f"max abs {v['max_abs']:.2e}  "
+                f"(n={v['n']}, worst: spec {v['worst_spec_index']})"
+            )
     return result
 
 

@@ -177,6 +177,40 @@ def test_float32_uses_its_profile_and_float64_differences():
     assert {r.dtype for r in report.rows} == {"float32"}
 
 
+# Two cases the relative error's floor exists for (jaxbp/check/tolerances.py): a filter gradient
+# that is exactly zero (every tap of the 1-pixel-high input reads padding), where float64 finite
+# differences return round-off ~1e-14; and a hypothesis example from test_backward's float32 sweep
+# whose bias gradient (4.5e-5, a mean of per-example terms that cancel) carries the float32
+# forward's absolute rounding, 1.4e-8 -- 3e-4 of itself, 1.4e-6 of the float32 floor 1e-2.
+ZERO_GRADIENT_SPEC = jaxbp.ConvNetSpec(
+    in_shape=(1, 3, 2),
+    n_filters=2,
+    kernel_size=(2, 4),
+    stride=(2, 1),
+    padding="SAME",
+    dilation=(2, 1),
+    n_out=2,
+)
+CANCELLING_SPEC = jaxbp.ConvNetSpec(
+    in_shape=(7, 7, 1), n_filters=2, kernel_size=(4, 4), padding=((2, 2), (2, 2)), dilation=(1, 2), n_out=1
+)
+
+
+@pytest.mark.parametrize(
+    "spec, seed, batch, dtype",
+    [
+        (ZERO_GRADIENT_SPEC, 0, 3, jnp.float64),
+        (ZERO_GRADIENT_SPEC, 0, 3, jnp.float32),
+        (CANCELLING_SPEC, 1445, 2, jnp.float32),
+    ],
+    ids=["zero-float64", "zero-float32", "cancelling-float32"],
+)
+def test_zero_and_tiny_gradients_pass(spec, seed, batch, dtype):
+    params, x, y = jax.tree.map(lambda a: a.astype(dtype), problem(spec, seed, batch))
+    report = jaxbp.compare_grads(params, x, y, spec)
+    assert report.ok, str(report)
+
+
 @settings(max_examples=8)
 @given(spec=specs(max_hw=7), batch=st.one_of(st.none(), st.integers(1, 4)), seed=st.integers(0, 2**16))
 def test_manual_terms_match_autodiff_terms_across_specs(spec, batch, seed):

@@ -57,6 +57,36 @@ def _named_terms(terms, who: str) -> dict:
     raise TypeError(f"{who} must return a NamedTuple or a dict of named arrays, got {type(terms).__name__}")
 
 
+def _finite_difference_rows(grads, diffs, candidate: str, tol: Tolerance, dtype, known_scales) -> list:
+    """Rows of one gradient pytree against float64 finite differences, leaf by leaf.
+
+    A leaf is compared through `LeafDifferences.project` (itself, or its dot products with the
+    random directions); a leaf of the wrong shape or dtype gets a failing row that says so.
+    """
+    rows = []
+    for leaf, d in zip(jax.tree.leaves(grads), diffs):
+        shape = getattr(leaf, "shape", None)
+        ok_shape = shape is not None and tuple(shape) == tuple(d.shape)
+        row = compare_arrays(
+            d.name,
+            d.project(leaf) if ok_shape else leaf,
+            d.values if ok_shape else jnp.zeros(d.shape),
+            tol=tol.finite_differences,
+            floor=tol.floor,
+            stage="grad",
+            candidate_name=candidate,
+            reference_name=FD,
+            method=d.method,
+            known_scales=known_scales,
+        )
+        leaf_dtype = jnp.dtype(leaf.dtype).name if hasattr(leaf, "dtype") else row.dtype
+        row = dataclasses.replace(row, shape=shape, dtype=leaf_dtype)  # the leaf's, not the projection's
+        if ok_shape and not row.note and leaf_dtype != dtype.name:
+            row = dataclasses.replace(row, ok=False, note=f"dtype {leaf_dtype}, expected {dtype.name}")
+        rows.append(row)
+    return rows
+
+
 def describe_spec(spec: ConvNetSpec) -> str:
     """A one-line summary of a spec for reports and tables."""
     padding = spec.padding if isinstance(spec.padding, str) else [list(p) for p in spec.padding]
@@ -205,29 +235,7 @@ def compare_grads(
                 seed=seed,
             )
         for side, tree in ((candidate, grads), ("autodiff", reference)):
-            for leaf, d in zip(jax.tree.leaves(tree), diffs):
-                shape = getattr(leaf, "shape", None)
-                ok_shape = shape is not None and tuple(shape) == tuple(d.shape)
-                value = d.project(leaf) if ok_shape else leaf
-                row = compare_arrays(
-                    d.name,
-                    value,
-                    d.values if ok_shape else jnp.zeros(d.shape),
-                    tol=tol.finite_differences,
-                    stage="grad",
-                    candidate_name=side,
-                    reference_name=FD,
-                    method=d.method,
-                    floor=tol.floor,
-                    known_scales=known_scales,
-                )
-                dtype_name = jnp.dtype(leaf.dtype).name if hasattr(leaf, "dtype") else row.dtype
-                row = dataclasses.replace(row, shape=shape, dtype=dtype_name)
-                if ok_shape and row.note == "" and dtype_name != dtype.name:
-                    row = dataclasses.replace(
-                        row, ok=False, note=f"dtype {dtype_name}, expected {dtype.name}"
-                    )
-                rows.append(row)
+            rows += _finite_difference_rows(tree, diffs, side, tol, dtype, known_scales)
         context["finite differences"] = (
             f"central, float64, eps={eps:g}: elementwise for leaves of <= {max_elementwise} entries, "
             f"else {n_directions} random unit directions (seed {seed})"
