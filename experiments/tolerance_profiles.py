@@ -23,11 +23,12 @@ from tqdm import tqdm
 jax.config.update("jax_enable_x64", True)
 
 import jaxbp  # noqa: E402
+from jaxbp.check import TOLERANCES  # noqa: E402
 from jaxbp.check.cli import random_problem  # noqa: E402
 from jaxbp.check.cli import random_spec  # noqa: E402
 
 
-def measure(n_specs: int, seed: int, dtype: str, quiet: bool) -> dict:
+def measure(n_specs: int, seed: int, dtype: str, quiet: bool, max_elementwise: int) -> dict:
     """{comparison: {max, median, max_abs, worst_spec_index, n}} over n_specs random specs in `dtype`."""
     rng = np.random.default_rng(seed)
     errors: dict[str, list[tuple[float, float, int]]] = {}
@@ -35,7 +36,7 @@ def measure(n_specs: int, seed: int, dtype: str, quiet: bool) -> dict:
         spec = random_spec(rng)
         batch = int(rng.integers(0, 6)) or None
         params, x, y = random_problem(rng, spec, batch, dtype)
-        report = jaxbp.compare_grads(params, x, y, spec, seed=seed + index)
+        report = jaxbp.compare_grads(params, x, y, spec, seed=seed + index, max_elementwise=max_elementwise)
         for row in report.rows:
             method = ""
             if row.reference != "autodiff":
@@ -64,6 +65,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=1, help="seed (default 1; the CLI's default is 0)")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"), help="output folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--max-elementwise",
+        type=int,
+        default=256,
+        help="finite differences elementwise up to this leaf size, else random directions (default 256, as "
+        "compare_grads; 0: the directional test everywhere, written to tolerance_profiles_directional.json)",
+    )
     args = parser.parse_args(argv)
     result = {
         "n_specs": args.n_specs,
@@ -72,12 +80,15 @@ def main(argv=None) -> dict:
         "device": str(jax.devices()[0]),
         "machine": platform.machine(),
         "jax": jax.__version__,
-        "float64": measure(args.n_specs, args.seed, "float64", args.quiet),
-        "float32": measure(args.n_specs, args.seed, "float32", args.quiet),
+        "max_elementwise": args.max_elementwise,
+        "profiles": {dtype: tol._asdict() for dtype, tol in TOLERANCES.items()},
+        "float64": measure(args.n_specs, args.seed, "float64", args.quiet, args.max_elementwise),
+        "float32": measure(args.n_specs, args.seed, "float32", args.quiet, args.max_elementwise),
     }
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "tolerance_profiles.json").write_text(json.dumps(result, indent=1) + "\n")
+    name = "tolerance_profiles.json" if args.max_elementwise else "tolerance_profiles_directional.json"
+    (out / name).write_text(json.dumps(result, indent=1) + "\n")
     for dtype in ("float64", "float32"):
         for key, v in result[dtype].items():
             print(
