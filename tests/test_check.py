@@ -181,7 +181,7 @@ def test_float32_uses_its_profile_and_float64_differences():
 # that is exactly zero (every tap of the 1-pixel-high input reads padding), where float64 finite
 # differences return round-off ~1e-14; and a hypothesis example from test_backward's float32 sweep
 # whose bias gradient (4.5e-5, a mean of per-example terms that cancel) carries the float32
-# forward's absolute rounding, 1.4e-8 -- 3e-4 of itself, 1.4e-6 of the float32 floor 1e-2.
+# forward's absolute rounding, 1.4e-8 -- 3e-4 of itself, 4.6e-7 of the float32 floor 3e-2.
 ZERO_GRADIENT_SPEC = jaxbp.ConvNetSpec(
     in_shape=(1, 3, 2),
     n_filters=2,
@@ -435,3 +435,17 @@ def test_manual_vjp_loss_accepts_integer_targets():
     chex.assert_trees_all_close(
         grads, jaxbp.manual_grads(params, x, y_int.astype(x.dtype), VJP_SPEC), rtol=1e-12
     )
+
+
+def test_user_reference_terms_are_used():
+    params, x, y = problem(SPEC, 13, N)
+
+    def reference_term_fn(p, x, y, s):  # a reference that disagrees on delta1 only
+        t = jaxbp.check.autodiff_chain_terms(p, x, y, s)
+        return t._replace(delta1=-t.delta1)
+
+    report = jaxbp.compare_grads(
+        params, x, y, SPEC, reference_term_fn=reference_term_fn, finite_differences=False
+    )
+    assert [r.name for r in report.failures] == ["delta1"]
+    assert "sign flipped" in report.first_failure.note
