@@ -277,6 +277,7 @@ def test_bad_gradients_give_failing_rows_that_say_why(change, name, note):
     for row in bad:
         assert re.search(note, row.note), row.note
     assert report.first_failure.name == name
+    json.dumps(report.to_dict(), allow_nan=False)  # still JSON-ready
 
 
 def test_bad_structures_raise_clear_errors():
