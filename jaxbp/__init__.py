@@ -9,6 +9,8 @@ from jaxbp.backward import chain_terms
 from jaxbp.backward import manual_grads
 from jaxbp.backward import manual_value_and_grads
 from jaxbp.backward import per_example_manual_grads
+from jaxbp.check import GradCheckReport
+from jaxbp.check import compare_grads
 from jaxbp.checkpoint import load_checkpoint
 from jaxbp.checkpoint import save_checkpoint
 from jaxbp.data import load_digits
@@ -30,6 +32,7 @@ from jaxbp.layers import Sigmoid
 from jaxbp.layers import SigmoidBinaryCrossEntropy
 from jaxbp.layers import SoftmaxCrossEntropy
 from jaxbp.layers import Tanh
+from jaxbp.manual_vjp import loss_with_manual_vjp
 from jaxbp.model import forward
 from jaxbp.model import loss
 from jaxbp.network import LayerTerms
