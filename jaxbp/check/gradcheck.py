@@ -11,15 +11,20 @@ import dataclasses
 import functools
 from collections.abc import Callable
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jaxbp.autodiff import autodiff_grads
+from jaxbp.autodiff import network_autodiff_grads
 from jaxbp.backward import chain_terms
 from jaxbp.backward import manual_grads
 from jaxbp.check.finite_differences import float64_differences
 from jaxbp.check.reference_terms import autodiff_chain_terms
+from jaxbp.check.reference_terms import network_manual_terms
+from jaxbp.check.reference_terms import network_reference_terms
+from jaxbp.check.reference_terms import network_term_names
 from jaxbp.check.report import GradCheckReport
 from jaxbp.check.report import compare_arrays
 from jaxbp.check.report import compare_named
@@ -28,6 +33,7 @@ from jaxbp.check.tolerances import Tolerance
 from jaxbp.check.tolerances import tolerance_for
 from jaxbp.model import check_inputs
 from jaxbp.model import loss
+from jaxbp.network import Network
 from jaxbp.params import Params
 from jaxbp.spec import ConvNetSpec
 
@@ -46,6 +52,68 @@ def _manual_grads_and_terms(params, x, y, spec):
 
 _manual_grads = jax.jit(manual_grads, static_argnums=3)
 _chain_terms = jax.jit(chain_terms, static_argnums=3)
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _network_autodiff_grads_and_terms(params, x, y, network):
+    return network_autodiff_grads(params, x, y, network), network_reference_terms(params, x, y, network)
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _network_manual_grads_and_terms(params, x, y, network):
+    return network.manual_grads(params, x, y), network_manual_terms(params, x, y, network)
+
+
+_network_manual_terms = jax.jit(network_manual_terms, static_argnums=3)
+
+
+class _Model(NamedTuple):
+    """What compare_grads needs of a model: the slides' ConvNetSpec API or a layer `Network`."""
+
+    check_inputs: Callable
+    loss: Callable  # (params, x, y) -> E, the batch mean
+    manual_grads: Callable  # (params, x, y) -> grads
+    manual_grads_and_terms: Callable  # (params, x, y) -> (grads, named terms)
+    manual_terms: Callable  # (params, x, y) -> named terms
+    autodiff_grads_and_terms: Callable  # (params, x, y) -> (grads, named reference terms)
+    description: str
+    terms_note: str
+
+
+def _model(spec) -> _Model:
+    if isinstance(spec, Network):
+
+        def _named(params, grads, terms):  # a tuple of terms -> {name: term}, in backward order
+            return grads, dict(zip(network_term_names(params, spec), terms))
+
+        layers = ", ".join(type(layer).__name__ for layer in spec.layers)
+        return _Model(
+            check_inputs=spec.check_inputs,
+            loss=spec.loss_value,
+            manual_grads=jax.jit(spec.manual_grads),
+            manual_grads_and_terms=lambda p, x, y: _named(p, *_network_manual_grads_and_terms(p, x, y, spec)),
+            manual_terms=lambda p, x, y: _named(p, None, _network_manual_terms(p, x, y, spec))[1],
+            autodiff_grads_and_terms=lambda p, x, y: _named(
+                p, *_network_autodiff_grads_and_terms(p, x, y, spec)
+            ),
+            description=f"Network in {spec.in_shape}: {layers}; loss {type(spec.loss).__name__}",
+            terms_note="per example (for a batch, term n is d E_n / d ..., without 1/N), in backward "
+            "order; reference: jax.vjp of each layer alone at the manual backward's input and incoming "
+            "cotangent, so a wrong layer VJP fails at that layer",
+        )
+    if not isinstance(spec, ConvNetSpec):
+        raise TypeError(f"spec must be a ConvNetSpec or a jaxbp.Network, got {type(spec).__name__}")
+    return _Model(
+        check_inputs=lambda p, x, y: check_inputs(p, x, y, spec),
+        loss=lambda p, x, y: loss(p, x, y, spec),
+        manual_grads=lambda p, x, y: _manual_grads(p, x, y, spec),
+        manual_grads_and_terms=lambda p, x, y: _manual_grads_and_terms(p, x, y, spec),
+        manual_terms=lambda p, x, y: _chain_terms(p, x, y, spec),
+        autodiff_grads_and_terms=lambda p, x, y: _autodiff_grads_and_terms(p, x, y, spec),
+        description=describe_spec(spec),
+        terms_note="per example (for a batch, term n is d E_n / d ..., without 1/N), reference: autodiff "
+        "(vjp of the sub-network for cotangents, jvp(sigmoid, Z, 1) for Jacobian diagonals)",
+    )
 
 
 def _named_terms(terms, who: str) -> dict:
@@ -100,7 +168,7 @@ def compare_grads(
     params: Params,
     x: jax.Array,
     y: jax.Array,
-    spec: ConvNetSpec,
+    spec: ConvNetSpec | Network,
     *,
     grad_fn: Callable | None = None,
     term_fn: Callable | None = None,
@@ -137,7 +205,9 @@ def compare_grads(
     failing rows that say so.
 
     Args:
-      params, x, y, spec: the point, as for `jaxbp.loss` (one example or a batch).
+      params, x, y, spec: the point, as for `jaxbp.loss` (one example or a batch); spec may also
+        be a `jaxbp.Network` (any stack of layers), whose terms are each layer's dE/dparams and
+        dE/dx in backward order, each checked against jax.vjp of that layer alone.
       grad_fn: fn(params, x, y, spec) -> Params of gradients, the derivation under test.
       term_fn: fn(params, x, y, spec) -> NamedTuple or dict of named per-example terms.
       reference_term_fn: the same for the reference terms (names matched by name).
@@ -161,9 +231,12 @@ def compare_grads(
         or a dtype with no tolerance profile (and no ``tolerance``).
     """
     if precision is not None:
+        if isinstance(spec, Network):
+            raise ValueError("precision: a Network's layers carry their own precision; build them with it")
         spec = dataclasses.replace(spec, precision=precision)
-    x, y, batched = check_inputs(params, x, y, spec)
-    dtype = jnp.dtype(params.f.dtype)
+    model = _model(spec)
+    x, y, batched = model.check_inputs(params, x, y)
+    dtype = jnp.dtype(jax.tree.leaves(params)[0].dtype)
     tol = tolerance_for(dtype) if tolerance is None else tolerance
     eps = tol.eps if eps is None else eps
     n = x.shape[0] if batched else 1
@@ -174,14 +247,14 @@ def compare_grads(
 
     compare_terms = terms if terms is not None else (grad_fn is None or term_fn is not None)
     # The defaults in one compiled function each (a compilation costs more than the check).
-    reference, theirs = _autodiff_grads_and_terms(params, x, y, spec)
+    reference, theirs = model.autodiff_grads_and_terms(params, x, y)
     if grad_fn is None and term_fn is None:
-        grads, mine = _manual_grads_and_terms(params, x, y, spec)
+        grads, mine = model.manual_grads_and_terms(params, x, y)
     else:
-        grads = _manual_grads(params, x, y, spec) if grad_fn is None else grad_fn(params, x, y, spec)
+        grads = model.manual_grads(params, x, y) if grad_fn is None else grad_fn(params, x, y, spec)
         mine = None if term_fn is None else term_fn(params, x, y, spec)
         if mine is None and compare_terms:
-            mine = _chain_terms(params, x, y, spec)
+            mine = model.manual_terms(params, x, y)
     candidate = "manual" if grad_fn is None else "grad_fn"
     if jax.tree.structure(grads) != jax.tree.structure(params):
         raise TypeError(
@@ -216,18 +289,17 @@ def compare_grads(
     )
 
     context = {
-        "spec": describe_spec(spec),
+        "spec": model.description,
         "batch": f"N = {n}, gradients are means over examples" if batched else "one example",
         "dtype": dtype.name,
-        "precision": str(spec.precision),
-        "terms": "per example (for a batch, term n is d E_n / d ..., without 1/N), reference: autodiff "
-        "(vjp of the sub-network for cotangents, jvp(sigmoid, Z, 1) for Jacobian diagonals)",
+        "precision": str(getattr(spec, "precision", "per layer")),
+        "terms": model.terms_note,
     }
     if finite_differences:
         with jax.enable_x64(True):
             x64, y64 = jnp.asarray(x, jnp.float64), jnp.asarray(y, jnp.float64)
             diffs = float64_differences(
-                lambda p: loss(p, x64, y64, spec),
+                lambda p: model.loss(p, x64, y64),
                 params,
                 eps=eps,
                 max_elementwise=max_elementwise,

@@ -25,8 +25,10 @@ import jax.numpy as jnp
 
 from jaxbp import ops
 from jaxbp.backward import ChainTerms
+from jaxbp.check.report import leaf_names
 from jaxbp.model import check_inputs
 from jaxbp.model import loss_example
+from jaxbp.network import Network
 from jaxbp.params import Params
 from jaxbp.spec import ConvNetSpec
 
@@ -84,3 +86,61 @@ def autodiff_chain_terms(params: Params, x: jax.Array, y: jax.Array, spec: ConvN
     if batched:
         return jax.vmap(autodiff_chain_terms_example, in_axes=(None, 0, 0, None))(params, x, y, spec)
     return autodiff_chain_terms_example(params, x, y, spec)
+
+
+# --- any stack of layers (`jaxbp.Network`) ---------------------------------------------------
+
+
+def network_term_names(params: tuple, network: Network) -> list[str]:
+    """Names of the terms of `network_manual_terms`, in backward order: the loss's dE/da_L, then
+    per layer, last first, its dE/dparams leaves and its dE/dx."""
+    names = ["loss dE/da_L"]
+    for index in reversed(range(len(network.layers))):
+        name = f"layers[{index}] {type(network.layers[index]).__name__}"
+        names += [f"{name} dE/d{leaf}" for leaf in leaf_names(params[index])]
+        names.append(f"{name} dE/dx")
+    return names
+
+
+def _in_backward_order(dE_da_L, per_layer) -> tuple:
+    """(dE/da_L, then per layer, last first, its dE/dparams leaves and dE/dx), flat."""
+    flat = [dE_da_L]
+    for dE_dparams, dE_dx in reversed(per_layer):
+        flat += jax.tree.leaves(dE_dparams) + [dE_dx]
+    return tuple(flat)
+
+
+def network_manual_terms(params: tuple, x: jax.Array, y: jax.Array, network: Network) -> tuple:
+    """The manual backward of a `Network` as a tuple of terms named by `network_term_names`.
+
+    Per example (stacked on axis 0 for a batch, without the batch mean's 1/N).
+    """
+    layer_terms = network.chain_terms(params, x, y)
+    return _in_backward_order(layer_terms[-1].dE_dy, [(t.dE_dparams, t.dE_dx) for t in layer_terms])
+
+
+def network_reference_terms(params: tuple, x: jax.Array, y: jax.Array, network: Network) -> tuple:
+    r"""The terms of `network_manual_terms`, each by autodiff of one layer at the same point.
+
+    Layer l is given the same input a_l and the same incoming cotangent dE/da_{l+1} as the
+    manual backward used, and ``jax.vjp(layer.apply, theta_l, a_l)`` pulls it back:
+
+    .. math:: (\partial E / \partial \theta_l,\ \partial E / \partial a_l) =
+              \operatorname{vjp}(g_l, \theta_l, a_l)(\partial E / \partial a_{l+1})
+
+    so each layer's hand-written VJP is checked on its own: a wrong one fails at that layer and
+    the layers below it still pass (they are fed its cotangent in both columns). The loss's
+    dE/da_L is jax.grad of the loss's value.
+    """
+    x, y, batched = network.check_inputs(params, x, y)
+    layer_terms = network.chain_terms(params, x, y)
+
+    def per_example(layer_terms, y):
+        dE_da_L = jax.grad(network.loss.value)(layer_terms[-1].y, y)
+        per_layer = []
+        for layer, p, t in zip(network.layers, params, layer_terms):
+            _, pullback = jax.vjp(layer.apply, p, t.x)
+            per_layer.append(pullback(t.dE_dy))
+        return _in_backward_order(dE_da_L, per_layer)
+
+    return jax.vmap(per_example)(layer_terms, y) if batched else per_example(layer_terms, y)
