@@ -16,6 +16,7 @@ from strategies import specs
 
 import jaxbp
 from jaxbp import backward
+from jaxbp import batched
 from jaxbp import model
 from jaxbp import ops
 from jaxbp import params as params_module
@@ -142,7 +143,7 @@ def test_value_is_the_loss():
 
 # --- the manual path calls no autodiff transform ----------------------------------------------
 
-MANUAL_PATH = (ops, backward, model, params_module, spec_module)
+MANUAL_PATH = (ops, backward, batched, model, params_module, spec_module)
 AUTODIFF_NAMES = {
     "grad",
     "value_and_grad",
