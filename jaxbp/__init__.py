@@ -7,8 +7,11 @@ from jaxbp.backward import chain_terms
 from jaxbp.backward import manual_grads
 from jaxbp.backward import manual_value_and_grads
 from jaxbp.backward import per_example_manual_grads
+from jaxbp.batched import Formulation
+from jaxbp.batched import choose_formulation
 from jaxbp.model import forward
 from jaxbp.model import loss
+from jaxbp.parallel import data_parallel_mean
 from jaxbp.params import Params
 from jaxbp.params import init_params
 from jaxbp.spec import ConvNetSpec
