@@ -22,6 +22,7 @@ import jax
 
 from jaxbp import ops
 from jaxbp.batched import value_and_grads as batch_value_and_grads
+from jaxbp.batched import value_and_grads_example as batch_of_one_value_and_grads
 from jaxbp.model import check_inputs
 from jaxbp.params import Params
 from jaxbp.spec import ConvNetSpec
@@ -112,9 +113,14 @@ def manual_grads(params: Params, x: jax.Array, y: jax.Array, spec: ConvNetSpec) 
 
 
 def per_example_manual_grads(params: Params, x: jax.Array, y: jax.Array, spec: ConvNetSpec) -> Params:
-    """Per-example manual gradients of a batch (N, H, W, C): each leaf gains a leading axis N."""
+    """Per-example manual gradients of a batch (N, H, W, C): each leaf gains a leading axis N.
+
+    `jax.vmap` of the per-example manual gradients, written with the taps of `jaxbp.batched`
+    (a batch of one) because those vmap into batched dots, not grouped convolutions; equal to
+    vmapping `value_and_manual_grads_example` (tested in tests/test_batched.py).
+    """
     x, y, batched = check_inputs(params, x, y, spec)
     if not batched:
         raise ValueError(f"x must be a batch (N, *{spec.in_shape}), got {x.shape}")
-    fn = lambda p, xi, yi, s: value_and_manual_grads_example(p, xi, yi, s)[1]  # noqa: E731
+    fn = lambda p, xi, yi, s: batch_of_one_value_and_grads(p, xi, yi, s)[1]  # noqa: E731
     return jax.vmap(fn, in_axes=(None, 0, 0, None))(params, x, y, spec)

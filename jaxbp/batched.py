@@ -30,9 +30,6 @@ shape of the work XLA sees, and that is where the time goes on a CPU:
   (a batched dot over chunks, then a sum of G small results) lets XLA use every core.
   Alternatively it is one conv with the batch as the contracting feature axis (see
   `filter_grad_conv`), which wins when C is larger.
-* The sigmoid is written as ``(1 + tanh(z / 2)) / 2``: XLA's CPU tanh is a fast rational
-  approximation, its logistic is not (about 2-3x slower on a (256, 24, 24, 32) array, measured);
-  the two agree to 3e-16 in float64 and 2e-7 in float32.
 
 Which formulation is fastest depends on the shape; `choose_formulation` encodes the measurement
 (`experiments/results/bench*.md`). Nothing here calls an autodiff transform.
@@ -48,6 +45,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxbp import ops
 from jaxbp.model import check_inputs
 from jaxbp.params import Params
 from jaxbp.spec import DIMENSION_NUMBERS
@@ -71,23 +69,23 @@ class Formulation(NamedTuple):
     filter_grad: ConvForm
 
 
-# Measured on the 2-core CPU of experiments/results/bench_formulations.md: the shift-and-add
-# forward wins while the taps' multiply-adds per output, kh*kw*C, stay small (one input
-# channel); with several input channels XLA's conv wins. The taps filter gradient wins for one
-# input channel; the batch-contracting conv for several.
-MAX_TAPS_CHANNELS = 1
+# Measured on the 2-core CPU (experiments/results/bench_formulations_b256.md, batch 256, all
+# 12 filter/input/kernel points): taps/taps was fastest at 8 points and within the run's noise of
+# the fastest at the others (28x28x1 and 32x32x3 inputs, 1-32 filters, 3x3 and 5x5 kernels);
+# conv/conv was never the fastest. Off the CPU, XLA's convolutions call the vendor's conv
+# library (cuDNN on GPU), which the taps do not; that choice is not measured here.
+def choose_formulation(spec: ConvNetSpec, batch: int, backend: str | None = None) -> Formulation:
+    """The measured-fastest formulation for `spec` on this backend (see the comment above).
 
-
-def choose_formulation(spec: ConvNetSpec, batch: int) -> Formulation:
-    """The measured-fastest formulation for `spec` on a CPU (see `MAX_TAPS_CHANNELS`)."""
-    del batch  # measured: the choice did not depend on the batch size in the grid
-    form: ConvForm = "taps" if spec.in_shape[2] <= MAX_TAPS_CHANNELS else "conv"
+    Args:
+      spec: the network.
+      batch: N (the choice does not depend on it in the measured grid).
+      backend: "cpu", "gpu", "tpu"; None for `jax.default_backend()`.
+    """
+    del spec, batch
+    backend = jax.default_backend() if backend is None else backend
+    form: ConvForm = "taps" if backend == "cpu" else "conv"
     return Formulation(forward=form, filter_grad=form)
-
-
-def sigmoid(z: jax.Array) -> jax.Array:
-    r"""sigmoid(z) = 1 / (1 + e^{-z}) = (1 + \tanh(z / 2)) / 2, the second form (fast on CPU)."""
-    return 0.5 + 0.5 * jnp.tanh(0.5 * z)
 
 
 def conv_taps(x: jax.Array, spec: ConvNetSpec) -> list[jax.Array]:
@@ -252,9 +250,9 @@ def value_and_grads(
 
     # Forward, keeping H1 (N, D) and O (N, n_out).
     Z1 = CONV_FORWARD[form.forward](x, params.f, spec)
-    H1 = sigmoid(Z1)
+    H1 = ops.sigmoid(Z1)
     H1_flat = H1.reshape(n, -1)
-    O = sigmoid(jnp.dot(H1_flat, params.W, precision=spec.precision) + params.b[None, :])
+    O = ops.sigmoid(jnp.dot(H1_flat, params.W, precision=spec.precision) + params.b[None, :])
     E = 0.5 * jnp.sum((O - y) ** 2) / n
 
     # Backward: the per-example slide terms, with the batch mean's 1/N folded into delta2.
@@ -265,3 +263,26 @@ def value_and_grads(
     delta1 = dE_dH1 * (H1 * (1 - H1))  # dE/dZ1, fused by XLA into one elementwise pass
     dE_df = FILTER_GRAD[form.filter_grad](x, delta1, spec)
     return E, Params(f=dE_df, W=dE_dW, b=dE_db)
+
+
+# Per-example gradients are this batch step for a batch of one, under `jax.vmap`: vmapping the
+# taps turns every contraction into a batched dot, where vmapping the per-example convolution of
+# `jaxbp.backward` (dE/df = conv(X, delta1) with C as the conv's batch) gives a grouped
+# convolution per example, which XLA's CPU backend runs slowly (experiments/bench.py,
+# per_ex_manual).
+PER_EXAMPLE_FORMULATION = Formulation(forward="taps", filter_grad="taps")
+
+
+def value_and_grads_example(
+    params: Params,
+    x: jax.Array,
+    y: jax.Array,
+    spec: ConvNetSpec,
+    *,
+    formulation: Formulation = PER_EXAMPLE_FORMULATION,
+) -> tuple[jax.Array, Params]:
+    """(E, dE/dparams) for one (H, W, C) example: `value_and_grads` of a batch of one.
+
+    Equal to `jaxbp.backward.value_and_manual_grads_example`; meant to be `jax.vmap`-ed.
+    """
+    return value_and_grads(params, x[None], y[None], spec, formulation=formulation)

@@ -4,7 +4,6 @@ import itertools
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given
@@ -69,10 +68,19 @@ def test_taps_reassemble_the_convolution():
     )
 
 
-def test_sigmoid_tanh_form_equals_logistic_float64():
-    z = jnp.linspace(-40.0, 40.0, 10001)
-    # Measured: max |difference| 3.3e-16 on this range.
-    np.testing.assert_allclose(batched.sigmoid(z), jax.nn.sigmoid(z), rtol=0, atol=1e-15)
+@settings(max_examples=20)
+@given(spec=specs(), batch=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_per_example_grads_equal_vmap_of_the_slides_per_example_backward_float64(spec, batch, seed):
+    params, x, y = problem(spec, seed, batch)
+    fast = jax.jit(jaxbp.per_example_manual_grads, static_argnums=3)(params, x, y, spec)
+    slides = jax.vmap(jaxbp.backward.value_and_manual_grads_example, in_axes=(None, 0, 0, None))
+    chex.assert_trees_all_close(fast, slides(params, x, y, spec)[1], rtol=1e-10, atol=1e-13)
+
+
+def test_choose_formulation_by_backend():
+    spec = jaxbp.ConvNetSpec(in_shape=(8, 8, 3), n_filters=2, kernel_size=3, n_out=2)
+    assert batched.choose_formulation(spec, 4, "cpu") == batched.Formulation("taps", "taps")
+    assert batched.choose_formulation(spec, 4, "gpu") == batched.Formulation("conv", "conv")
 
 
 def test_bad_formulation_and_unbatched_input_raise():
