@@ -14,10 +14,10 @@ it times, interleaved round by round with warm-up excluded:
   per_ex_autodiff  per-example gradients, vmap of jax.grad of the per-example loss
   batch_grad       the batch gradient alone (jaxbp.manual_value_and_grads), the reference for
                    per_ex_manual
-  torch            PyTorch CPU autograd of the same network (NCHW) plus the SGD update, in its own
-                   process (its OpenMP threads never share a process with XLA's)
-  numpy            NumPy im2col implementation of the same formulas plus the update (same process as
-                   torch)
+  torch            PyTorch CPU autograd of the same network (NCHW) plus the SGD update, in a
+                   process of its own
+  numpy            NumPy im2col implementation of the same formulas plus the update, in a process
+                   of its own
   matmul           a 1024^3 float32 matmul, the machine's ceiling for GFLOP/s
 
 Each peer is first checked to compute the same gradients as jaxbp's manual ones in float64
@@ -133,56 +133,56 @@ class TorchNet:
         return f, W, self.b.grad.numpy()
 
 
-def peer_worker(conn) -> None:
-    """Serve peer requests over a pipe: ("setup", arrays) / ("check", arrays) / ("time", name)."""
-    try:
-        import torch
-    except ImportError:
-        torch = None
-    state = {}
+def peer_worker(conn, peer: str) -> None:
+    """Serve one peer ("torch" or "numpy") over a pipe: versions / check / setup / time / stop.
+
+    Each peer has a process of its own: PyTorch's OpenMP threads and NumPy's BLAS threads spin
+    after each call, and in one process on 2 cores they slowed each other down 16x (measured:
+    NumPy's 256-batch, 32-filter step took 2.7 s beside torch, 0.17 s alone).
+    """
+    torch = None
+    if peer == "torch":
+        try:
+            import torch
+        except ImportError:
+            pass
+    state = None
     while True:
         msg, arg = conn.recv()
         if msg == "stop":
             conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
             return
         if msg == "versions":
-            conn.send(
-                {
-                    "torch": None if torch is None else torch.__version__,
-                    "torch_threads": None if torch is None else torch.get_num_threads(),
-                }
-            )
-        elif msg == "check":  # float64 gradients of each peer, to compare with jaxbp
-            f, W, b, x, y = arg
-            out = {"numpy": numpy_value_and_grads(f, W, b, x, y)[1]}
+            info = {"numpy_peer_numpy": np.__version__} if peer == "numpy" else {}
             if torch is not None:
+                info = {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+            conn.send((peer == "numpy" or torch is not None, info))
+        elif msg == "check":  # float64 gradients, to compare with jaxbp
+            f, W, b, x, y = arg
+            if peer == "numpy":
+                conn.send(numpy_value_and_grads(f, W, b, x, y)[1])
+            else:
                 net = TorchNet(torch, f, W, b, x, y)
                 net.value_and_grads()
-                out["torch"] = net.grads_in_jaxbp_layout()
-            conn.send(out)
+                conn.send(net.grads_in_jaxbp_layout())
         elif msg == "setup":
             f, W, b, x, y = arg
-            state = {"numpy": (f.copy(), W.copy(), b.copy(), x, y)}
-            if torch is not None:
-                state["torch"] = TorchNet(torch, f, W, b, x, y)
-            conn.send(sorted(state))
-        elif msg == "time":
-            name, inner = arg
-            if name == "torch":
-                fn = state["torch"].step
+            if peer == "torch":
+                state = TorchNet(torch, f, W, b, x, y).step
             else:
-                f, W, b, x, y = state["numpy"]
 
-                def fn(f=f, W=W, b=b, x=x, y=y):
+                def state(f=f, W=W, b=b, x=x, y=y):  # arrays from the pipe are our own
                     _, (gf, gW, gb) = numpy_value_and_grads(f, W, b, x, y)
                     f -= LEARNING_RATE * gf
                     W -= LEARNING_RATE * gW
                     b -= LEARNING_RATE * gb
 
+            conn.send(True)
+        elif msg == "time":
             start = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            conn.send((time.perf_counter() - start) / inner)
+            for _ in range(arg):
+                state()
+            conn.send((time.perf_counter() - start) / arg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,7 +307,7 @@ def summarize(samples) -> dict:
     }
 
 
-def run_point(point, args, jax, jaxbp, conn, matmul, progress) -> dict:
+def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
     batch, filters, in_shape, kernel = point["batch"], point["filters"], point["input"], point["kernel"]
     spec = jaxbp.ConvNetSpec(in_shape=in_shape, n_filters=filters, kernel_size=kernel, n_out=N_OUT)
     dtype = np.dtype(args.dtype)
@@ -324,23 +324,22 @@ def run_point(point, args, jax, jaxbp, conn, matmul, progress) -> dict:
 
     # Peers: check in float64 against jaxbp, then set up the timed problem.
     peers = []
-    if conn is not None:
+    if conns:
         p64 = [np.asarray(a, np.float64) for a in params]
         x64, y64 = x[:4].astype(np.float64), y[:4].astype(np.float64)
         p64_jax = jaxbp.Params(*(jax.numpy.asarray(a) for a in p64))
         ref = jaxbp.manual_grads(p64_jax, jax.numpy.asarray(x64), jax.numpy.asarray(y64), spec)
-        conn.send(("check", (*p64, x64, y64)))
-        checks = conn.recv()
         result["peer_check_rel_error"] = {}
-        for name, grads in checks.items():
-            err = max(rel_error(g, r) for g, r in zip(grads, ref))
+        for name, conn in conns.items():
+            conn.send(("check", (*p64, x64, y64)))
+            err = max(rel_error(g, r) for g, r in zip(conn.recv(), ref))
             result["peer_check_rel_error"][name] = err
             if err < PEER_RTOL:
                 peers.append(name)
+                conn.send(("setup", (*(np.asarray(a) for a in params), x, y)))
+                conn.recv()
             else:
                 progress.write(f"{name} disagrees with jaxbp at {point}: rel error {err:.2e}; not timed")
-        conn.send(("setup", (*(np.asarray(a) for a in params), x, y)))
-        conn.recv()
 
     methods = jax_methods(jax, jaxbp, spec, args.formulations)
     if batch == 1:
@@ -359,8 +358,8 @@ def run_point(point, args, jax, jaxbp, conn, matmul, progress) -> dict:
 
     def peer_call(name):
         def call(inner):
-            conn.send(("time", (name, inner)))
-            return conn.recv()
+            conns[name].send(("time", inner))
+            return conns[name].recv()
 
         return call
 
@@ -498,15 +497,19 @@ def main(argv=None) -> None:
     points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     points = [p for p in points if p["kernel"] <= min(p["input"][:2])]
 
-    conn, worker = None, None
+    conns, workers = {}, []
     peer_versions = {}
-    if not args.no_peers:
+    for peer in () if args.no_peers else ("torch", "numpy"):
         ctx = mp.get_context("spawn")
         conn, child = ctx.Pipe()
-        worker = ctx.Process(target=peer_worker, args=(child,), daemon=True)
+        worker = ctx.Process(target=peer_worker, args=(child, peer), daemon=True)
         worker.start()
+        workers.append(worker)
         conn.send(("versions", None))
-        peer_versions = conn.recv()
+        available, versions = conn.recv()
+        peer_versions.update(versions)
+        if available:
+            conns[peer] = conn
 
     a = jax.numpy.asarray(np.random.default_rng(1).normal(size=(args.matmul_n, args.matmul_n)), np.float32)
     mm = jax.jit(lambda a: a @ a)
@@ -521,11 +524,12 @@ def main(argv=None) -> None:
     progress = tqdm(points, disable=args.quiet, desc="grid")
     for point in progress:
         progress.set_postfix_str(str(point))
-        results.append(run_point(point, args, jax, jaxbp, conn, matmul, progress))
+        results.append(run_point(point, args, jax, jaxbp, conns, matmul, progress))
     info["load_end"] = os.getloadavg()
-    if conn is not None:
+    for name, conn in conns.items():
         conn.send(("stop", None))
-        info["peer_process_max_rss_kb"] = conn.recv()
+        info[f"{name}_process_max_rss_kb"] = conn.recv()
+    for worker in workers:
         worker.join(timeout=10)
     info["max_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
