@@ -19,20 +19,21 @@ shape of the work XLA sees, and that is where the time goes on a CPU:
 * Under vmap, the per-example dE/df (a conv whose batch axis is C and whose features are K) becomes
   a *grouped* conv with one group per example, which XLA's CPU backend runs slowly. Here the sum
   over n is part of the contraction from the start.
-* XLA's CPU conv is slow for few channels (about 1 GFLOP/s for the forward with C = K = 1, measured
-  in `experiments/bench.py`). For few input channels the forward is written as a shift-and-add over
-  the kh*kw taps: ``Z1 = sum_{a,b} tap_ab(X) f[a, b]`` where ``tap_ab(X)`` is a strided slice of
+* XLA's CPU conv is slow for few channels (the issue measured about 1 GFLOP/s for the forward
+  with one filter). The forward is written as a shift-and-add over the kh*kw taps:
+  ``Z1 = sum_{a,b} tap_ab(X) f[a, b]`` where ``tap_ab(X)`` is a strided slice of
   the padded input; XLA fuses the slices, the multiply-adds and the sigmoid into one loop, so Z1 is
   never written to memory. For the 28x28x1, 5x5, 8-filter, batch-256 config the forward went from
-  about 11 ms (conv) to about 1.5 ms (taps), on a loaded 2-core machine.
+  about 11 ms (conv) to about 1.5 ms (taps), on a loaded 2-core machine; and in the
+  formulation runs the taps forward stayed ahead up to 3 channels and 32 filters.
 * dE/df is a contraction of the same taps with delta1 over M = N Ho Wo, a (kh kw C) x M times
-  M x K product with a tiny output. One such dot runs on one core; splitting M into G chunks
-  (a batched dot over chunks, then a sum of G small results) lets XLA use every core.
-  Alternatively it is one conv with the batch as the contracting feature axis (see
-  `filter_grad_conv`), which wins when C is larger.
+  M x K product with a tiny output. Split into 16 chunks of the batch (a batched dot, then a sum
+  of 16 small results) it took 9-12 ms against 7-14 ms for one dot and 17-26 ms for XLA's
+  backward conv at the headline config (loaded machine, noisy); the alternative, one conv with the
+  batch as the contracting feature axis, is `filter_grad_conv`.
 
 Which formulation is fastest depends on the shape; `choose_formulation` encodes the measurement
-(`experiments/results/bench*.md`). Nothing here calls an autodiff transform.
+(`experiments/results/bench_formulations_*.md`). Nothing here calls an autodiff transform.
 """
 
 from __future__ import annotations
@@ -69,10 +70,10 @@ class Formulation(NamedTuple):
     filter_grad: ConvForm
 
 
-# Measured on the 2-core CPU (experiments/results/bench_formulations_b256.md, batch 256, all
-# 12 filter/input/kernel points): taps/taps was fastest at 8 points and within the run's noise of
-# the fastest at the others (28x28x1 and 32x32x3 inputs, 1-32 filters, 3x3 and 5x5 kernels);
-# conv/conv was never the fastest. Off the CPU, XLA's convolutions call the vendor's conv
+# Measured on the 2-core CPU (experiments/results/bench_formulations_*.md: batch 256 at all 12
+# filter/input/kernel points, batch 32 and 1024 with 32 filters): taps/taps was the fastest at
+# 14 of 20 points and within the run's noise of the fastest at the others; conv/conv was never
+# the fastest. Off the CPU, XLA's convolutions call the vendor's conv
 # library (cuDNN on GPU), which the taps do not; that choice is not measured here.
 def choose_formulation(spec: ConvNetSpec, batch: int, backend: str | None = None) -> Formulation:
     """The measured-fastest formulation for `spec` on this backend (see the comment above).
