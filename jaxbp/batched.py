@@ -72,7 +72,7 @@ class Formulation(NamedTuple):
 
 # Measured on the 2-core CPU (experiments/results/bench_formulations_*.md: batch 256 at all 12
 # filter/input/kernel points, batch 32 and 1024 with 32 filters): taps/taps was the fastest at
-# 14 of 20 points and within the run's noise of the fastest at the others; conv/conv was never
+# 17 of 20 points and within the run's noise of the fastest at the others; conv/conv was never
 # the fastest. Off the CPU, XLA's convolutions call the vendor's conv
 # library (cuDNN on GPU), which the taps do not; that choice is not measured here.
 def choose_formulation(spec: ConvNetSpec, batch: int, backend: str | None = None) -> Formulation:
