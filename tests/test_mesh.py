@@ -42,7 +42,8 @@ SCRIPT = textwrap.dedent(
     step = jaxbp.make_update_step(spec, jaxbp.sgd(0.1), mesh=mesh)
     params = jaxbp.init_params(jax.random.key(0), spec)
     try:
-        step(params, jaxbp.sgd(0.1).init(params), jnp.zeros((6, 10, 9, 2), jnp.float32), jnp.zeros((6, 2), jnp.float32))
+        x6, y6 = jnp.zeros((6, 10, 9, 2), jnp.float32), jnp.zeros((6, 2), jnp.float32)
+        step(params, jaxbp.sgd(0.1).init(params), x6, y6)
     except ValueError as err:
         print("ERROR:", err)
     print("OK")
