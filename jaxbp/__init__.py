@@ -9,6 +9,8 @@ from jaxbp.backward import chain_terms
 from jaxbp.backward import manual_grads
 from jaxbp.backward import manual_value_and_grads
 from jaxbp.backward import per_example_manual_grads
+from jaxbp.batched import Formulation
+from jaxbp.batched import choose_formulation
 from jaxbp.check import GradCheckReport
 from jaxbp.check import compare_grads
 from jaxbp.checkpoint import load_checkpoint
@@ -41,6 +43,7 @@ from jaxbp.network import lenet5
 from jaxbp.network import params_from_network
 from jaxbp.network import params_to_network
 from jaxbp.network import slides_network
+from jaxbp.parallel import data_parallel_mean
 from jaxbp.params import Params
 from jaxbp.params import init_params
 from jaxbp.spec import ConvNetSpec

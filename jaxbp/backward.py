@@ -8,8 +8,10 @@ For one example, with delta2 = dE/dZ2 and delta1 = dE/dZ1 (seed/READING.md):
    \frac{dE}{df} &= \operatorname{conv}\big(X,\; \underbrace{W \delta_2}_{dE/dH_1}
                      \odot \underbrace{H_1(1 - H_1)}_{dH_1/dZ_1}\big) = \operatorname{conv}(X, \delta_1)
 
-A batch gradient is the mean of the per-example gradients (`jax.vmap`, then a mean), matching
-`jaxbp.loss`, which is the mean of per-example losses.
+A batch gradient is the mean of the per-example gradients, matching `jaxbp.loss`, which is the
+mean of per-example losses. `manual_value_and_grads` computes it with `jaxbp.batched`, which
+writes that mean as one contraction over the batch (the same math, faster on XLA);
+`per_example_manual_grads` keeps the per-example gradients (`jax.vmap` of the functions here).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import NamedTuple
 import jax
 
 from jaxbp import ops
-from jaxbp.model import batch_mean
+from jaxbp.batched import value_and_grads as batch_value_and_grads
+from jaxbp.batched import value_and_grads_example as batch_of_one_value_and_grads
 from jaxbp.model import check_inputs
 from jaxbp.params import Params
 from jaxbp.spec import ConvNetSpec
@@ -93,10 +96,14 @@ def chain_terms(params: Params, x: jax.Array, y: jax.Array, spec: ConvNetSpec) -
 def manual_value_and_grads(
     params: Params, x: jax.Array, y: jax.Array, spec: ConvNetSpec
 ) -> tuple[jax.Array, Params]:
-    """(E, dE/dparams) by the slides' formulas; for a batch, both are means over examples."""
+    """(E, dE/dparams) by the slides' formulas; for a batch, both are means over examples.
+
+    A batch goes through `jaxbp.batched.value_and_grads` (the mean as a contraction over N),
+    equal to the mean of `per_example_manual_grads` (tested in tests/test_backward.py).
+    """
     x, y, batched = check_inputs(params, x, y, spec)
     if batched:
-        return batch_mean(value_and_manual_grads_example)(params, x, y, spec)
+        return batch_value_and_grads(params, x, y, spec)
     return value_and_manual_grads_example(params, x, y, spec)
 
 
@@ -106,9 +113,14 @@ def manual_grads(params: Params, x: jax.Array, y: jax.Array, spec: ConvNetSpec) 
 
 
 def per_example_manual_grads(params: Params, x: jax.Array, y: jax.Array, spec: ConvNetSpec) -> Params:
-    """Per-example manual gradients of a batch (N, H, W, C): each leaf gains a leading axis N."""
+    """Per-example manual gradients of a batch (N, H, W, C): each leaf gains a leading axis N.
+
+    `jax.vmap` of the per-example manual gradients, written with the taps of `jaxbp.batched`
+    (a batch of one) because those vmap into batched dots, not grouped convolutions; equal to
+    vmapping `value_and_manual_grads_example` (tested in tests/test_batched.py).
+    """
     x, y, batched = check_inputs(params, x, y, spec)
     if not batched:
         raise ValueError(f"x must be a batch (N, *{spec.in_shape}), got {x.shape}")
-    fn = lambda p, xi, yi, s: value_and_manual_grads_example(p, xi, yi, s)[1]  # noqa: E731
+    fn = lambda p, xi, yi, s: batch_of_one_value_and_grads(p, xi, yi, s)[1]  # noqa: E731
     return jax.vmap(fn, in_axes=(None, 0, 0, None))(params, x, y, spec)

@@ -7,16 +7,26 @@ from typing import Union
 
 import jax
 import optax
+from jax.sharding import Mesh
 
+from jaxbp import batched
+from jaxbp import model
 from jaxbp.autodiff import value_and_autodiff_grads_example
 from jaxbp.backward import value_and_manual_grads_example
 from jaxbp.model import batch_mean
 from jaxbp.model import check_inputs
+from jaxbp.parallel import check_mesh
+from jaxbp.parallel import data_parallel_mean
 from jaxbp.params import Params
 from jaxbp.spec import ConvNetSpec
 
 GradsFn = Callable[[Params, jax.Array, jax.Array, ConvNetSpec], tuple[jax.Array, Params]]
+# Per-example (E, grads) of each named method (for callers that vmap them themselves).
 GRADS = {"manual": value_and_manual_grads_example, "autodiff": value_and_autodiff_grads_example}
+# Batch (mean E, mean grads) used by the step: the manual one as contractions over the batch
+# (jaxbp.batched); the autodiff one as jax.grad of the batch-mean loss, which is faster than
+# vmapping the per-example jax.grad (experiments/bench.py measures both).
+BATCH_GRADS = {"manual": batched.value_and_grads, "autodiff": jax.value_and_grad(model.loss)}
 
 
 def sgd(learning_rate: Union[float, optax.Schedule]) -> optax.GradientTransformation:
@@ -50,22 +60,33 @@ def make_update_step(
     optimizer: optax.GradientTransformation,
     *,
     grads: Union[str, GradsFn] = "manual",
+    mesh: Mesh | None = None,
+    batch_axis: str | None = None,
 ):
     """Build the jitted update step for `spec`.
 
-    The step computes the per-example (E, gradient) with `grads`, batched by `jax.vmap` and
-    averaged over the batch, then applies `optimizer`; all of it is one `jax.jit`, compiled once
-    per input shape and dtype.
+    The step computes the batch's mean loss and mean gradient, then applies `optimizer`; all of
+    it is one `jax.jit`, compiled once per input shape and dtype. "manual" computes the means
+    with `jaxbp.batched` (the slides' formulas with the batch as a contraction axis), "autodiff"
+    with jax.grad of the batch-mean loss; a callable is per example and is batched by `jax.vmap`
+    and averaged.
+
+    With a `mesh`, the batch is split over the devices along `batch_axis`, params and optimizer
+    state are replicated, each device computes the means of its shard, and `lax.pmean` averages
+    them (`jaxbp.parallel`): the same update as on one device, up to the order of float sums.
 
     Args:
       spec: the network.
       optimizer: any optax transformation (`jaxbp.sgd` for the slides' rule).
       grads: "manual" (the slides' backward), "autodiff" (jax.grad), or a per-example function
         ``(params, x, y, spec) -> (E, Params)`` of your own.
+      mesh: None (one device) or a `jax.sharding.Mesh` to split the batch over.
+      batch_axis: the mesh axis the batch is split along; None for the mesh's first axis.
 
     Returns:
       ``step(params, opt_state, x, y) -> (params, opt_state, E)`` with x (N, H, W, C), y (N, n_out)
-      and E the batch's mean loss at the params before the update.
+      and E the batch's mean loss at the params before the update. With a mesh, N must be a
+      multiple of the number of devices along `batch_axis` (else a ValueError while tracing).
     """
     if not isinstance(spec, ConvNetSpec):
         raise TypeError(f"spec must be a ConvNetSpec, got {type(spec).__name__}")
@@ -74,19 +95,23 @@ def make_update_step(
     if isinstance(grads, str):
         if grads not in GRADS:
             raise ValueError(f"grads must be one of {sorted(GRADS)} or a callable, got {grads!r}")
-        value_and_grads_example = GRADS[grads]
+        value_and_grads = BATCH_GRADS[grads]
     elif callable(grads):
-        value_and_grads_example = grads
+        value_and_grads = batch_mean(grads)
     else:
         raise TypeError(f"grads must be one of {sorted(GRADS)} or a callable, got {grads!r}")
-    value_and_grads = batch_mean(value_and_grads_example)
+    mean_fn = lambda params, x, y: value_and_grads(params, x, y, spec)  # noqa: E731
+    if mesh is not None:
+        mean_fn = data_parallel_mean(mean_fn, mesh, check_mesh(mesh, batch_axis))
+    elif batch_axis is not None:
+        raise ValueError(f"batch_axis is only used with a mesh; got batch_axis={batch_axis!r} and no mesh")
 
     @jax.jit
     def step(params: Params, opt_state, x: jax.Array, y: jax.Array):
-        x, y, batched = check_inputs(params, x, y, spec)
-        if not batched:
+        x, y, is_batch = check_inputs(params, x, y, spec)
+        if not is_batch:
             raise ValueError(f"x must be a batch (N, *{spec.in_shape}), got {x.shape}")
-        E, g = value_and_grads(params, x, y, spec)
+        E, g = mean_fn(params, x, y)
         updates, opt_state = optimizer.update(g, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, E
 

@@ -17,6 +17,7 @@ from strategies import specs
 
 import jaxbp
 from jaxbp import backward
+from jaxbp import batched
 from jaxbp import layers
 from jaxbp import model
 from jaxbp import network
@@ -162,7 +163,7 @@ def test_value_is_the_loss():
 
 # --- the manual path calls no autodiff transform ----------------------------------------------
 
-MANUAL_PATH = (ops, backward, model, params_module, spec_module, layers, network)
+MANUAL_PATH = (ops, backward, batched, model, params_module, spec_module, layers, network)
 AUTODIFF_NAMES = {
     "grad",
     "value_and_grad",

@@ -1,0 +1,550 @@
+"""Benchmark the jitted update step: hand-written gradients vs jax.grad vs PyTorch vs NumPy.
+
+For each point of a grid (batch, filters, input shape, kernel; float32 unless --dtype float64),
+with the slides' network (VALID conv, sigmoid, dense to 10 outputs, sigmoid, half squared error)
+it times, interleaved round by round with warm-up excluded:
+
+  manual           make_update_step(grads="manual"): jaxbp.batched, the mean as a contraction over N
+  autodiff         make_update_step(grads="autodiff"): jax.grad of the batch-mean loss (the best
+                   jax.grad baseline found: XLA differentiates the batched conv directly)
+  manual_vmap      the step with vmap of the per-example manual backward, then a mean (the core's
+                   original path)
+  autodiff_vmap    the step with vmap of per-example jax.grad, then a mean
+  per_ex_manual    per-example gradients, jaxbp.per_example_manual_grads (vmap of the manual backward)
+  per_ex_autodiff  per-example gradients, vmap of jax.grad of the per-example loss
+  batch_grad       the batch gradient alone (jaxbp.manual_value_and_grads), the reference for
+                   per_ex_manual
+  torch            PyTorch CPU autograd of the same network (NCHW) plus the SGD update, in a
+                   process of its own
+  numpy            NumPy im2col implementation of the same formulas plus the update, in a process
+                   of its own
+  matmul           a 1024^3 float32 matmul, the machine's ceiling for GFLOP/s
+
+Each peer is first checked to compute the same gradients as jaxbp's manual ones in float64
+(relative error < 1e-10 per leaf, on the point's shapes with a batch of 4) and is not timed if not.
+Reports medians and the interquartile spread, compile time and XLA's memory estimate per JAX
+method, achieved GFLOP/s (model FLOPs: the two convs and three dense products) and its ratio to
+the matmul, the machine and library versions. Writes experiments/results/<name>.json and .md.
+
+    python experiments/bench.py --quick       # headline points, a couple of minutes
+    python experiments/bench.py               # the whole grid (about 15 minutes on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HEADLINE = dict(batch=256, filters=8, input=(28, 28, 1), kernel=5)
+GRID = dict(batch=(1, 32, 256, 1024), filters=(1, 8, 32), input=((28, 28, 1), (32, 32, 3)), kernel=(3, 5))
+QUICK = dict(batch=(32, 256), filters=(1, 8, 32), input=((28, 28, 1),), kernel=(5,))
+N_OUT = 10
+LEARNING_RATE = 0.1
+PEER_RTOL = 1e-10  # float64 check of each peer against jaxbp (the design's float64 tolerance)
+
+
+# ----------------------------------------------------------------------------------------------
+# The network's FLOPs
+# ----------------------------------------------------------------------------------------------
+
+
+def step_flops(batch: int, in_shape, filters: int, kernel: int) -> int:
+    """Multiply-adds x 2 of one step: forward conv and dE/df, dense forward, dE/dW and dE/dH1."""
+    h, w, c = in_shape
+    ho, wo = h - kernel + 1, w - kernel + 1
+    conv = 2 * batch * ho * wo * kernel * kernel * c * filters
+    dense = 2 * batch * ho * wo * filters * N_OUT
+    return 2 * conv + 3 * dense
+
+
+# ----------------------------------------------------------------------------------------------
+# Peers: NumPy im2col and PyTorch, same formulas, run in a separate process
+# ----------------------------------------------------------------------------------------------
+
+
+def numpy_im2col(x: np.ndarray, kernel: int) -> np.ndarray:
+    """(N, H, W, C) -> (N * Ho * Wo, kernel^2 * C) patches, VALID, stride 1, (a, b, c) order."""
+    n, h, w, c = x.shape
+    ho, wo = h - kernel + 1, w - kernel + 1
+    taps = [x[:, a : a + ho, b : b + wo, :] for a in range(kernel) for b in range(kernel)]
+    return np.stack(taps, axis=3).reshape(n * ho * wo, kernel * kernel * c)
+
+
+def numpy_value_and_grads(f, W, b, x, y):
+    """The slides' formulas on im2col patches: (E, (dE/df, dE/dW, dE/db)), batch means."""
+    kernel, _, c, k = f.shape
+    n = x.shape[0]
+    P = numpy_im2col(x, kernel)
+    H1 = 1 / (1 + np.exp(-(P @ f.reshape(-1, k))))  # (N Ho Wo, K)
+    H1_flat = H1.reshape(n, -1)
+    O = 1 / (1 + np.exp(-(H1_flat @ W + b)))
+    E = 0.5 * np.sum((O - y) ** 2) / n
+    delta2 = (O - y) * O * (1 - O) / n
+    delta1 = (delta2 @ W.T).reshape(H1.shape) * H1 * (1 - H1)
+    return E, ((P.T @ delta1).reshape(f.shape), H1_flat.T @ delta2, delta2.sum(0))
+
+
+class TorchNet:
+    """The network in PyTorch (NCHW); W's rows permuted once so H1 flattens in (K, Ho, Wo) order."""
+
+    def __init__(self, torch, f, W, b, x, y):
+        self.torch = torch
+        kernel, _, c, k = f.shape
+        n, h, w, _ = x.shape
+        self.ho, self.wo, self.k = h - kernel + 1, w - kernel + 1, k
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+        self.f = t(f.transpose(3, 2, 0, 1)).requires_grad_()
+        self.W = t(W.reshape(self.ho, self.wo, k, -1).transpose(2, 0, 1, 3).reshape(W.shape)).requires_grad_()
+        self.b = t(b).requires_grad_()
+        self.x, self.y = t(x.transpose(0, 3, 1, 2)), t(y)
+
+    def value_and_grads(self):
+        torch = self.torch
+        for p in (self.f, self.W, self.b):
+            p.grad = None
+        H1 = torch.sigmoid(torch.nn.functional.conv2d(self.x, self.f))
+        O = torch.sigmoid(H1.reshape(H1.shape[0], -1) @ self.W + self.b)
+        E = 0.5 * ((O - self.y) ** 2).sum() / self.x.shape[0]
+        E.backward()
+        return E
+
+    def step(self):
+        E = self.value_and_grads()
+        with self.torch.no_grad():
+            for p in (self.f, self.W, self.b):
+                p.sub_(LEARNING_RATE * p.grad)
+        return E
+
+    def grads_in_jaxbp_layout(self):
+        f = self.f.grad.numpy().transpose(2, 3, 1, 0)
+        W = self.W.grad.numpy().reshape(self.k, self.ho, self.wo, -1).transpose(1, 2, 0, 3).reshape(-1, N_OUT)
+        return f, W, self.b.grad.numpy()
+
+
+def peer_worker(conn, peer: str) -> None:
+    """Serve one peer ("torch" or "numpy") over a pipe: versions / check / setup / time / stop.
+
+    Each peer has a process of its own: PyTorch's OpenMP threads and NumPy's BLAS threads spin
+    after each call, and in one process on 2 cores they slowed each other down 16x (measured:
+    NumPy's 256-batch, 32-filter step took 2.7 s beside torch, 0.17 s alone).
+    """
+    torch = None
+    if peer == "torch":
+        try:
+            import torch
+        except ImportError:
+            pass
+    state = None
+    while True:
+        msg, arg = conn.recv()
+        if msg == "stop":
+            conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+            return
+        if msg == "versions":
+            info = {"numpy_peer_numpy": np.__version__} if peer == "numpy" else {}
+            if torch is not None:
+                info = {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+            conn.send((peer == "numpy" or torch is not None, info))
+        elif msg == "check":  # float64 gradients, to compare with jaxbp
+            f, W, b, x, y = arg
+            if peer == "numpy":
+                conn.send(numpy_value_and_grads(f, W, b, x, y)[1])
+            else:
+                net = TorchNet(torch, f, W, b, x, y)
+                net.value_and_grads()
+                conn.send(net.grads_in_jaxbp_layout())
+        elif msg == "setup":
+            f, W, b, x, y = arg
+            if peer == "torch":
+                state = TorchNet(torch, f, W, b, x, y).step
+            else:
+
+                def state(f=f, W=W, b=b, x=x, y=y):  # arrays from the pipe are our own
+                    _, (gf, gW, gb) = numpy_value_and_grads(f, W, b, x, y)
+                    f -= LEARNING_RATE * gf
+                    W -= LEARNING_RATE * gW
+                    b -= LEARNING_RATE * gb
+
+            conn.send(True)
+        elif msg == "time":
+            start = time.perf_counter()
+            for _ in range(arg):
+                state()
+            conn.send((time.perf_counter() - start) / arg)
+
+
+# ----------------------------------------------------------------------------------------------
+# JAX methods
+# ----------------------------------------------------------------------------------------------
+
+
+def jax_methods(jax, jaxbp, spec, formulations: bool):
+    """name -> (jitted fn, kind) for one spec; every fn takes (params, opt_state, x, y)."""
+    import optax
+
+    from jaxbp import batched
+    from jaxbp.autodiff import value_and_autodiff_grads_example
+    from jaxbp.backward import value_and_manual_grads_example
+    from jaxbp.model import loss_example
+
+    opt = jaxbp.sgd(LEARNING_RATE)
+    step = lambda grads: jaxbp.make_update_step(spec, opt, grads=grads)  # noqa: E731
+    per_ex_autodiff = jax.vmap(jax.grad(loss_example), in_axes=(None, 0, 0, None))
+    methods = {
+        "manual": step("manual"),
+        "autodiff": step("autodiff"),
+        "manual_vmap": step(value_and_manual_grads_example),
+        "autodiff_vmap": step(value_and_autodiff_grads_example),
+        "per_ex_manual": jax.jit(lambda p, s, x, y: jaxbp.per_example_manual_grads(p, x, y, spec)),
+        "per_ex_autodiff": jax.jit(lambda p, s, x, y: per_ex_autodiff(p, x, y, spec)),
+        "batch_grad": jax.jit(lambda p, s, x, y: jaxbp.manual_value_and_grads(p, x, y, spec)),
+    }
+    if formulations:
+        for fwd, fgrad in itertools.product(batched.FORMS, batched.FORMS):
+            form = batched.Formulation(fwd, fgrad)
+
+            def vg(p, s, x, y, form=form):
+                E, g = batched.value_and_grads(p, x, y, spec, formulation=form)
+                updates, s = opt.update(g, s, p)
+                return optax.apply_updates(p, updates), s, E
+
+            methods[f"manual[{fwd}/{fgrad}]"] = jax.jit(vg)
+    return methods
+
+
+def compile_stats(fn, args) -> dict:
+    """Compile time (s) of lower + compile, and XLA's memory analysis (bytes) of the executable."""
+    start = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    seconds = time.perf_counter() - start
+    out = {"compile_s": seconds}
+    try:
+        mem = compiled.memory_analysis()
+        out["temp_bytes"] = int(mem.temp_size_in_bytes)
+        out["peak_bytes"] = int(
+            mem.temp_size_in_bytes
+            + mem.argument_size_in_bytes
+            + mem.output_size_in_bytes
+            - mem.alias_size_in_bytes
+        )
+    except Exception as err:  # not every backend reports it
+        out["memory_error"] = repr(err)
+    return out, compiled
+
+
+def rel_error(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(1e-300, np.max(np.abs(b))))
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+
+
+def machine_info(jax, peer_versions) -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        commit = None
+    import jaxlib
+
+    return {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "numpy": np.__version__,
+        "devices": [str(d) for d in jax.devices()],
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "git_commit": commit,
+        **peer_versions,
+    }
+
+
+def calibrate(call, min_sample_s: float) -> int:
+    """How many calls make one timed sample of at least `min_sample_s`."""
+    start = time.perf_counter()
+    call(1)
+    once = max(time.perf_counter() - start, 1e-7)
+    return max(1, int(np.ceil(min_sample_s / once)))
+
+
+def summarize(samples) -> dict:
+    s = np.asarray(samples) * 1e3
+    q1, med, q3 = np.percentile(s, [25, 50, 75])
+    return {
+        "median_ms": float(med),
+        "q1_ms": float(q1),
+        "q3_ms": float(q3),
+        "min_ms": float(s.min()),
+        "n": len(s),
+    }
+
+
+def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
+    batch, filters, in_shape, kernel = point["batch"], point["filters"], point["input"], point["kernel"]
+    spec = jaxbp.ConvNetSpec(in_shape=in_shape, n_filters=filters, kernel_size=kernel, n_out=N_OUT)
+    dtype = np.dtype(args.dtype)
+    rng = np.random.default_rng(0)
+    params = jaxbp.init_params(jax.random.key(0), spec, dtype)
+    x = rng.normal(size=(batch, *in_shape)).astype(dtype)
+    y = rng.uniform(size=(batch, N_OUT)).astype(dtype)
+    opt_state = jaxbp.sgd(LEARNING_RATE).init(params)
+    jargs = (params, opt_state, jax.numpy.asarray(x), jax.numpy.asarray(y))
+    result = {
+        "point": {**point, "input": list(in_shape)},
+        "flops": step_flops(batch, in_shape, filters, kernel),
+    }
+
+    # Peers: check in float64 against jaxbp, then set up the timed problem.
+    peers = []
+    if conns:
+        p64 = [np.asarray(a, np.float64) for a in params]
+        x64, y64 = x[:4].astype(np.float64), y[:4].astype(np.float64)
+        p64_jax = jaxbp.Params(*(jax.numpy.asarray(a) for a in p64))
+        ref = jaxbp.manual_grads(p64_jax, jax.numpy.asarray(x64), jax.numpy.asarray(y64), spec)
+        result["peer_check_rel_error"] = {}
+        for name, conn in conns.items():
+            conn.send(("check", (*p64, x64, y64)))
+            err = max(rel_error(g, r) for g, r in zip(conn.recv(), ref))
+            result["peer_check_rel_error"][name] = err
+            if err < PEER_RTOL:
+                peers.append(name)
+                conn.send(("setup", (*(np.asarray(a) for a in params), x, y)))
+                conn.recv()
+            else:
+                progress.write(f"{name} disagrees with jaxbp at {point}: rel error {err:.2e}; not timed")
+
+    methods = jax_methods(jax, jaxbp, spec, args.formulations)
+    if batch == 1:
+        for name in ("per_ex_manual", "per_ex_autodiff"):
+            methods.pop(name)  # per-example gradients of one example are the batch gradient
+    if args.skip_vmap_steps:
+        for name in ("manual_vmap", "autodiff_vmap"):
+            methods.pop(name)
+    compiled = {}
+    result["compile"] = {}
+    for name, fn in methods.items():
+        result["compile"][name], compiled[name] = compile_stats(fn, jargs)
+
+    def jax_call(c):
+        return lambda inner: [jax.block_until_ready(c(*jargs)) for _ in range(inner)]
+
+    def peer_call(name):
+        def call(inner):
+            conns[name].send(("time", inner))
+            return conns[name].recv()
+
+        return call
+
+    calls = {name: jax_call(c) for name, c in compiled.items()}
+    calls.update({name: peer_call(name) for name in peers})
+    calls["matmul"] = matmul
+    # Warm-up (excluded), then the number of calls per sample.
+    inner = {name: calibrate(call, args.min_sample_s) for name, call in calls.items()}
+    samples = {name: [] for name in calls}
+    for _ in range(args.repeats):
+        for name, call in calls.items():
+            if name in peers:
+                samples[name].append(call(inner[name]))
+            else:
+                start = time.perf_counter()
+                call(inner[name])
+                samples[name].append((time.perf_counter() - start) / inner[name])
+    result["times"] = {name: summarize(s) for name, s in samples.items()}
+    result["inner_calls"] = inner
+    t = {name: v["median_ms"] for name, v in result["times"].items()}
+    matmul_gflops = 2 * args.matmul_n**3 / (t["matmul"] * 1e-3) / 1e9
+    manual_gflops = result["flops"] / (t["manual"] * 1e-3) / 1e9
+    result["derived"] = {
+        "matmul_gflops": matmul_gflops,
+        "manual_gflops": manual_gflops,
+        "manual_fraction_of_matmul": manual_gflops / matmul_gflops,
+        "autodiff_over_manual": t["autodiff"] / t["manual"],
+        **({"torch_over_manual": t["torch"] / t["manual"]} if "torch" in t else {}),
+        **({"numpy_over_manual": t["numpy"] / t["manual"]} if "numpy" in t else {}),
+        **(
+            {"per_ex_manual_over_batch_grad": t["per_ex_manual"] / t["batch_grad"]}
+            if "per_ex_manual" in t
+            else {}
+        ),
+        "compile_manual_over_autodiff": result["compile"]["manual"]["compile_s"]
+        / result["compile"]["autodiff"]["compile_s"],
+    }
+    return result
+
+
+def markdown(results, info, command) -> str:
+    def ms(r, name):
+        v = r["times"].get(name)
+        return "-" if v is None else f"{v['median_ms']:.3g}"
+
+    lines = [
+        f"# jaxbp benchmark ({info['dtype']})",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {info['cpu']}, {info['cores']} cores, {info['platform']}; load average "
+        f"{info['load_start']} at start, {info['load_end']} at end (other jobs shared the cores).  ",
+        f"Versions: Python {info['python']}, jax {info['jax']}, jaxlib {info['jaxlib']}, numpy "
+        f"{info['numpy']}, torch {info.get('torch')}; git {info['git_commit']}; {info['date_utc']}.",
+        "",
+        "Median ms per call (IQR in the JSON); VALID conv, stride 1, 10 outputs. `manual` and `autodiff` "
+        "are whole jitted SGD steps (autodiff = jax.grad of the batch-mean loss); `*_vmap` the same step "
+        "with vmap of per-example gradients; `per-ex` per-example gradients; `batch` the manual batch "
+        "gradient alone; `torch` PyTorch CPU autograd + SGD; `numpy` NumPy im2col + SGD. "
+        "`ad/m`, `pt/m`: autodiff and torch time over manual (>1: manual faster); `pe/b`: per-example "
+        "manual over batch gradient; `%mm`: manual GFLOP/s over the matmul's in the same run; "
+        "compile in seconds; mem: XLA's peak estimate for the manual step.",
+        "",
+        "| batch | input | k | K | manual | autodiff | manual_vmap | autodiff_vmap | torch | numpy "
+        "| per-ex manual | per-ex autodiff | batch | ad/m | pt/m | pe/b | GFLOP/s | %mm "
+        "| compile m/ad | mem MB |",
+        "|" + "---|" * 20,
+    ]
+    for r in results:
+        p, d, c = r["point"], r["derived"], r["compile"]
+        ratio = lambda key, d=d: f"{d[key]:.2f}" if key in d else "-"  # noqa: E731
+        mem = c["manual"].get("peak_bytes")
+        lines.append(
+            f"| {p['batch']} | {'x'.join(map(str, p['input']))} | {p['kernel']} | {p['filters']} "
+            f"| {ms(r, 'manual')} | {ms(r, 'autodiff')} | {ms(r, 'manual_vmap')} | {ms(r, 'autodiff_vmap')} "
+            f"| {ms(r, 'torch')} | {ms(r, 'numpy')} | {ms(r, 'per_ex_manual')} | {ms(r, 'per_ex_autodiff')} "
+            f"| {ms(r, 'batch_grad')} | {ratio('autodiff_over_manual')} | {ratio('torch_over_manual')} "
+            f"| {ratio('per_ex_manual_over_batch_grad')} | {d['manual_gflops']:.1f} "
+            f"| {100 * d['manual_fraction_of_matmul']:.0f}% "
+            f"| {c['manual']['compile_s']:.2f}/{c['autodiff']['compile_s']:.2f} "
+            f"| {'-' if mem is None else f'{mem / 2**20:.0f}'} |"
+        )
+    forms = sorted({k for r in results for k in r["times"] if k.startswith("manual[")})
+    if forms:
+        lines += ["", "Formulations of the manual step (forward/filter-gradient), median ms:", ""]
+        lines += ["| batch | input | k | K | " + " | ".join(forms) + " |", "|" + "---|" * (4 + len(forms))]
+        for r in results:
+            p = r["point"]
+            lines.append(
+                f"| {p['batch']} | {'x'.join(map(str, p['input']))} | {p['kernel']} | {p['filters']} | "
+                + " | ".join(ms(r, f) for f in forms)
+                + " |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="a short grid around the headline point")
+    parser.add_argument("--batches", type=int, nargs="+", help="override the grid's batch sizes")
+    parser.add_argument("--filters", type=int, nargs="+", help="override the grid's filter counts")
+    parser.add_argument("--inputs", nargs="+", help="override the input shapes, e.g. 28x28x1 32x32x3")
+    parser.add_argument("--kernels", type=int, nargs="+", help="override the kernel sizes")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--repeats", type=int, default=7, help="timed samples per method (interleaved)")
+    parser.add_argument(
+        "--min-sample-s", type=float, default=0.02, help="each sample runs at least this long"
+    )
+    parser.add_argument("--matmul-n", type=int, default=1024, help="size of the reference matmul")
+    parser.add_argument("--formulations", action="store_true", help="also time each manual formulation")
+    parser.add_argument("--skip-vmap-steps", action="store_true", help="do not time the two *_vmap steps")
+    parser.add_argument("--no-peers", action="store_true", help="skip PyTorch and NumPy")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--name", help="output file stem (default bench, bench_quick, ...)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import jax
+
+    jax.config.update("jax_enable_x64", True)  # float64 peer checks; timed arrays carry their dtype
+    from tqdm import tqdm
+
+    import jaxbp
+
+    grid = dict(QUICK if args.quick else GRID)
+    for key, value in (("batch", args.batches), ("filters", args.filters), ("kernel", args.kernels)):
+        if value:
+            grid[key] = tuple(value)
+    if args.inputs:
+        grid["input"] = tuple(tuple(int(v) for v in s.split("x")) for s in args.inputs)
+    points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    points = [p for p in points if p["kernel"] <= min(p["input"][:2])]
+
+    conns, workers = {}, []
+    peer_versions = {}
+    for peer in () if args.no_peers else ("torch", "numpy"):
+        ctx = mp.get_context("spawn")
+        conn, child = ctx.Pipe()
+        worker = ctx.Process(target=peer_worker, args=(child, peer), daemon=True)
+        worker.start()
+        workers.append(worker)
+        conn.send(("versions", None))
+        available, versions = conn.recv()
+        peer_versions.update(versions)
+        if available:
+            conns[peer] = conn
+
+    a = jax.numpy.asarray(np.random.default_rng(1).normal(size=(args.matmul_n, args.matmul_n)), np.float32)
+    mm = jax.jit(lambda a: a @ a)
+    mm(a).block_until_ready()
+
+    def matmul(inner):
+        for _ in range(inner):
+            mm(a).block_until_ready()
+
+    info = {**machine_info(jax, peer_versions), "dtype": args.dtype, "load_start": os.getloadavg()}
+    results = []
+    progress = tqdm(points, disable=args.quiet, desc="grid")
+    for point in progress:
+        progress.set_postfix_str(str(point))
+        results.append(run_point(point, args, jax, jaxbp, conns, matmul, progress))
+    info["load_end"] = os.getloadavg()
+    for name, conn in conns.items():
+        conn.send(("stop", None))
+        info[f"{name}_process_max_rss_kb"] = conn.recv()
+    for worker in workers:
+        worker.join(timeout=10)
+    info["max_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    command = (
+        "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]) if argv is None else str(argv)
+    )
+    name = args.name or ("bench_quick" if args.quick else "bench") + (
+        "_float64" if args.dtype == "float64" else ""
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    payload = {"command": command, "machine": info, "results": results}
+    (args.out / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str))
+    (args.out / f"{name}.md").write_text(markdown(results, info, command))
+    print(markdown(results, info, command))
+
+
+if __name__ == "__main__":
+    main()
