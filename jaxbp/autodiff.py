@@ -18,7 +18,12 @@ value_and_autodiff_grads_example.__doc__ = "(E, jax.grad(E)) for one example."
 def autodiff_value_and_grads(
     params: Params, x: jax.Array, y: jax.Array, spec: ConvNetSpec
 ) -> tuple[jax.Array, Params]:
-    """(E, jax.grad(E)); for a batch, vmap of the per-example gradient, then the mean."""
+    """(E, jax.grad(E)); for a batch, vmap of the per-example gradient, then the mean.
+
+    `spec` may also be a `jaxbp.Network`.
+    """
+    if isinstance(spec, Network):
+        return network_autodiff_value_and_grads(params, x, y, spec)
     x, y, batched = check_inputs(params, x, y, spec)
     if batched:
         return batch_mean(value_and_autodiff_grads_example)(params, x, y, spec)

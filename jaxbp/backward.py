@@ -24,6 +24,7 @@ from jaxbp import ops
 from jaxbp.batched import value_and_grads as batch_value_and_grads
 from jaxbp.batched import value_and_grads_example as batch_of_one_value_and_grads
 from jaxbp.model import check_inputs
+from jaxbp.network import Network
 from jaxbp.params import Params
 from jaxbp.spec import ConvNetSpec
 
@@ -85,7 +86,12 @@ def value_and_manual_grads_example(
 
 
 def chain_terms(params: Params, x: jax.Array, y: jax.Array, spec: ConvNetSpec) -> ChainTerms:
-    """Every named factor of the slides' chain rule; for a batch, per example along axis 0."""
+    """Every named factor of the slides' chain rule; for a batch, per example along axis 0.
+
+    For a `jaxbp.Network` (any stack of layers), each layer's `LayerTerms` instead.
+    """
+    if isinstance(spec, Network):
+        return spec.chain_terms(params, x, y)
     x, y, batched = check_inputs(params, x, y, spec)
     fn = lambda p, xi, yi, s: value_and_chain_terms_example(p, xi, yi, s)[1]  # noqa: E731
     if batched:
@@ -99,8 +105,11 @@ def manual_value_and_grads(
     """(E, dE/dparams) by the slides' formulas; for a batch, both are means over examples.
 
     A batch goes through `jaxbp.batched.value_and_grads` (the mean as a contraction over N),
-    equal to the mean of `per_example_manual_grads` (tested in tests/test_backward.py).
+    equal to the mean of `per_example_manual_grads` (tested in tests/test_backward.py). For a
+    `jaxbp.Network`, its layers' VJPs (`Network.manual_value_and_grads`).
     """
+    if isinstance(spec, Network):
+        return spec.manual_value_and_grads(params, x, y)
     x, y, batched = check_inputs(params, x, y, spec)
     if batched:
         return batch_value_and_grads(params, x, y, spec)

@@ -185,6 +185,20 @@ class Conv2D:
         dE_dx = ops.conv2d_input_vjp(delta, params.f, in_hw=x.shape[:2], **kwargs)
         return Conv2DParams(f=dE_df, b=dE_db), dE_dx
 
+    def batch_vjp(self, params: Conv2DParams, x, y, dE_dy) -> tuple[Conv2DParams, jax.Array]:
+        """`vjp` over a batch (leading axis N): dE/dparams summed over examples, dE/dx per example.
+
+        The filter gradient's sum over examples is one conv with the batch contracted
+        (`ops.conv2d_filter_vjp_sum`), not N grouped convs; dE/dx vmaps the per-example form,
+        which XLA turns into one batched conv (the filters are shared).
+        """
+        del y
+        kwargs = self._conv_kwargs(x.shape[1:3])
+        dE_df = ops.conv2d_filter_vjp_sum(x, dE_dy, kernel_size=self.kernel_size, **kwargs)
+        dE_db = jnp.sum(dE_dy, axis=(0, 1, 2)) if self.use_bias else None
+        input_vjp = lambda delta: ops.conv2d_input_vjp(delta, params.f, in_hw=x.shape[1:3], **kwargs)  # noqa: E731
+        return Conv2DParams(f=dE_df, b=dE_db), jax.vmap(input_vjp)(dE_dy)
+
 
 # ---------------------------------------------------------------------------------------------
 # Elementwise activations: any input shape, no parameters.
@@ -382,6 +396,15 @@ class Dense:
         r"""dE/dW = H delta^T, dE/db = delta, dE/dH = W delta, with delta = dE/dZ."""
         dE_dW, dE_db, dE_dx = ops.dense_vjp(x, params.W, dE_dy, precision=self.precision)
         return DenseParams(W=dE_dW, b=dE_db), dE_dx
+
+    def batch_vjp(self, params: DenseParams, x, y, dE_dy) -> tuple[DenseParams, jax.Array]:
+        r"""`vjp` over a batch: :math:`\sum_n H_n \delta_n^T = H^T \Delta` as one matmul,
+        :math:`\sum_n \delta_n`, and dE/dx = Delta W^T per example."""
+        del y
+        dE_dW = jnp.dot(x.T, dE_dy, precision=self.precision)
+        return DenseParams(W=dE_dW, b=jnp.sum(dE_dy, axis=0)), jnp.dot(
+            dE_dy, params.W.T, precision=self.precision
+        )
 
 
 # ---------------------------------------------------------------------------------------------

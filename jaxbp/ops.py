@@ -107,6 +107,43 @@ def conv2d_filter_vjp(
     return dE_df[:kh, :kw]
 
 
+def conv2d_filter_vjp_sum(
+    x: jax.Array,
+    delta: jax.Array,
+    *,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int] = (1, 1),
+    padding: Pads = ((0, 0), (0, 0)),
+    dilation: tuple[int, int] = (1, 1),
+    precision: lax.Precision | None = None,
+) -> jax.Array:
+    r"""\sum_n conv(X_n, delta_n): `conv2d_filter_vjp` summed over a batch, as one conv.
+
+    The sum over examples joins the sum over output positions as the conv's contracted axis:
+    lhs x (N, H, W, C) read as "CHWN" (N the input features, C the batch), rhs delta
+    (N, Ho, Wo, K) read as "IHWO". One conv over the batch instead of N grouped ones (what
+    `jax.vmap` of the per-example form becomes, slow on XLA's CPU).
+
+    Args:
+      x: (N, H, W, C) inputs.
+      delta: (N, Ho, Wo, K) dE/dZ per example.
+
+    Returns:
+      (kh, kw, C, K) the sum over n of each example's dE/df.
+    """
+    kh, kw = kernel_size
+    dE_df = lax.conv_general_dilated(
+        x,
+        delta,
+        window_strides=dilation,
+        padding=padding,
+        rhs_dilation=stride,
+        dimension_numbers=("CHWN", "IHWO", "HWNC"),
+        precision=precision,
+    )
+    return dE_df[:kh, :kw]
+
+
 def conv2d_input_vjp(
     delta: jax.Array,
     f: jax.Array,

@@ -11,10 +11,12 @@ from jax.sharding import Mesh
 
 from jaxbp import batched
 from jaxbp import model
+from jaxbp import network as network_module
 from jaxbp.autodiff import value_and_autodiff_grads_example
 from jaxbp.backward import value_and_manual_grads_example
 from jaxbp.model import batch_mean
 from jaxbp.model import check_inputs
+from jaxbp.network import Network
 from jaxbp.parallel import check_mesh
 from jaxbp.parallel import data_parallel_mean
 from jaxbp.params import Params
@@ -27,6 +29,12 @@ GRADS = {"manual": value_and_manual_grads_example, "autodiff": value_and_autodif
 # (jaxbp.batched); the autodiff one as jax.grad of the batch-mean loss, which is faster than
 # vmapping the per-example jax.grad (experiments/bench.py measures both).
 BATCH_GRADS = {"manual": batched.value_and_grads, "autodiff": jax.value_and_grad(model.loss)}
+# The same for any stack of layers (`jaxbp.Network`): the layers' VJPs over the batch (sums over
+# examples as contractions), and jax.grad of the network's batch-mean loss.
+NETWORK_BATCH_GRADS = {
+    "manual": network_module.batch_value_and_manual_grads,
+    "autodiff": jax.value_and_grad(lambda params, x, y, net: net.loss_value(params, x, y)),
+}
 
 
 def sgd(learning_rate: Union[float, optax.Schedule]) -> optax.GradientTransformation:
@@ -56,27 +64,28 @@ def sgd(learning_rate: Union[float, optax.Schedule]) -> optax.GradientTransforma
 
 
 def make_update_step(
-    spec: ConvNetSpec,
+    spec: ConvNetSpec | Network,
     optimizer: optax.GradientTransformation,
     *,
     grads: Union[str, GradsFn] = "manual",
     mesh: Mesh | None = None,
     batch_axis: str | None = None,
 ):
-    """Build the jitted update step for `spec`.
+    """Build the jitted update step for the slides' network `spec`, or any layer `Network`.
 
     The step computes the batch's mean loss and mean gradient, then applies `optimizer`; all of
     it is one `jax.jit`, compiled once per input shape and dtype. "manual" computes the means
     with `jaxbp.batched` (the slides' formulas with the batch as a contraction axis), "autodiff"
     with jax.grad of the batch-mean loss; a callable is per example and is batched by `jax.vmap`
-    and averaged.
+    and averaged. For a `Network`, "manual" runs the layers' hand-written VJPs per example
+    (`jax.vmap`) and averages, "autodiff" is jax.grad of its batch-mean loss.
 
     With a `mesh`, the batch is split over the devices along `batch_axis`, params and optimizer
     state are replicated, each device computes the means of its shard, and `lax.pmean` averages
     them (`jaxbp.parallel`): the same update as on one device, up to the order of float sums.
 
     Args:
-      spec: the network.
+      spec: the network: a `ConvNetSpec` (the slides') or a `jaxbp.Network` (params its tuple).
       optimizer: any optax transformation (`jaxbp.sgd` for the slides' rule).
       grads: "manual" (the slides' backward), "autodiff" (jax.grad), or a per-example function
         ``(params, x, y, spec) -> (E, Params)`` of your own.
@@ -88,14 +97,18 @@ def make_update_step(
       and E the batch's mean loss at the params before the update. With a mesh, N must be a
       multiple of the number of devices along `batch_axis` (else a ValueError while tracing).
     """
-    if not isinstance(spec, ConvNetSpec):
-        raise TypeError(f"spec must be a ConvNetSpec, got {type(spec).__name__}")
+    if isinstance(spec, Network):
+        batch_grads, check = NETWORK_BATCH_GRADS, spec.check_inputs
+    elif isinstance(spec, ConvNetSpec):
+        batch_grads, check = BATCH_GRADS, lambda params, x, y: check_inputs(params, x, y, spec)
+    else:
+        raise TypeError(f"spec must be a ConvNetSpec or a jaxbp.Network, got {type(spec).__name__}")
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}")
     if isinstance(grads, str):
         if grads not in GRADS:
             raise ValueError(f"grads must be one of {sorted(GRADS)} or a callable, got {grads!r}")
-        value_and_grads = BATCH_GRADS[grads]
+        value_and_grads = batch_grads[grads]
     elif callable(grads):
         value_and_grads = batch_mean(grads)
     else:
@@ -108,7 +121,7 @@ def make_update_step(
 
     @jax.jit
     def step(params: Params, opt_state, x: jax.Array, y: jax.Array):
-        x, y, is_batch = check_inputs(params, x, y, spec)
+        x, y, is_batch = check(params, x, y)
         if not is_batch:
             raise ValueError(f"x must be a batch (N, *{spec.in_shape}), got {x.shape}")
         E, g = mean_fn(params, x, y)

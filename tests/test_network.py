@@ -397,3 +397,18 @@ def test_bad_network_arguments():
         jaxbp.Network(layers=(layers.Flatten(),), loss=layers.HalfSquaredError(), in_shape=(0, 3))
     with pytest.raises(ValueError, match=r"pooling must be 'avg' or 'max', got 'min'"):
         jaxbp.lenet5((8, 8, 1), 10, pooling="min")
+
+
+@pytest.mark.parametrize("pooling", ["avg", "max"])
+def test_batch_gradient_as_contractions_equals_mean_of_per_example(pooling):
+    network = jaxbp.lenet5((8, 8, 1), 10, pooling=pooling)
+    params = network.init(jax.random.key(3), jnp.float64)
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(5, 8, 8, 1)))
+    y = jax.nn.one_hot(rng.integers(0, 10, 5), 10, dtype=jnp.float64)
+    E, batch = network.manual_value_and_grads(params, x, y)
+    per_example = network.per_example_manual_grads(params, x, y)
+    mean = jax.tree.map(lambda g: jnp.mean(g, axis=0), per_example)
+    # float64, sums reordered (one contraction vs a mean of N results): measured 1.5e-15 (avg), 4e-16 (max)
+    chex.assert_trees_all_close(batch, mean, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(E, network.loss_value(params, x, y), rtol=1e-12)

@@ -1,0 +1,135 @@
+"""Benchmark: the LeNet-5 update step with the layers' hand-written backward against jax.grad.
+
+For each point (input shape, pooling, batch), both jitted steps (`jaxbp.make_update_step` on
+`jaxbp.lenet5`, grads "manual" and "autodiff", optax adam) are compiled, checked to take the same
+step (float32), then timed interleaved: each repeat times one sample of each method in turn, a
+sample being as many calls as fill --sample-s. Medians and quartiles over the repeats, and the
+ratio jax.grad time / manual time (> 1: manual faster). Writes JSON and a markdown table.
+
+    python experiments/bench_lenet.py                      # 8x8x1 and 28x28x1, avg and max, batch 32 and 128
+    python experiments/bench_lenet.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import compile_stats  # noqa: E402
+from bench import machine_info  # noqa: E402
+from bench import summarize  # noqa: E402
+
+METHODS = ("manual", "autodiff")
+
+
+def run_point(jax, jaxbp, optax, in_shape, pooling, batch, args) -> dict:
+    import jax.numpy as jnp
+
+    network = jaxbp.lenet5(in_shape, 10, pooling=pooling)
+    params = network.init(jax.random.key(0), jnp.float32)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(batch, *in_shape)), jnp.float32)
+    y = jax.nn.one_hot(rng.integers(0, 10, batch), 10, dtype=jnp.float32)
+    opt = optax.adam(1e-3)
+    state = opt.init(params)
+    compiled, stats, outs = {}, {}, {}
+    for method in METHODS:
+        step = jaxbp.make_update_step(network, opt, grads=method)
+        stats[method], compiled[method] = compile_stats(step, (params, state, x, y))
+        outs[method] = jax.block_until_ready(compiled[method](params, state, x, y))
+    agreement = jaxbp.check.tree_relative_error(outs["manual"][0], outs["autodiff"][0])
+    if not agreement < 1e-5:  # float32 adam steps from identical gradients up to rounding
+        raise RuntimeError(f"manual and autodiff steps differ: relative {agreement:.2e}")
+
+    def timed(fn, calls):
+        start = time.perf_counter()
+        for _ in range(calls):
+            out = fn(params, state, x, y)
+        jax.block_until_ready(out)
+        return (time.perf_counter() - start) / calls
+
+    calls = {m: max(1, int(args.sample_s / max(timed(compiled[m], 1), 1e-6))) for m in METHODS}
+    samples = {m: [] for m in METHODS}
+    for _ in range(args.repeats):
+        for m in METHODS:
+            samples[m].append(timed(compiled[m], calls[m]))
+    result = {
+        "in_shape": list(in_shape),
+        "pooling": pooling,
+        "batch": batch,
+        "step_param_rel_diff": agreement,
+        **{m: {**summarize(samples[m]), **stats[m]} for m in METHODS},
+    }
+    result["speedup"] = result["autodiff"]["median_ms"] / result["manual"]["median_ms"]
+    return result
+
+
+def markdown(results, info, command) -> str:
+    lines = [
+        "# LeNet-5 update step: hand-written layer VJPs vs jax.grad",
+        "",
+        f"`{command}` on {info['cpu']} ({info['cores']} cores), jax {info['jax']}, "
+        f"{info['date_utc']}, load average {info['load_average']}.",
+        "float32, optax adam; medians [quartiles] over interleaved repeats; speedup = jax.grad / manual.",
+        "",
+        "| input | pooling | batch | manual ms | jax.grad ms | speedup | compile manual / jax.grad s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        m, a = r["manual"], r["autodiff"]
+        lines.append(
+            f"| {'x'.join(map(str, r['in_shape']))} | {r['pooling']} | {r['batch']} "
+            f"| {m['median_ms']:.2f} [{m['q1_ms']:.2f}, {m['q3_ms']:.2f}] "
+            f"| {a['median_ms']:.2f} [{a['q1_ms']:.2f}, {a['q3_ms']:.2f}] | {r['speedup']:.2f} "
+            f"| {m['compile_s']:.2f} / {a['compile_s']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="8x8x1 only, batch 128, 5 repeats")
+    parser.add_argument("--repeats", type=int, default=15, help="timed samples per method (default 15)")
+    parser.add_argument("--sample-s", type=float, default=0.2, help="seconds per sample (default 0.2)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"), help="folder")
+    parser.add_argument("--name", default="bench_lenet", help="file stem of the outputs")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.sample_s <= 0:
+        parser.error("--repeats must be >= 1 and --sample-s > 0")
+    if args.quick:
+        args.repeats = min(args.repeats, 5)
+    import jax
+    import optax
+    from tqdm import tqdm
+
+    import jaxbp
+
+    points = [
+        (shape, pooling, batch)
+        for shape in ([(8, 8, 1)] if args.quick else [(8, 8, 1), (28, 28, 1)])
+        for pooling in ("avg", "max")
+        for batch in ([128] if args.quick else [32, 128])
+    ]
+    results = [run_point(jax, jaxbp, optax, *p, args) for p in tqdm(points, desc="lenet bench", unit="point")]
+    info = machine_info(jax, {})
+    info["load_average"] = [round(v, 2) for v in os.getloadavg()]
+    command = "python experiments/bench_lenet.py" + (" --quick" if args.quick else "")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"{args.name}.json"), "w") as file:
+        json.dump({"machine": info, "command": command, "results": results}, file, indent=1)
+    table = markdown(results, info, command)
+    with open(os.path.join(args.out, f"{args.name}.md"), "w") as file:
+        file.write(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
