@@ -1,8 +1,8 @@
 """Benchmark: the LeNet-5 update step with the layers' hand-written backward against jax.grad.
 
 For each point (input shape, pooling, batch), both jitted steps (`jaxbp.make_update_step` on
-`jaxbp.lenet5`, grads "manual" and "autodiff", optax adam) are compiled, checked to take the same
-step (float32), then timed interleaved: each repeat times one sample of each method in turn, a
+`jaxbp.lenet5`, grads "manual" and "autodiff", optax adam) are compiled, checked to compute the same
+gradients (float32), then timed interleaved: each repeat times one sample of each method in turn, a
 sample being as many calls as fill --sample-s. Medians and quartiles over the repeats, and the
 ratio jax.grad time / manual time (> 1: manual faster). Writes JSON and a markdown table.
 
@@ -43,9 +43,15 @@ def run_point(jax, jaxbp, optax, in_shape, pooling, batch, args) -> dict:
         step = jaxbp.make_update_step(network, opt, grads=method)
         stats[method], compiled[method] = compile_stats(step, (params, state, x, y))
         outs[method] = jax.block_until_ready(compiled[method](params, state, x, y))
-    agreement = jaxbp.check.tree_relative_error(outs["manual"][0], outs["autodiff"][0])
-    if not agreement < 1e-5:  # float32 adam steps from identical gradients up to rounding
-        raise RuntimeError(f"manual and autodiff steps differ: relative {agreement:.2e}")
+    # The two must compute the same gradients before they are timed. float32: the layer_agreement
+    # experiment measured LeNet-5 gradients within 1.5e-5 (28x28) of float64 for either path, so
+    # 1e-4 between them. (Adam's updates g / sqrt(v) amplify differences in tiny entries, so
+    # the check is on the gradients, not on the stepped params.)
+    agreement = jaxbp.check.tree_relative_error(
+        jaxbp.manual_grads(params, x, y, network), jaxbp.autodiff_grads(params, x, y, network)
+    )
+    if not agreement < 1e-4:
+        raise RuntimeError(f"manual and autodiff gradients differ: relative {agreement:.2e}")
 
     def timed(fn, calls):
         start = time.perf_counter()
@@ -63,7 +69,7 @@ def run_point(jax, jaxbp, optax, in_shape, pooling, batch, args) -> dict:
         "in_shape": list(in_shape),
         "pooling": pooling,
         "batch": batch,
-        "step_param_rel_diff": agreement,
+        "grad_rel_diff": agreement,
         **{m: {**summarize(samples[m]), **stats[m]} for m in METHODS},
     }
     result["speedup"] = result["autodiff"]["median_ms"] / result["manual"]["median_ms"]

@@ -92,19 +92,16 @@ def conv2d_filter_vjp(
     Returns:
       (kh, kw, C, K) dE/df.
     """
-    kh, kw = kernel_size
-    # lhs x[None] (1, H, W, C) read as "CHWN": 1 input feature, C batch entries;
-    # rhs delta (Ho, Wo, 1, K) read as "HWIO"; result "HWNC" = (kh', kw', C, K).
-    dE_df = lax.conv_general_dilated(
+    # the sum over a batch of one example (see conv2d_filter_vjp_sum for the layout)
+    return conv2d_filter_vjp_sum(
         x[None],
-        delta[:, :, None, :],
-        window_strides=dilation,
+        delta[None],
+        kernel_size=kernel_size,
+        stride=stride,
         padding=padding,
-        rhs_dilation=stride,
-        dimension_numbers=("CHWN", "HWIO", "HWNC"),
+        dilation=dilation,
         precision=precision,
     )
-    return dE_df[:kh, :kw]
 
 
 def conv2d_filter_vjp_sum(
