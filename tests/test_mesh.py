@@ -39,6 +39,17 @@ SCRIPT = textwrap.dedent(
                     np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * float(jnp.abs(b).max()))
                     assert a.dtype == dtype
             assert float(jnp.abs(ref.f - params0.f).max()) > 1e-3  # the params did move
+    # any layer Network: the same data-parallel step
+    net = jaxbp.lenet5((8, 8, 1), 4, pooling="max")
+    params0 = net.init(jax.random.key(1), jnp.float64)
+    opt = optax.adam(1e-2)
+    runs = [(jaxbp.make_update_step(net, opt, mesh=m), params0, opt.init(params0)) for m in (None, mesh)]
+    for t in range(3):
+        x = jnp.asarray(rng.normal(size=(8, 8, 8, 1)))
+        y = jax.nn.one_hot(rng.integers(0, 4, 8), 4, dtype=jnp.float64)
+        runs = [(s, *s(p, o, x, y)[:2]) for s, p, o in runs]
+    for a, b in zip(jax.tree.leaves(runs[1][1]), jax.tree.leaves(runs[0][1])):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12 * float(jnp.abs(b).max()))
     step = jaxbp.make_update_step(spec, jaxbp.sgd(0.1), mesh=mesh)
     params = jaxbp.init_params(jax.random.key(0), spec)
     try:
