@@ -141,7 +141,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=d["optimizer"],
         help="adam (optax, default), sgd (the slides' w <- w - lr dE/dw), momentum (optax sgd, 0.9)",
     )
-    add("--lr", type=float, default=d["lr"], help=f"learning rate (default {DEFAULT_LR})")
+    add("--lr", type=float, default=d["lr"], help=f"learning rate (default {DEFAULT_LR}; lenet adam 3e-3)")
     add("--filters", type=int, default=d["filters"], help="K, number of conv filters (default 32)")
     add("--kernel-size", type=int_pair, default=d["kernel_size"], help="kh or kh,kw (default 5)")
     add("--stride", type=int_pair, default=d["stride"], help="s or sh,sw (default 1)")

@@ -124,10 +124,14 @@ def manual_grads(params: Params, x: jax.Array, y: jax.Array, spec: ConvNetSpec) 
 def per_example_manual_grads(params: Params, x: jax.Array, y: jax.Array, spec: ConvNetSpec) -> Params:
     """Per-example manual gradients of a batch (N, H, W, C): each leaf gains a leading axis N.
 
+    For a `jaxbp.Network`, its `per_example_manual_grads`.
+
     `jax.vmap` of the per-example manual gradients, written with the taps of `jaxbp.batched`
     (a batch of one) because those vmap into batched dots, not grouped convolutions; equal to
     vmapping `value_and_manual_grads_example` (tested in tests/test_batched.py).
     """
+    if isinstance(spec, Network):
+        return spec.per_example_manual_grads(params, x, y)
     x, y, batched = check_inputs(params, x, y, spec)
     if not batched:
         raise ValueError(f"x must be a batch (N, *{spec.in_shape}), got {x.shape}")

@@ -27,8 +27,8 @@ shape of the work XLA sees, and that is where the time goes on a CPU:
   about 11 ms (conv) to about 1.5 ms (taps), on a loaded 2-core machine; and in the
   formulation runs the taps forward stayed ahead up to 3 channels and 32 filters.
 * dE/df is a contraction of the same taps with delta1 over M = N Ho Wo, a (kh kw C) x M times
-  M x K product with a tiny output. Split into 16 chunks of the batch (a batched dot, then a sum
-  of 16 small results) it took 9-12 ms against 7-14 ms for one dot and 17-26 ms for XLA's
+  M x K product with a tiny output. Split into gcd(N, 16) chunks of the batch (a batched dot,
+  then a sum of as many small results) it took 9-12 ms against 7-14 ms for one dot and 17-26 ms for XLA's
   backward conv at the headline config (loaded machine, noisy); the alternative, one conv with the
   batch as the contracting feature axis, is `filter_grad_conv`.
 
@@ -184,28 +184,13 @@ def filter_grad_taps(x: jax.Array, delta1: jax.Array, spec: ConvNetSpec) -> jax.
 
 
 def filter_grad_conv(x: jax.Array, delta1: jax.Array, spec: ConvNetSpec) -> jax.Array:
-    r"""dE/df as one convolution in which the batch is the contracted feature axis.
-
-    `ops.conv2d_filter_vjp` for a whole batch: the input's channels C ride along as the conv's
-    batch axis, K as its output features, and the example index n, which that per-example
-    function does not have, becomes the conv's input-feature axis, so the conv itself sums over n:
-    x (N, H, W, C) is read as "CHWN", delta1 (N, Ho, Wo, K) as "IHWO", the output (kh', kw', C, K)
-    as "HWNC". Stride and dilation swap roles as in the per-example function.
+    r"""dE/df as one convolution in which the batch is the contracted feature axis
+    (`ops.conv2d_filter_vjp_sum`: x read as "CHWN", delta1 as "IHWO", the output as "HWNC").
 
     Returns:
       (kh, kw, C, K) dE/df.
     """
-    kh, kw = spec.kernel_size
-    dE_df = lax.conv_general_dilated(
-        x,
-        delta1,
-        window_strides=spec.dilation,
-        padding=spec.pads,
-        rhs_dilation=spec.stride,
-        dimension_numbers=("CHWN", "IHWO", "HWNC"),
-        precision=spec.precision,
-    )
-    return dE_df[:kh, :kw]
+    return ops.conv2d_filter_vjp_sum(x, delta1, kernel_size=spec.kernel_size, **spec.conv_kwargs)
 
 
 CONV_FORWARD = {"taps": conv_forward_taps, "conv": conv_forward_conv}

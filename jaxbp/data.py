@@ -268,9 +268,10 @@ def make_task(dataset: Dataset, task: str = "multiclass", digits: tuple[int, int
         raise ValueError(f"digits must be two different digits, got {digits!r}")
     parts = []
     for x, labels in ((dataset.x_train, dataset.labels_train), (dataset.x_test, dataset.labels_test)):
+        for digit in digits:
+            if not (labels == digit).any():
+                raise ValueError(f"digits: no examples of digit {digit} in {dataset.name}")
         keep = np.isin(labels, digits)
-        if not keep.any():
-            raise ValueError(f"digits: no examples of {digits} in {dataset.name}")
         binary = (labels[keep] == digits[1]).astype(np.int64)
         parts += [x[keep], binary[:, None].astype(np.float32), binary]
     return Task(*parts, class_names=tuple(str(d) for d in digits))

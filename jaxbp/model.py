@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxbp import ops
+from jaxbp.network import Network
 from jaxbp.params import Params
 from jaxbp.params import check_params
 from jaxbp.spec import ConvNetSpec
@@ -73,7 +74,12 @@ def loss_example(params: Params, x: jax.Array, y: jax.Array, spec: ConvNetSpec) 
 
 
 def forward(params: Params, x: jax.Array, spec: ConvNetSpec) -> jax.Array:
-    """O for x of shape (H, W, C) -> (n_out,), or (N, H, W, C) -> (N, n_out)."""
+    """O for x of shape (H, W, C) -> (n_out,), or (N, H, W, C) -> (N, n_out).
+
+    For a `jaxbp.Network`, its `forward` (the last layer's output).
+    """
+    if isinstance(spec, Network):
+        return spec.forward(params, x)
     x, _, batched = check_inputs(params, x, None, spec)
     if batched:
         return jax.vmap(forward_example, in_axes=(None, 0, None))(params, x, spec)
@@ -81,7 +87,9 @@ def forward(params: Params, x: jax.Array, spec: ConvNetSpec) -> jax.Array:
 
 
 def loss(params: Params, x: jax.Array, y: jax.Array, spec: ConvNetSpec) -> jax.Array:
-    """E for one example, or the mean of per-example E over a batch."""
+    """E for one example, or the mean of per-example E over a batch (also for a `jaxbp.Network`)."""
+    if isinstance(spec, Network):
+        return spec.loss_value(params, x, y)
     x, y, batched = check_inputs(params, x, y, spec)
     if batched:
         return jnp.mean(jax.vmap(loss_example, in_axes=(None, 0, 0, None))(params, x, y, spec))

@@ -15,7 +15,8 @@ slides' network is one instance (`slides_network`): there dE/da for the dense la
 the slides' delta2, and for the conv's output delta1.
 
 Per-example methods (``*_example``) are the math; the others accept one example or a batch
-(leading axis N) and batch with `jax.vmap`, a batch loss and gradient being means over examples.
+(leading axis N) and batch with `jax.vmap`, a batch loss and gradient being means over examples;
+the batch manual gradient instead runs each layer's `batch_vjp` once over the whole batch.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 r"""The slides' operations, each forward beside its hand-written backward (VJP).
 
-Every function here is per example (no batch axis); `jax.vmap` adds one. A backward takes the
+Every function here is per example (no batch axis; `jax.vmap` adds one), except
+`conv2d_filter_vjp_sum`, which sums the filter gradient over a batch. A backward takes the
 cotangent of the op's output (dE/d out) and returns the cotangent of its input(s): the chain
 rule applied one factor at a time, micrograd-style, but as pure functions. Nothing here calls
 an autodiff transform.

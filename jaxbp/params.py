@@ -41,6 +41,12 @@ def init_params(key: jax.Array, spec: ConvNetSpec, dtype=jnp.float32) -> Params:
       spec: the network.
       dtype: a floating dtype for every leaf.
     """
+    from jaxbp.network import Network  # network builds on Params: imported here, not at the top
+
+    if isinstance(spec, Network):
+        return spec.init(key, dtype)
+    if not isinstance(spec, ConvNetSpec):
+        raise TypeError(f"spec must be a ConvNetSpec or a jaxbp.Network, got {type(spec).__name__}")
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"dtype must be a floating dtype, got {dtype!r}")
     key_f, key_W = jax.random.split(key)
@@ -53,6 +59,8 @@ def init_params(key: jax.Array, spec: ConvNetSpec, dtype=jnp.float32) -> Params:
 
 def check_params(params, spec: ConvNetSpec, *, name: str = "params") -> None:
     """Raise TypeError/ValueError unless `params` is a `Params` whose leaves fit `spec`."""
+    if not isinstance(spec, ConvNetSpec):
+        raise TypeError(f"spec must be a ConvNetSpec, got {type(spec).__name__}")
     if not isinstance(params, Params):
         raise TypeError(f"{name} must be a jaxbp.Params(f, W, b), got {type(params).__name__}")
     dtypes = set()

@@ -12,8 +12,6 @@ from jax.sharding import Mesh
 from jaxbp import batched
 from jaxbp import model
 from jaxbp import network as network_module
-from jaxbp.autodiff import value_and_autodiff_grads_example
-from jaxbp.backward import value_and_manual_grads_example
 from jaxbp.model import batch_mean
 from jaxbp.model import check_inputs
 from jaxbp.network import Network
@@ -23,8 +21,7 @@ from jaxbp.params import Params
 from jaxbp.spec import ConvNetSpec
 
 GradsFn = Callable[[Params, jax.Array, jax.Array, ConvNetSpec], tuple[jax.Array, Params]]
-# Per-example (E, grads) of each named method (for callers that vmap them themselves).
-GRADS = {"manual": value_and_manual_grads_example, "autodiff": value_and_autodiff_grads_example}
+GRADS = ("autodiff", "manual")
 # Batch (mean E, mean grads) used by the step: the manual one as contractions over the batch
 # (jaxbp.batched); the autodiff one as jax.grad of the batch-mean loss, which is faster than
 # vmapping the per-example jax.grad (experiments/bench.py measures both).
@@ -77,8 +74,9 @@ def make_update_step(
     it is one `jax.jit`, compiled once per input shape and dtype. "manual" computes the means
     with `jaxbp.batched` (the slides' formulas with the batch as a contraction axis), "autodiff"
     with jax.grad of the batch-mean loss; a callable is per example and is batched by `jax.vmap`
-    and averaged. For a `Network`, "manual" runs the layers' hand-written VJPs per example
-    (`jax.vmap`) and averages, "autodiff" is jax.grad of its batch-mean loss.
+    and averaged. For a `Network`, "manual" is `network.batch_value_and_manual_grads` (each
+    layer's VJP over the whole batch, the 1/N applied once), "autodiff" jax.grad of its batch-mean
+    loss.
 
     With a `mesh`, the batch is split over the devices along `batch_axis`, params and optimizer
     state are replicated, each device computes the means of its shard, and `lax.pmean` averages

@@ -102,3 +102,15 @@ def test_precision_is_refused_for_a_network():
     params, x, y = _problem(LENET, 1)
     with pytest.raises(ValueError, match="precision: a Network's layers carry their own precision"):
         jaxbp.compare_grads(params, x, y, LENET, precision="highest")
+
+
+def test_the_slides_api_takes_a_network():
+    params, x, y = _problem(LENET, 3)
+    np.testing.assert_allclose(jaxbp.loss(params, x, y, LENET), LENET.loss_value(params, x, y), rtol=1e-12)
+    np.testing.assert_allclose(jaxbp.forward(params, x, LENET), LENET.forward(params, x), rtol=1e-12)
+    per_example = jaxbp.per_example_manual_grads(params, x, y, LENET)
+    assert jax.tree.leaves(per_example)[0].shape[0] == 3
+    fresh = jaxbp.init_params(jax.random.key(0), LENET, jnp.float64)
+    assert jax.tree.structure(fresh) == jax.tree.structure(params)
+    with pytest.raises(TypeError, match="spec must be a ConvNetSpec or a jaxbp.Network, got dict"):
+        jaxbp.init_params(jax.random.key(0), {})

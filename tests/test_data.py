@@ -141,3 +141,9 @@ def test_tasks_give_the_slides_targets():
 def test_predicted_class():
     np.testing.assert_array_equal(data.predicted_class(np.array([[0.2, 0.7], [0.9, 0.1]])), [1, 0])
     np.testing.assert_array_equal(data.predicted_class(np.array([[0.2], [0.7]])), [0, 1])
+
+
+def test_binary_task_needs_examples_of_both_digits():
+    dataset = data.load_digits()
+    with pytest.raises(ValueError, match="no examples of digit 12"):
+        data.make_task(dataset, "binary", (3, 12))

@@ -105,7 +105,7 @@ def test_bad_inputs_to_the_update_step():
         jaxbp.make_update_step(SPEC, opt, grads="numeric")
     with pytest.raises(TypeError, match=r"optimizer must be an optax.GradientTransformation, got float"):
         jaxbp.make_update_step(SPEC, 0.1)
-    with pytest.raises(TypeError, match=r"spec must be a ConvNetSpec, got dict"):
+    with pytest.raises(TypeError, match=r"spec must be a ConvNetSpec or a jaxbp.Network, got dict"):
         jaxbp.make_update_step({}, optax.sgd(0.1))
     with pytest.raises(ValueError, match=r"learning_rate must be > 0, got -1"):
         jaxbp.sgd(-1)

@@ -7,8 +7,8 @@ modules, one concept each:
 - `tolerances`: the measured pass/fail profiles per dtype.
 - `report`: the generic core -- named (candidate, reference) pairs -> rows -> `GradCheckReport`.
 - `finite_differences`: central differences, elementwise or along random directions.
-- `reference_terms`: every chain-rule term by autodiff of a sub-network.
-- `gradcheck`: `compare_grads`, assembling the above for the slides' network.
+- `reference_terms`: every chain-rule term by autodiff of a sub-network (or of one layer).
+- `gradcheck`: `compare_grads`, assembling the above for the slides' network or any `jaxbp.Network`.
 - `cli`: the command-line checker.
 """
 

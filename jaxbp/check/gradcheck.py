@@ -215,7 +215,7 @@ def compare_grads(
         belong to jaxbp's own derivation, not to a user's grad_fn).
       finite_differences: add the finite-difference rows (2 loss evaluations per entry or
         direction; all vmapped).
-      eps: the finite-difference step; default the profile's (1e-6).
+      eps: the finite-difference step; default the profile's (1e-5).
       max_elementwise, n_directions, seed: finite differences, see above.
       precision: if given, replaces ``spec.precision`` (a `jax.lax.Precision` or its name, e.g.
         "highest": full float32 precision for every conv and matmul on GPU/TPU).
