@@ -209,8 +209,11 @@ def model_functions(model) -> dict:
 
     Returns a dict of batch functions: init(key, dtype), forward(params, x) -> O (probabilities
     for a network), loss(params, x, y), manual and autodiff (params, x, y) -> (E, grads), and
-    filters(params) -> the first conv's (kh, kw, C, K) filters.
+    filters(params) -> the first conv's (kh, kw, C, K) filters. "autodiff" is jax.grad of the
+    batch-mean loss, as in `make_update_step(grads="autodiff")`.
     """
+    import jax
+
     import jaxbp
 
     if isinstance(model, jaxbp.Network):
@@ -219,7 +222,7 @@ def model_functions(model) -> dict:
             forward=model.predict,
             loss=model.loss_value,
             manual=model.manual_value_and_grads,
-            autodiff=lambda p, x, y: jaxbp.network_autodiff_value_and_grads(p, x, y, model),
+            autodiff=jax.value_and_grad(model.loss_value),
             filters=lambda params: params[0].f,
         )
     return dict(
@@ -227,7 +230,7 @@ def model_functions(model) -> dict:
         forward=lambda p, x: jaxbp.forward(p, x, model),
         loss=lambda p, x, y: jaxbp.loss(p, x, y, model),
         manual=lambda p, x, y: jaxbp.manual_value_and_grads(p, x, y, model),
-        autodiff=lambda p, x, y: jaxbp.autodiff_value_and_grads(p, x, y, model),
+        autodiff=jax.value_and_grad(lambda p, x, y: jaxbp.loss(p, x, y, model)),
         filters=lambda params: params.f,
     )
 
