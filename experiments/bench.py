@@ -4,7 +4,7 @@ For each point of a grid (batch, filters, input shape, kernel; float32 unless --
 with the slides' network (VALID conv, sigmoid, dense to 10 outputs, sigmoid, half squared error)
 it times, interleaved round by round with warm-up excluded:
 
-  manual           make_update_step(grads="manual"): jaxbp.batched, the mean as a contraction over N
+  manual           make_update_step(grads="manual"): jaxbp.batched, the mean as a contraction over N in chunks
   autodiff         make_update_step(grads="autodiff"): jax.grad of the batch-mean loss (the best
                    jax.grad baseline found: XLA differentiates the batched conv directly)
   manual_vmap      the step with vmap of the per-example manual backward, then a mean (the core's
@@ -12,6 +12,8 @@ it times, interleaved round by round with warm-up excluded:
   autodiff_vmap    the step with vmap of per-example jax.grad, then a mean
   per_ex_manual    per-example gradients, jaxbp.per_example_manual_grads (vmap of the manual backward)
   per_ex_autodiff  per-example gradients, vmap of jax.grad of the per-example loss
+  per_ex_dW_write  writing an array the size of the per-example dE/dW (N x D x n_out) and nothing
+                   else: a floor under any per-example gradient
   batch_grad       the batch gradient alone (jaxbp.manual_value_and_grads), the reference for
                    per_ex_manual
   torch            PyTorch CPU autograd of the same network (NCHW) plus the SGD update, in a
@@ -52,6 +54,8 @@ GRID = dict(batch=(1, 32, 256, 1024), filters=(1, 8, 32), input=((28, 28, 1), (3
 QUICK = dict(batch=(32, 256), filters=(1, 8, 32), input=((28, 28, 1),), kernel=(5,))
 N_OUT = 10
 LEARNING_RATE = 0.1
+FORMULATION_CHUNKS = (8, 32, 128)  # chunks timed beside the chosen one with --formulations
+SETTLE_S = 0.25  # pause when the timed process changes (see run_point)
 PEER_RTOL = 1e-10  # float64 check of each peer against jaxbp (the design's float64 tolerance)
 
 
@@ -190,8 +194,12 @@ def peer_worker(conn, peer: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def jax_methods(jax, jaxbp, spec, formulations: bool):
-    """name -> (jitted fn, kind) for one spec; every fn takes (params, opt_state, x, y)."""
+def jax_methods(jax, jaxbp, spec, chosen=None):
+    """name -> jitted fn for one spec; every fn takes (params, opt_state, x, y).
+
+    chosen: None, or the formulation `choose_formulation` picks for the point; then every other
+    formulation of the manual step is added too.
+    """
     import optax
 
     from jaxbp import batched
@@ -209,18 +217,24 @@ def jax_methods(jax, jaxbp, spec, formulations: bool):
         "autodiff_vmap": step(value_and_autodiff_grads_example),
         "per_ex_manual": jax.jit(lambda p, s, x, y: jaxbp.per_example_manual_grads(p, x, y, spec)),
         "per_ex_autodiff": jax.jit(lambda p, s, x, y: per_ex_autodiff(p, x, y, spec)),
+        # Writing an array the size of the per-example dE/dW (N x D x n_out) and nothing else:
+        # a floor under any per-example gradient, whatever its formulation.
+        "per_ex_dW_write": jax.jit(lambda p, s, x, y: p.W[None, :, :1] * y[:, None, :]),
         "batch_grad": jax.jit(lambda p, s, x, y: jaxbp.manual_value_and_grads(p, x, y, spec)),
     }
-    if formulations:
-        for fwd, fgrad in itertools.product(batched.FORMS, batched.FORMS):
-            form = batched.Formulation(fwd, fgrad)
+    if chosen is not None:
+        # Every pair of forms at the chunk the rule picks, and the rule's forms at other chunks.
+        pairs = itertools.product(batched.FORMS, batched.FORMS)
+        forms = [batched.Formulation(f, g, chosen.chunk) for f, g in pairs]
+        forms += [chosen._replace(chunk=c) for c in (None, *FORMULATION_CHUNKS) if c != chosen.chunk]
+        for form in forms:
 
             def vg(p, s, x, y, form=form):
                 E, g = batched.value_and_grads(p, x, y, spec, formulation=form)
                 updates, s = opt.update(g, s, p)
                 return optax.apply_updates(p, updates), s, E
 
-            methods[f"manual[{fwd}/{fgrad}]"] = jax.jit(vg)
+            methods[f"manual[{form.forward}/{form.filter_grad}/{form.chunk or 'all'}]"] = jax.jit(vg)
     return methods
 
 
@@ -341,9 +355,11 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
             else:
                 progress.write(f"{name} disagrees with jaxbp at {point}: rel error {err:.2e}; not timed")
 
-    methods = jax_methods(jax, jaxbp, spec, args.formulations)
+    chosen = jaxbp.choose_formulation(spec, batch, itemsize=dtype.itemsize)
+    methods = jax_methods(jax, jaxbp, spec, chosen if args.formulations else None)
+    result["chosen_formulation"] = f"{chosen.forward}/{chosen.filter_grad}/{chosen.chunk or 'all'}"
     if batch == 1:
-        for name in ("per_ex_manual", "per_ex_autodiff"):
+        for name in ("per_ex_manual", "per_ex_autodiff", "per_ex_dW_write"):
             methods.pop(name)  # per-example gradients of one example are the batch gradient
     if args.skip_vmap_steps:
         for name in ("manual_vmap", "autodiff_vmap"):
@@ -369,8 +385,15 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
     # Warm-up (excluded), then the number of calls per sample.
     inner = {name: calibrate(call, args.min_sample_s) for name, call in calls.items()}
     samples = {name: [] for name in calls}
+    process = "jax"
     for _ in range(args.repeats):
         for name, call in calls.items():
+            # A process's worker threads may keep spinning on the cores for a while after its
+            # call (OpenBLAS's default is about 2^28 cycles, 0.1 s); the pause keeps them out of
+            # the next process's sample.
+            if (name if name in peers else "jax") != process:
+                time.sleep(SETTLE_S)
+            process = name if name in peers else "jax"
             if name in peers:
                 samples[name].append(call(inner[name]))
             else:
@@ -390,7 +413,10 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
         **({"torch_over_manual": t["torch"] / t["manual"]} if "torch" in t else {}),
         **({"numpy_over_manual": t["numpy"] / t["manual"]} if "numpy" in t else {}),
         **(
-            {"per_ex_manual_over_batch_grad": t["per_ex_manual"] / t["batch_grad"]}
+            {
+                "per_ex_manual_over_batch_grad": t["per_ex_manual"] / t["batch_grad"],
+                "per_ex_dW_write_over_batch_grad": t["per_ex_dW_write"] / t["batch_grad"],
+            }
             if "per_ex_manual" in t
             else {}
         ),
@@ -419,13 +445,15 @@ def markdown(results, info, command) -> str:
         "with vmap of per-example gradients; `per-ex` per-example gradients; `batch` the manual batch "
         "gradient alone; `torch` PyTorch CPU autograd + SGD; `numpy` NumPy im2col + SGD. "
         "`ad/m`, `pt/m`: autodiff and torch time over manual (>1: manual faster); `pe/b`: per-example "
-        "manual over batch gradient; `%mm`: manual GFLOP/s over the matmul's in the same run; "
+        "manual over batch gradient; `dW/b`: writing an array the size of the per-example dE/dW "
+        "(and nothing else) over the batch gradient, a floor under `pe/b`; `%mm`: manual GFLOP/s over "
+        "the matmul's in the same run; "
         "compile in seconds; mem: XLA's peak estimate for the manual step.",
         "",
         "| batch | input | k | K | manual | autodiff | manual_vmap | autodiff_vmap | torch | numpy "
-        "| per-ex manual | per-ex autodiff | batch | ad/m | pt/m | pe/b | GFLOP/s | %mm "
+        "| per-ex manual | per-ex autodiff | batch | ad/m | pt/m | pe/b | dW/b | GFLOP/s | %mm "
         "| compile m/ad | mem MB |",
-        "|" + "---|" * 20,
+        "|" + "---|" * 21,
     ]
     for r in results:
         p, d, c = r["point"], r["derived"], r["compile"]
@@ -436,21 +464,30 @@ def markdown(results, info, command) -> str:
             f"| {ms(r, 'manual')} | {ms(r, 'autodiff')} | {ms(r, 'manual_vmap')} | {ms(r, 'autodiff_vmap')} "
             f"| {ms(r, 'torch')} | {ms(r, 'numpy')} | {ms(r, 'per_ex_manual')} | {ms(r, 'per_ex_autodiff')} "
             f"| {ms(r, 'batch_grad')} | {ratio('autodiff_over_manual')} | {ratio('torch_over_manual')} "
-            f"| {ratio('per_ex_manual_over_batch_grad')} | {d['manual_gflops']:.1f} "
+            f"| {ratio('per_ex_manual_over_batch_grad')} | {ratio('per_ex_dW_write_over_batch_grad')} "
+            f"| {d['manual_gflops']:.1f} "
             f"| {100 * d['manual_fraction_of_matmul']:.0f}% "
             f"| {c['manual']['compile_s']:.2f}/{c['autodiff']['compile_s']:.2f} "
             f"| {'-' if mem is None else f'{mem / 2**20:.0f}'} |"
         )
-    forms = sorted({k for r in results for k in r["times"] if k.startswith("manual[")})
-    if forms:
-        lines += ["", "Formulations of the manual step (forward/filter-gradient), median ms:", ""]
-        lines += ["| batch | input | k | K | " + " | ".join(forms) + " |", "|" + "---|" * (4 + len(forms))]
+    if any(k.startswith("manual[") for r in results for k in r["times"]):
+        lines += [
+            "",
+            "Formulations of the manual step (forward/filter-gradient/chunk), median ms; `/chosen`: time",
+            "over the time of the formulation `choose_formulation` picks (>1: the pick is faster).",
+            "",
+            "| batch | input | k | K | chosen | fastest | formulations (median ms, /chosen) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in results:
             p = r["point"]
+            forms = {k[7:-1]: v["median_ms"] for k, v in r["times"].items() if k.startswith("manual[")}
+            base = forms[r["chosen_formulation"]]
+            by_time = sorted(forms.items(), key=lambda kv: kv[1])
+            cells = ", ".join(f"{k} {v:.3g} ({v / base:.2f})" for k, v in by_time)
             lines.append(
-                f"| {p['batch']} | {'x'.join(map(str, p['input']))} | {p['kernel']} | {p['filters']} | "
-                + " | ".join(ms(r, f) for f in forms)
-                + " |"
+                f"| {p['batch']} | {'x'.join(map(str, p['input']))} | {p['kernel']} | {p['filters']} "
+                f"| {r['chosen_formulation']} | {min(forms, key=forms.get)} | {cells} |"
             )
     return "\n".join(lines) + "\n"
 

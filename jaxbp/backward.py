@@ -21,8 +21,8 @@ from typing import NamedTuple
 import jax
 
 from jaxbp import ops
+from jaxbp.batched import per_example_grads as batch_per_example_grads
 from jaxbp.batched import value_and_grads as batch_value_and_grads
-from jaxbp.batched import value_and_grads_example as batch_of_one_value_and_grads
 from jaxbp.model import check_inputs
 from jaxbp.network import Network
 from jaxbp.params import Params
@@ -126,14 +126,14 @@ def per_example_manual_grads(params: Params, x: jax.Array, y: jax.Array, spec: C
 
     For a `jaxbp.Network`, its `per_example_manual_grads`.
 
-    `jax.vmap` of the per-example manual gradients, written with the taps of `jaxbp.batched`
-    (a batch of one) because those vmap into batched dots, not grouped convolutions; equal to
-    vmapping `value_and_manual_grads_example` (tested in tests/test_batched.py).
+    `jax.vmap` of the per-example manual gradients, written as `jaxbp.batched` of a batch of one
+    (taps or patches, which vmap into batched dots, not grouped convolutions) and run chunk by
+    chunk (`jaxbp.batched.per_example_grads`); equal to vmapping `value_and_manual_grads_example`
+    (tested in tests/test_batched.py).
     """
     if isinstance(spec, Network):
         return spec.per_example_manual_grads(params, x, y)
     x, y, batched = check_inputs(params, x, y, spec)
     if not batched:
         raise ValueError(f"x must be a batch (N, *{spec.in_shape}), got {x.shape}")
-    fn = lambda p, xi, yi, s: batch_of_one_value_and_grads(p, xi, yi, s)[1]  # noqa: E731
-    return jax.vmap(fn, in_axes=(None, 0, 0, None))(params, x, y, spec)
+    return batch_per_example_grads(params, x, y, spec)

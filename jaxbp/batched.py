@@ -14,26 +14,30 @@ derivatives are linear in delta2, so every gradient below is then already a mean
                                  \delta_1[n, i, j, k]
 
 Same math as `jax.vmap` of the per-example backward followed by a mean; what changes is the
-shape of the work XLA sees, and that is where the time goes on a CPU:
+shape of the work XLA sees, and on a CPU that is where the time goes (measured by
+``python experiments/bench.py --formulations``, results in experiments/results/):
 
-* Under vmap, the per-example dE/df (a conv whose batch axis is C and whose features are K) becomes
-  a *grouped* conv with one group per example, which XLA's CPU backend runs slowly. Here the sum
-  over n is part of the contraction from the start.
-* XLA's CPU conv is slow for few channels (the issue measured about 1 GFLOP/s for the forward
-  with one filter). The forward is written as a shift-and-add over the kh*kw taps:
-  ``Z1 = sum_{a,b} tap_ab(X) f[a, b]`` where ``tap_ab(X)`` is a strided slice of
-  the padded input; XLA fuses the slices, the multiply-adds and the sigmoid into one loop, so Z1 is
-  never written to memory. For the 28x28x1, 5x5, 8-filter, batch-256 config the forward went from
-  about 11 ms (conv) to about 1.5 ms (taps), on a loaded 2-core machine; and in the
-  formulation runs the taps forward stayed ahead up to 3 channels and 32 filters.
-* dE/df is a contraction of the same taps with delta1 over M = N Ho Wo, a (kh kw C) x M times
-  M x K product with a tiny output. Split into gcd(N, 16) chunks of the batch (a batched dot,
-  then a sum of as many small results) it took 9-12 ms against 7-14 ms for one dot and 17-26 ms for XLA's
-  backward conv at the headline config (loaded machine, noisy); the alternative, one conv with the
-  batch as the contracting feature axis, is `filter_grad_conv`.
+* **Chunks of the batch.** Examples are independent until the gradient sums, so the batch is
+  cut into chunks of ``chunk`` examples, run one after another by `lax.scan`, each adding its
+  partial sums. A chunk's temporaries (patches, Z1, H1, delta1) stay a few MB and are reused from
+  chunk to chunk; one pass over the whole batch writes hundreds of MB of fresh buffers per step
+  at batch 1024, and on this CPU writing and page-faulting those cost more than the arithmetic
+  (building the 240 MB of patches of the largest grid point alone took 212 ms; the whole chunked
+  step takes about as long).
+* **Patches (im2col), built once, used twice.** ``P`` (M x kh kw C, M = N Ho Wo) holds every
+  receptive field; then Z1 = P @ f and dE/df = P^T @ delta1 are two plain matmuls, the only form
+  in which XLA's CPU reaches matmul speed for more than a few filters.
+* **Taps (shift-and-add), for few filters.** ``Z1 = sum_ab tap_ab(X) f[a, b]`` with tap_ab a
+  strided slice of the padded input: XLA fuses the slices, multiply-adds and the sigmoid into one
+  loop, so neither P nor Z1 is written. dE/df is then kh*kw small dots of a tap with delta1.
+  With one filter P @ f is a matrix-vector product that only pays for writing P.
+* **Not vmap, not XLA's conv.** Under vmap the per-example dE/df (a conv whose batch axis is C)
+  becomes a grouped conv per example, and XLA's CPU conv is slow for few channels (the issue
+  measured about 1 GFLOP/s); the ``conv`` forms (one XLA convolution each, with the batch as the
+  contracted axis of dE/df) are kept for other backends, where they call cuDNN and the like.
 
-Which formulation is fastest depends on the shape; `choose_formulation` encodes the measurement
-(`experiments/results/bench_formulations_*.md`). Nothing here calls an autodiff transform.
+Which formulation and chunk are fastest depends on the shape; `choose_formulation` encodes the
+measurement. Nothing here calls an autodiff transform.
 """
 
 from __future__ import annotations
@@ -52,41 +56,68 @@ from jaxbp.params import Params
 from jaxbp.spec import DIMENSION_NUMBERS
 from jaxbp.spec import ConvNetSpec
 
-ConvForm = Literal["taps", "conv"]
-FORMS = ("taps", "conv")
+ConvForm = Literal["taps", "patches", "conv"]
+FORMS = ("taps", "patches", "conv")
 
 
 class Formulation(NamedTuple):
-    """How the batch step computes the two convolutions.
+    """How the batch step computes the two convolutions, and how much of the batch at a time.
 
     Attributes:
-      forward: "taps" (shift-and-add over the kh*kw taps, fused with the sigmoid) or "conv"
-        (one XLA convolution).
-      filter_grad: "taps" (the taps contracted with delta1 over the batch, in chunks) or "conv"
-        (one XLA convolution with the batch as the contracting axis).
+      forward: Z1 = conv(X, f) as "taps" (shift-and-add over the kh*kw taps, fused with the
+        sigmoid), "patches" (the im2col matrix P times f) or "conv" (one XLA convolution).
+      filter_grad: dE/df as "taps" (each tap contracted with delta1), "patches" (P^T delta1, with
+        the P of the forward when both use it) or "conv" (one XLA convolution with the batch as
+        the contracted axis).
+      chunk: examples per `lax.scan` step; None runs the whole batch at once.
     """
 
     forward: ConvForm
     filter_grad: ConvForm
+    chunk: int | None = None
 
 
-# Measured on the 2-core CPU (experiments/results/bench_formulations_*.md: batch 256 at all 12
-# filter/input/kernel points, batch 32 and 1024 with 32 filters): taps/taps was the fastest at
-# 17 of 20 points and within the run's noise of the fastest at the others; conv/conv was never
-# the fastest. Off the CPU, XLA's convolutions call the vendor's conv
-# library (cuDNN on GPU), which the taps do not; that choice is not measured here.
-def choose_formulation(spec: ConvNetSpec, batch: int, backend: str | None = None) -> Formulation:
-    """The measured-fastest formulation for `spec` on this backend (see the comment above).
+# Measured on the 2-core CPU in float32, 5x5 kernels, batch 32/256/1024, 1/8/32 filters,
+# 28x28x1 and 32x32x3 inputs (experiments/results/bench_formulations.md; 3 repeats, noisy):
+# * With 1 filter the taps won at every point, by 1.5-2.7x over patches (256, 28x28x1: 3.3
+#   against 9.5 ms). With 8 and 32 filters patches/patches was fastest or within 1.2x of the
+#   fastest at 11 of 12 points (1024, 32x32x3, 32 filters: 303 ms; taps 496, XLA's conv 5550).
+# * Chunks help every form from batch 256 on: 1024, 28x28x1, one filter 14.6 ms in chunks of 32
+#   against 40 ms whole; 1024, 32x32x3, 32 filters 303 against 413. Both forms write about
+#   kh kw C numbers per output position (the patches, or the taps that feed the dots) besides
+#   Z1, H1 and delta1; a chunk whose working set is about 16 MB was the fastest or within 1.2x
+#   of it at each measured point. With one filter that rule says 256 examples, and there
+#   the smallest measured chunks were the fastest (32: 14.6 ms, 128: 16.7, whole: 40), so a
+#   chunk is never more than 128 examples.
+# Off the CPU, XLA's convolutions call the vendor's library (cuDNN on GPU), which the taps and
+# patches do not; that choice is not measured here.
+TAPS_BELOW_FILTERS = 8
+CHUNK_WORKING_SET_BYTES = 16 * 2**20
+MAX_CHUNK = 128
+
+
+def choose_formulation(
+    spec: ConvNetSpec, batch: int, backend: str | None = None, itemsize: int = 4
+) -> Formulation:
+    """The measured-fastest formulation for `spec` and `batch` on this backend (see above).
 
     Args:
       spec: the network.
-      batch: N (the choice does not depend on it in the measured grid).
+      batch: N.
       backend: "cpu", "gpu", "tpu"; None for `jax.default_backend()`.
+      itemsize: bytes per number (4 for float32, 8 for float64), for the chunk's working set.
     """
-    del spec, batch
     backend = jax.default_backend() if backend is None else backend
-    form: ConvForm = "taps" if backend == "cpu" else "conv"
-    return Formulation(forward=form, filter_grad=form)
+    if backend != "cpu":
+        return Formulation("conv", "conv", None)
+    form: ConvForm = "taps" if spec.n_filters < TAPS_BELOW_FILTERS else "patches"
+    kh, kw = spec.kernel_size
+    ho, wo, k = spec.h1_shape
+    # Per example: Z1, H1 and delta1 (Ho Wo K each), and the patches or taps (Ho Wo kh kw C).
+    per_example = itemsize * ho * wo * (3 * k + kh * kw * spec.in_shape[2])
+    chunk = 1 << max(0, round(math.log2(CHUNK_WORKING_SET_BYTES / per_example)))  # nearest power of 2
+    chunk = min(chunk, MAX_CHUNK)
+    return Formulation(form, form, None if chunk >= batch else chunk)
 
 
 def conv_taps(x: jax.Array, spec: ConvNetSpec) -> list[jax.Array]:
@@ -121,6 +152,21 @@ def conv_taps(x: jax.Array, spec: ConvNetSpec) -> list[jax.Array]:
     ]
 
 
+def conv_patches(x: jax.Array, spec: ConvNetSpec) -> jax.Array:
+    r"""The im2col matrix: row m = (n, i, j) holds the receptive field of output (i, j) of example n.
+
+    .. math:: P[(n, i, j), (a, b, c)] = \mathrm{tap}_{ab}(X)[n, i, j, c]
+
+    The column order (a, b, c) is the row-major order of the HWIO filter's first three axes, so
+    ``conv(X, f) = P @ f.reshape(kh kw C, K)``.
+
+    Returns:
+      (N Ho Wo, kh kw C) patches.
+    """
+    taps = conv_taps(x, spec)
+    return jnp.concatenate(taps, axis=-1).reshape(-1, len(taps) * x.shape[-1])
+
+
 def conv_forward_taps(x: jax.Array, f: jax.Array, spec: ConvNetSpec) -> jax.Array:
     r"""Z1 = conv(X, f) as a shift-and-add over taps and input channels.
 
@@ -143,6 +189,17 @@ def conv_forward_taps(x: jax.Array, f: jax.Array, spec: ConvNetSpec) -> jax.Arra
     return z
 
 
+def conv_forward_patches(patches: jax.Array, f: jax.Array, spec: ConvNetSpec) -> jax.Array:
+    """Z1 = conv(X, f) = P @ f as one (N Ho Wo, kh kw C) x (kh kw C, K) matmul.
+
+    Returns:
+      (N, Ho, Wo, K) Z1.
+    """
+    kh, kw, c, k = f.shape
+    z = jnp.dot(patches, f.reshape(kh * kw * c, k), precision=spec.precision)
+    return z.reshape(-1, *spec.h1_shape)
+
+
 def conv_forward_conv(x: jax.Array, f: jax.Array, spec: ConvNetSpec) -> jax.Array:
     """Z1 = conv(X, f) as one XLA convolution over the batch (NHWC, HWIO)."""
     return lax.conv_general_dilated(
@@ -157,15 +214,10 @@ def conv_forward_conv(x: jax.Array, f: jax.Array, spec: ConvNetSpec) -> jax.Arra
 
 
 def filter_grad_taps(x: jax.Array, delta1: jax.Array, spec: ConvNetSpec) -> jax.Array:
-    r"""dE/df as the taps contracted with delta1 over M = N Ho Wo, in G chunks of the batch.
+    r"""dE/df as kh*kw dots, each tap contracted with delta1 over M = N Ho Wo.
 
     .. math::
-       \frac{dE}{df}[a, b, c, k] = \sum_{g} \sum_{m \in \text{chunk } g}
-           \mathrm{tap}_{ab}(X)[m, c]\, \delta_1[m, k]
-
-    One dot with a (kh kw C, K) output and a contraction of length M runs on one core (measured);
-    G = gcd(N, 16) chunks make it a batched dot XLA spreads over cores, and the G partial sums
-    are added at the end.
+       \frac{dE}{df}[a, b, c, k] = \sum_{m} \mathrm{tap}_{ab}(X)[m, c]\, \delta_1[m, k]
 
     Args:
       x: (N, H, W, C) batch.
@@ -175,12 +227,21 @@ def filter_grad_taps(x: jax.Array, delta1: jax.Array, spec: ConvNetSpec) -> jax.
       (kh, kw, C, K) dE/df.
     """
     kh, kw = spec.kernel_size
-    n, _, _, c = x.shape
+    c, k = x.shape[-1], delta1.shape[-1]
+    d1 = delta1.reshape(-1, k)
+    rows = [jnp.dot(tap.reshape(-1, c).T, d1, precision=spec.precision) for tap in conv_taps(x, spec)]
+    return jnp.stack(rows).reshape(kh, kw, c, k)
+
+
+def filter_grad_patches(patches: jax.Array, delta1: jax.Array, spec: ConvNetSpec) -> jax.Array:
+    """dE/df = P^T delta1, one (kh kw C, M) x (M, K) matmul.
+
+    Returns:
+      (kh, kw, C, K) dE/df.
+    """
+    kh, kw = spec.kernel_size
     k = delta1.shape[-1]
-    groups = math.gcd(n, 16)
-    taps = jnp.stack(conv_taps(x, spec)).reshape(kh * kw, groups, -1, c)
-    partial = jnp.einsum("tgmc,gmk->gtck", taps, delta1.reshape(groups, -1, k), precision=spec.precision)
-    return jnp.sum(partial, axis=0).reshape(kh, kw, c, k)
+    return jnp.dot(patches.T, delta1.reshape(-1, k), precision=spec.precision).reshape(kh, kw, -1, k)
 
 
 def filter_grad_conv(x: jax.Array, delta1: jax.Array, spec: ConvNetSpec) -> jax.Array:
@@ -193,18 +254,57 @@ def filter_grad_conv(x: jax.Array, delta1: jax.Array, spec: ConvNetSpec) -> jax.
     return ops.conv2d_filter_vjp_sum(x, delta1, kernel_size=spec.kernel_size, **spec.conv_kwargs)
 
 
-CONV_FORWARD = {"taps": conv_forward_taps, "conv": conv_forward_conv}
-FILTER_GRAD = {"taps": filter_grad_taps, "conv": filter_grad_conv}
-
-
 def check_formulation(formulation) -> Formulation:
-    """Raise unless `formulation` is a Formulation of known forms."""
+    """Raise unless `formulation` is a Formulation of known forms and a positive int chunk."""
     if not isinstance(formulation, Formulation):
         raise TypeError(f"formulation must be a jaxbp.batched.Formulation, got {formulation!r}")
-    for name, value in zip(Formulation._fields, formulation):
+    for name in ("forward", "filter_grad"):
+        value = getattr(formulation, name)
         if value not in FORMS:
             raise ValueError(f"formulation.{name} must be one of {FORMS}, got {value!r}")
+    chunk = formulation.chunk
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"formulation.chunk must be None or an int >= 1, got {chunk!r}")
     return formulation
+
+
+def chunk_sums(
+    params: Params, x: jax.Array, y: jax.Array, spec: ConvNetSpec, form: Formulation, n: int
+) -> tuple[jax.Array, Params]:
+    """(sum of E, sums of dE/dparams) over the examples of one chunk, each already divided by n.
+
+    The slides' per-example terms, with the examples of the chunk as one more contracted axis.
+    """
+    m = x.shape[0]
+    patches = conv_patches(x, spec) if "patches" in (form.forward, form.filter_grad) else None
+
+    # Forward, keeping H1 (m, D) and O (m, n_out).
+    if form.forward == "patches":
+        Z1 = conv_forward_patches(patches, params.f, spec)
+    elif form.forward == "taps":
+        Z1 = conv_forward_taps(x, params.f, spec)
+    else:
+        Z1 = conv_forward_conv(x, params.f, spec)
+    # H1 and delta1 are kept as (m, D) matrices: with few filters the (m, Ho, Wo, K) layout has
+    # a minor axis of 1 to 8 numbers, and XLA's CPU loops over it ran 3.5x slower (measured at
+    # batch 256, 28x28x1, 5x5, one filter: 8.9 ms against 2.5 ms for the whole gradient).
+    H1 = ops.sigmoid(Z1.reshape(m, -1))
+    O = ops.sigmoid(jnp.dot(H1, params.W, precision=spec.precision) + params.b[None, :])
+    E = 0.5 * jnp.sum((O - y) ** 2) / n
+
+    # Backward: the per-example slide terms, with the batch mean's 1/N folded into delta2.
+    delta2 = (O - y) * (O * (1 - O)) / n  # (m, n_out): dE/dZ2 of the mean loss
+    dE_dW = jnp.dot(H1.T, delta2, precision=spec.precision)  # sum_n H1[n] delta2[n]^T
+    dE_db = jnp.sum(delta2, axis=0)
+    dE_dH1 = jnp.dot(delta2, params.W.T, precision=spec.precision)  # W delta2, (m, D)
+    delta1 = (dE_dH1 * (H1 * (1 - H1))).reshape(m, *spec.h1_shape)  # dE/dZ1, one fused pass
+    if form.filter_grad == "patches":
+        dE_df = filter_grad_patches(patches, delta1, spec)
+    elif form.filter_grad == "taps":
+        dE_df = filter_grad_taps(x, delta1, spec)
+    else:
+        dE_df = filter_grad_conv(x, delta1, spec)
+    return E, Params(f=dE_df, W=dE_dW, b=dE_db)
 
 
 def value_and_grads(
@@ -222,7 +322,8 @@ def value_and_grads(
       x: (N, H, W, C) batch.
       y: (N, n_out) targets.
       spec: the network.
-      formulation: how to compute the two convolutions; None picks `choose_formulation`.
+      formulation: how to compute the two convolutions and in what chunks; None picks
+        `choose_formulation`.
 
     Returns:
       (E, Params(dE/df, dE/dW, dE/db)), E the mean of the per-example losses
@@ -232,31 +333,28 @@ def value_and_grads(
     if not batched:
         raise ValueError(f"x must be a batch (N, *{spec.in_shape}), got {x.shape}")
     n = x.shape[0]
-    form = choose_formulation(spec, n) if formulation is None else check_formulation(formulation)
+    if formulation is None:
+        form = choose_formulation(spec, n, itemsize=x.dtype.itemsize)
+    else:
+        form = check_formulation(formulation)
+    chunk = n if form.chunk is None else min(form.chunk, n)
+    n_scanned = n - n % chunk
+    if n_scanned == n and chunk == n:
+        return chunk_sums(params, x, y, spec, form, n)
 
-    # Forward, keeping H1 (N, D) and O (N, n_out).
-    Z1 = CONV_FORWARD[form.forward](x, params.f, spec)
-    H1 = ops.sigmoid(Z1)
-    H1_flat = H1.reshape(n, -1)
-    O = ops.sigmoid(jnp.dot(H1_flat, params.W, precision=spec.precision) + params.b[None, :])
-    E = 0.5 * jnp.sum((O - y) ** 2) / n
+    # The whole chunks under lax.scan, each adding its partial sums; a remainder (n not a
+    # multiple of chunk) as one more, smaller chunk.
+    def add_chunk(total, xy):
+        part = chunk_sums(params, *xy, spec, form, n)
+        return jax.tree.map(jnp.add, total, part), None
 
-    # Backward: the per-example slide terms, with the batch mean's 1/N folded into delta2.
-    delta2 = (O - y) * (O * (1 - O)) / n  # (N, n_out): dE/dZ2 of the mean loss
-    dE_dW = jnp.dot(H1_flat.T, delta2, precision=spec.precision)  # sum_n H1[n] delta2[n]^T
-    dE_db = jnp.sum(delta2, axis=0)
-    dE_dH1 = jnp.dot(delta2, params.W.T, precision=spec.precision).reshape(H1.shape)  # W delta2
-    delta1 = dE_dH1 * (H1 * (1 - H1))  # dE/dZ1, fused by XLA into one elementwise pass
-    dE_df = FILTER_GRAD[form.filter_grad](x, delta1, spec)
-    return E, Params(f=dE_df, W=dE_dW, b=dE_db)
-
-
-# Per-example gradients are this batch step for a batch of one, under `jax.vmap`: vmapping the
-# taps turns every contraction into a batched dot, where vmapping the per-example convolution of
-# `jaxbp.backward` (dE/df = conv(X, delta1) with C as the conv's batch) gives a grouped
-# convolution per example, which XLA's CPU backend runs slowly (experiments/bench.py,
-# per_ex_manual).
-PER_EXAMPLE_FORMULATION = Formulation(forward="taps", filter_grad="taps")
+    zeros = (jnp.zeros((), x.dtype), jax.tree.map(jnp.zeros_like, params))
+    xs = x[:n_scanned].reshape(-1, chunk, *x.shape[1:])
+    ys = y[:n_scanned].reshape(-1, chunk, *y.shape[1:])
+    total, _ = lax.scan(add_chunk, zeros, (xs, ys))
+    if n_scanned < n:
+        total, _ = add_chunk(total, (x[n_scanned:], y[n_scanned:]))
+    return total
 
 
 def value_and_grads_example(
@@ -265,10 +363,31 @@ def value_and_grads_example(
     y: jax.Array,
     spec: ConvNetSpec,
     *,
-    formulation: Formulation = PER_EXAMPLE_FORMULATION,
+    formulation: Formulation | None = None,
 ) -> tuple[jax.Array, Params]:
     """(E, dE/dparams) for one (H, W, C) example: `value_and_grads` of a batch of one.
 
-    Equal to `jaxbp.backward.value_and_manual_grads_example`; meant to be `jax.vmap`-ed.
+    Equal to `jaxbp.backward.value_and_manual_grads_example`; meant to be `jax.vmap`-ed: the taps
+    and patches vmap into batched dots, where vmapping the per-example convolution of
+    `jaxbp.backward` (dE/df = conv(X, delta1) with C as the conv's batch) gives a grouped
+    convolution per example, which XLA's CPU backend runs slowly (experiments/bench.py,
+    per_ex_manual).
     """
     return value_and_grads(params, x[None], y[None], spec, formulation=formulation)
+
+
+def per_example_grads(params: Params, x: jax.Array, y: jax.Array, spec: ConvNetSpec) -> Params:
+    """Per-example gradients of a batch: `jax.vmap` of `value_and_grads_example`.
+
+    The forms are those `choose_formulation` picks for the batch, without chunks: run chunk by
+    chunk under `lax.map` it was not faster (measured at batch 256, 28x28x1, 5x5: 134 against
+    137 ms with 32 filters, 42 against 42 with 8). Most of the time goes into writing the output:
+    the per-example dE/dW alone is N x D x n_out numbers, and writing it took 74 ms there, 2.8x
+    the whole batch gradient (experiments/bench.py, ``per_ex_dW_write``).
+    """
+    form = choose_formulation(spec, x.shape[0], itemsize=x.dtype.itemsize)._replace(chunk=None)
+
+    def grads(xi, yi):
+        return value_and_grads_example(params, xi, yi, spec, formulation=form)[1]
+
+    return jax.vmap(grads)(x, y)

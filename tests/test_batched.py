@@ -15,7 +15,11 @@ from strategies import specs
 import jaxbp
 from jaxbp import batched
 
-FORMULATIONS = [batched.Formulation(*f) for f in itertools.product(batched.FORMS, batched.FORMS)]
+# Every pair of forms on the whole batch; chunking is independent of the forms, so each form once
+# in chunks of 2 (a batch of 3 or 5 also leaves a remainder chunk).
+FORMULATIONS = [batched.Formulation(*f) for f in itertools.product(batched.FORMS, batched.FORMS)] + [
+    batched.Formulation(form, form, 2) for form in batched.FORMS
+]
 
 
 def all_formulations(params, x, y, spec):
@@ -40,8 +44,8 @@ def test_every_formulation_equals_autodiff_float64(spec, batch, seed):
 
 
 def test_chosen_formulation_is_the_default_and_known():
-    for c in (1, 3):
-        spec = jaxbp.ConvNetSpec(in_shape=(8, 8, c), n_filters=2, kernel_size=3, n_out=2)
+    for c, k in ((1, 2), (3, 8)):
+        spec = jaxbp.ConvNetSpec(in_shape=(8, 8, c), n_filters=k, kernel_size=3, n_out=2)
         form = batched.choose_formulation(spec, 4)
         assert form in FORMULATIONS
         params, x, y = problem(spec, 0, 4)
@@ -77,10 +81,16 @@ def test_per_example_grads_equal_vmap_of_the_slides_per_example_backward_float64
     chex.assert_trees_all_close(fast, slides(params, x, y, spec)[1], rtol=1e-10, atol=1e-13)
 
 
-def test_choose_formulation_by_backend():
-    spec = jaxbp.ConvNetSpec(in_shape=(8, 8, 3), n_filters=2, kernel_size=3, n_out=2)
-    assert batched.choose_formulation(spec, 4, "cpu") == batched.Formulation("taps", "taps")
-    assert batched.choose_formulation(spec, 4, "gpu") == batched.Formulation("conv", "conv")
+def test_choose_formulation_by_backend_filters_and_working_set():
+    few = jaxbp.ConvNetSpec(in_shape=(8, 8, 3), n_filters=2, kernel_size=3, n_out=2)
+    assert batched.choose_formulation(few, 4, "cpu") == batched.Formulation("taps", "taps", None)
+    assert batched.choose_formulation(few, 4, "gpu") == batched.Formulation("conv", "conv", None)
+    # The grid's largest point: 784 * (3 * 32 + 75) * 4 bytes = 536 kB per example, so about
+    # 16 MB / 536 kB = 31 examples per chunk, rounded to the power of two 32.
+    big = jaxbp.ConvNetSpec(in_shape=(32, 32, 3), n_filters=32, kernel_size=5, n_out=10)
+    assert batched.choose_formulation(big, 1024, "cpu") == batched.Formulation("patches", "patches", 32)
+    assert batched.choose_formulation(big, 1024, "cpu", itemsize=8).chunk == 16
+    assert batched.choose_formulation(big, 32, "cpu").chunk is None  # the whole batch is one chunk
 
 
 def test_bad_formulation_and_unbatched_input_raise():
@@ -90,5 +100,9 @@ def test_bad_formulation_and_unbatched_input_raise():
         batched.value_and_grads(params, x, y, spec, formulation=batched.Formulation("fft", "conv"))
     with pytest.raises(TypeError, match="formulation"):
         batched.value_and_grads(params, x, y, spec, formulation=("taps", "taps"))
+    for chunk in (0, 2.0, True):
+        form = batched.Formulation("taps", "taps", chunk)
+        with pytest.raises(ValueError, match="formulation.chunk"):
+            batched.value_and_grads(params, x, y, spec, formulation=form)
     with pytest.raises(ValueError, match="x must be a batch"):
         batched.value_and_grads(params, x[0], y[0], spec)
