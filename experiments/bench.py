@@ -426,6 +426,50 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
     return result
 
 
+def targets_summary(results) -> list[str]:
+    """The issue's targets, counted over the points of this run (markdown lines)."""
+    d = [r["derived"] for r in results]
+
+    def count(key, ok):
+        vals = [x[key] for x in d if key in x]
+        if not vals:
+            return "not measured"
+        return (
+            f"{sum(ok(v) for v in vals)} of {len(vals)} points (median {np.median(vals):.2f}, "
+            f"range {min(vals):.2f}-{max(vals):.2f})"
+        )
+
+    largest = max(results, key=lambda r: r["flops"])
+    lp, ld = largest["point"], largest["derived"]
+    headline = [r for r in results if {**r["point"], "input": tuple(r["point"]["input"])} == HEADLINE]
+    lines = ["", "Against the issue's targets (counted by the script over this run's points):", ""]
+    if headline:
+        ratio = headline[0]["derived"]["autodiff_over_manual"]
+        lines.append(f"- headline manual vs jax.grad: {ratio:.2f}x (target 1.5)")
+    checks = (
+        ("manual at least as fast as jax.grad", "autodiff_over_manual", lambda v: v >= 1),
+        ("manual faster than PyTorch", "torch_over_manual", lambda v: v > 1),
+        (
+            "per-example within 1.2x of the batch gradient",
+            "per_ex_manual_over_batch_grad",
+            lambda v: v <= 1.2,
+        ),
+        (
+            "writing the per-example dE/dW alone within 1.2x",
+            "per_ex_dW_write_over_batch_grad",
+            lambda v: v <= 1.2,
+        ),
+        ("manual compile time at most jax.grad's", "compile_manual_over_autodiff", lambda v: v <= 1),
+    )
+    lines += [f"- {text}: {count(key, ok)}" for text, key, ok in checks]
+    lines.append(
+        f"- largest point ({lp['batch']}, {'x'.join(map(str, lp['input']))}, k {lp['kernel']}, "
+        f"K {lp['filters']}): {ld['manual_gflops']:.1f} GFLOP/s, "
+        f"{100 * ld['manual_fraction_of_matmul']:.0f}% of the matmul (target 25%)"
+    )
+    return lines
+
+
 def markdown(results, info, command) -> str:
     def ms(r, name):
         v = r["times"].get(name)
@@ -470,6 +514,7 @@ def markdown(results, info, command) -> str:
             f"| {c['manual']['compile_s']:.2f}/{c['autodiff']['compile_s']:.2f} "
             f"| {'-' if mem is None else f'{mem / 2**20:.0f}'} |"
         )
+    lines += targets_summary(results)
     if any(k.startswith("manual[") for r in results for k in r["times"]):
         lines += [
             "",
@@ -513,6 +558,9 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--name", help="output file stem (default bench, bench_quick, ...)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--render", type=Path, metavar="JSON", help="only rewrite the .md beside a results JSON from its data"
+    )
     return parser.parse_args(argv)
 
 
@@ -520,6 +568,12 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     import jax
 
+    if args.render:
+        payload = json.loads(args.render.read_text())
+        text = markdown(payload["results"], payload["machine"], payload["command"])
+        args.render.with_suffix(".md").write_text(text)
+        print(text)
+        return
     jax.config.update("jax_enable_x64", True)  # float64 peer checks; timed arrays carry their dtype
     from tqdm import tqdm
 

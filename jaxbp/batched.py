@@ -22,8 +22,8 @@ shape of the work XLA sees, and on a CPU that is where the time goes (measured b
   partial sums. A chunk's temporaries (patches, Z1, H1, delta1) stay a few MB and are reused from
   chunk to chunk; one pass over the whole batch writes hundreds of MB of fresh buffers per step
   at batch 1024, and on this CPU writing and page-faulting those cost more than the arithmetic
-  (building the 240 MB of patches of the largest grid point alone took 212 ms; the whole chunked
-  step takes about as long).
+  (the 240 MB of patches of the largest grid point took 212 ms to build; the whole chunked step
+  takes about 300 ms, against 413 ms unchunked and 1.3 s for jax.grad).
 * **Patches (im2col), built once, used twice.** ``P`` (M x kh kw C, M = N Ho Wo) holds every
   receptive field; then Z1 = P @ f and dE/df = P^T @ delta1 are two plain matmuls, the only form
   in which XLA's CPU reaches matmul speed for more than a few filters.
@@ -31,10 +31,11 @@ shape of the work XLA sees, and on a CPU that is where the time goes (measured b
   strided slice of the padded input: XLA fuses the slices, multiply-adds and the sigmoid into one
   loop, so neither P nor Z1 is written. dE/df is then kh*kw small dots of a tap with delta1.
   With one filter P @ f is a matrix-vector product that only pays for writing P.
-* **Not vmap, not XLA's conv.** Under vmap the per-example dE/df (a conv whose batch axis is C)
-  becomes a grouped conv per example, and XLA's CPU conv is slow for few channels (the issue
-  measured about 1 GFLOP/s); the ``conv`` forms (one XLA convolution each, with the batch as the
-  contracted axis of dE/df) are kept for other backends, where they call cuDNN and the like.
+* **Not vmap, and XLA's conv only for one example.** Under vmap the per-example dE/df (a conv
+  whose batch axis is C) becomes a grouped conv per example, and XLA's CPU conv is slow for few
+  channels (the issue measured about 1 GFLOP/s); the ``conv`` forms (one XLA convolution each,
+  with the batch as the contracted axis of dE/df) serve a batch of one here and are the default
+  on other backends, where they call cuDNN and the like.
 
 Which formulation and chunk are fastest depends on the shape; `choose_formulation` encodes the
 measurement. Nothing here calls an autodiff transform.
@@ -89,6 +90,10 @@ class Formulation(NamedTuple):
 #   of it at each measured point. With one filter that rule says 256 examples, and there
 #   the smallest measured chunks were the fastest (32: 14.6 ms, 128: 16.7, whole: 40), so a
 #   chunk is never more than 128 examples.
+# * A single example (bench_formulations_b1.md, sub-millisecond and noisy): dE/df as XLA's conv
+#   was the fastest or within 1.1x of it at 10 of 12 points (1.34x and 1.76x at the other two;
+#   28x28x1, 5x5, one filter: taps/conv 0.093 ms against 0.29 for taps/taps); with one example
+#   the conv has no batch to group, and it is one op where the taps are kh*kw dots.
 # Off the CPU, XLA's convolutions call the vendor's library (cuDNN on GPU), which the taps and
 # patches do not; that choice is not measured here.
 TAPS_BELOW_FILTERS = 8
@@ -111,6 +116,8 @@ def choose_formulation(
     if backend != "cpu":
         return Formulation("conv", "conv", None)
     form: ConvForm = "taps" if spec.n_filters < TAPS_BELOW_FILTERS else "patches"
+    if batch == 1:
+        return Formulation(form, "conv", None)
     kh, kw = spec.kernel_size
     ho, wo, k = spec.h1_shape
     # Per example: Z1, H1 and delta1 (Ho Wo K each), and the patches or taps (Ho Wo kh kw C).
@@ -155,16 +162,36 @@ def conv_taps(x: jax.Array, spec: ConvNetSpec) -> list[jax.Array]:
 def conv_patches(x: jax.Array, spec: ConvNetSpec) -> jax.Array:
     r"""The im2col matrix: row m = (n, i, j) holds the receptive field of output (i, j) of example n.
 
-    .. math:: P[(n, i, j), (a, b, c)] = \mathrm{tap}_{ab}(X)[n, i, j, c]
+    .. math:: P[(n, i, j), (a, b, c)] = X_{pad}[n,\, a d_h + i s_h,\, b d_w + j s_w,\, c]
 
     The column order (a, b, c) is the row-major order of the HWIO filter's first three axes, so
-    ``conv(X, f) = P @ f.reshape(kh kw C, K)``.
+    ``conv(X, f) = P @ f.reshape(kh kw C, K)``. Built in two steps, the kw column shifts and then
+    the kh row shifts of those, so kh + kw slices instead of the kh*kw taps: XLA compiled that
+    in 0.15 s against 0.4-0.6 s for one concatenation of the kh*kw taps, and it ran 1.5-2x faster
+    (batch 32, 5x5, 28x28x1 with 8 filters and 32x32x3 with 32).
 
     Returns:
       (N Ho Wo, kh kw C) patches.
     """
-    taps = conv_taps(x, spec)
-    return jnp.concatenate(taps, axis=-1).reshape(-1, len(taps) * x.shape[-1])
+    (top, bottom), (left, right) = spec.pads
+    x_pad = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    (kh, kw), (sh, sw), (dh, dw) = spec.kernel_size, spec.stride, spec.dilation
+    ho, wo, _ = spec.h1_shape
+    n, h_pad, _, c = x_pad.shape
+    # cols[n, r, j, (b, c)] = X_pad[n, r, b dw + j sw, c]
+    cols = jnp.concatenate(
+        [
+            lax.slice(x_pad, (0, 0, b * dw, 0), (n, h_pad, b * dw + (wo - 1) * sw + 1, c), (1, 1, sw, 1))
+            for b in range(kw)
+        ],
+        axis=-1,
+    )
+    # P[n, i, j, (a, b, c)] = cols[n, a dh + i sh, j, (b, c)]
+    rows = [
+        lax.slice(cols, (0, a * dh, 0, 0), (n, a * dh + (ho - 1) * sh + 1, wo, kw * c), (1, sh, 1, 1))
+        for a in range(kh)
+    ]
+    return jnp.concatenate(rows, axis=-1).reshape(-1, kh * kw * c)
 
 
 def conv_forward_taps(x: jax.Array, f: jax.Array, spec: ConvNetSpec) -> jax.Array:
@@ -379,15 +406,20 @@ def value_and_grads_example(
 def per_example_grads(params: Params, x: jax.Array, y: jax.Array, spec: ConvNetSpec) -> Params:
     """Per-example gradients of a batch: `jax.vmap` of `value_and_grads_example`.
 
-    The forms are those `choose_formulation` picks for the batch, without chunks: run chunk by
-    chunk under `lax.map` it was not faster (measured at batch 256, 28x28x1, 5x5: 134 against
-    137 ms with 32 filters, 42 against 42 with 8). Most of the time goes into writing the output:
-    the per-example dE/dW alone is N x D x n_out numbers, and writing it took 74 ms there, 2.8x
-    the whole batch gradient (experiments/bench.py, ``per_ex_dW_write``).
+    The forms are those `choose_formulation` picks for the batch. With the taps (few filters)
+    the vmapped function runs on chunks of the batch under `lax.map` (``batch_size`` = the
+    chunk), with the patches on the whole batch at once; each measured the faster (batch 1024,
+    5x5, one filter, 28x28x1: 21 ms in chunks of 128 against 46 whole; 32x32x3: 102 against 196;
+    batch 256, 28x28x1, 8 filters, patches: 30 ms whole against 46 in chunks). Most of the time
+    with many filters goes into writing the output: the per-example dE/dW alone is
+    N x D x n_out numbers (experiments/bench.py times that write alone as ``per_ex_dW_write``).
     """
-    form = choose_formulation(spec, x.shape[0], itemsize=x.dtype.itemsize)._replace(chunk=None)
+    chosen = choose_formulation(spec, x.shape[0], itemsize=x.dtype.itemsize)
+    form = chosen._replace(chunk=None)
 
-    def grads(xi, yi):
-        return value_and_grads_example(params, xi, yi, spec, formulation=form)[1]
+    def grads(xy):
+        return value_and_grads_example(params, *xy, spec, formulation=form)[1]
 
-    return jax.vmap(grads)(x, y)
+    if chosen.chunk is not None and form.forward == "taps":
+        return lax.map(grads, (x, y), batch_size=chosen.chunk)
+    return jax.vmap(grads)((x, y))

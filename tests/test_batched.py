@@ -67,9 +67,12 @@ def test_taps_reassemble_the_convolution():
     params, x, _ = problem(spec, 1, 3)
     taps = batched.conv_taps(x, spec)
     assert len(taps) == 6 and all(t.shape == (3, *spec.h1_shape[:2], 2) for t in taps)
-    np.testing.assert_allclose(
-        batched.conv_forward_taps(x, params.f, spec), batched.conv_forward_conv(x, params.f, spec), rtol=1e-12
-    )
+    conv = batched.conv_forward_conv(x, params.f, spec)
+    np.testing.assert_allclose(batched.conv_forward_taps(x, params.f, spec), conv, rtol=1e-12)
+    # The patches are the taps side by side, in the (a, b, c) order of the filter's rows.
+    patches = batched.conv_patches(x, spec)
+    np.testing.assert_array_equal(patches, np.concatenate(taps, axis=-1).reshape(-1, 6 * 2))
+    np.testing.assert_allclose(batched.conv_forward_patches(patches, params.f, spec), conv, rtol=1e-12)
 
 
 @settings(max_examples=20)
@@ -91,6 +94,25 @@ def test_choose_formulation_by_backend_filters_and_working_set():
     assert batched.choose_formulation(big, 1024, "cpu") == batched.Formulation("patches", "patches", 32)
     assert batched.choose_formulation(big, 1024, "cpu", itemsize=8).chunk == 16
     assert batched.choose_formulation(big, 32, "cpu").chunk is None  # the whole batch is one chunk
+    # One example: dE/df as XLA's conv, the forward by the filter count.
+    assert batched.choose_formulation(few, 1, "cpu") == batched.Formulation("taps", "conv", None)
+    assert batched.choose_formulation(big, 1, "cpu") == batched.Formulation("patches", "conv", None)
+
+
+def test_default_chunks_with_a_remainder_equal_autodiff_float64():
+    # A small spec gets the largest chunk (128), so a batch of 130 runs one chunk under lax.scan,
+    # a remainder of 2, and (per example) lax.map over a remainder too.
+    spec = jaxbp.ConvNetSpec(in_shape=(6, 6, 1), n_filters=2, kernel_size=3, n_out=3)
+    if jax.default_backend() == "cpu":
+        assert batched.choose_formulation(spec, 130) == batched.Formulation("taps", "taps", 128)
+    params, x, y = problem(spec, 5, 130)
+    E_ref, g_ref = jaxbp.autodiff_value_and_grads(params, x, y, spec)
+    E, g = batched.value_and_grads(params, x, y, spec)
+    chex.assert_trees_all_close(g, g_ref, rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(E, E_ref, rtol=1e-12)
+    slides = jax.vmap(jaxbp.backward.value_and_manual_grads_example, in_axes=(None, 0, 0, None))
+    per_example = jaxbp.per_example_manual_grads(params, x, y, spec)
+    chex.assert_trees_all_close(per_example, slides(params, x, y, spec)[1], rtol=1e-10, atol=1e-13)
 
 
 def test_bad_formulation_and_unbatched_input_raise():
