@@ -90,6 +90,10 @@ class Formulation(NamedTuple):
 #   of it at each measured point. With one filter that rule says 256 examples, and there
 #   the smallest measured chunks were the fastest (32: 14.6 ms, 128: 16.7, whole: 40), so a
 #   chunk is never more than 128 examples.
+# * With few filters and more than one input channel, dE/df as XLA's conv (the batch as its
+#   contracted feature axis) beat the kh*kw dots of the taps: 32x32x3, one filter, 13 against
+#   34 ms at batch 256, 48 against 111 at 1024, 3.0 against 3.4 at 32; with one channel
+#   (28x28x1) the dots won (3.8 against 5.8 ms at batch 256). Measured with C = 1 and 3 only.
 # * A single example (bench_formulations_b1.md, sub-millisecond and noisy): dE/df as XLA's conv
 #   was the fastest or within 1.1x of it at 10 of 12 points (1.34x and 1.76x at the other two;
 #   28x28x1, 5x5, one filter: taps/conv 0.093 ms against 0.29 for taps/taps); with one example
@@ -116,15 +120,14 @@ def choose_formulation(
     if backend != "cpu":
         return Formulation("conv", "conv", None)
     form: ConvForm = "taps" if spec.n_filters < TAPS_BELOW_FILTERS else "patches"
-    if batch == 1:
-        return Formulation(form, "conv", None)
+    filter_grad: ConvForm = "conv" if batch == 1 or (form == "taps" and spec.in_shape[2] > 1) else form
     kh, kw = spec.kernel_size
     ho, wo, k = spec.h1_shape
     # Per example: Z1, H1 and delta1 (Ho Wo K each), and the patches or taps (Ho Wo kh kw C).
     per_example = itemsize * ho * wo * (3 * k + kh * kw * spec.in_shape[2])
     chunk = 1 << max(0, round(math.log2(CHUNK_WORKING_SET_BYTES / per_example)))  # nearest power of 2
     chunk = min(chunk, MAX_CHUNK)
-    return Formulation(form, form, None if chunk >= batch else chunk)
+    return Formulation(form, filter_grad, None if chunk >= batch else chunk)
 
 
 def conv_taps(x: jax.Array, spec: ConvNetSpec) -> list[jax.Array]:
@@ -415,7 +418,8 @@ def per_example_grads(params: Params, x: jax.Array, y: jax.Array, spec: ConvNetS
     N x D x n_out numbers (experiments/bench.py times that write alone as ``per_ex_dW_write``).
     """
     chosen = choose_formulation(spec, x.shape[0], itemsize=x.dtype.itemsize)
-    form = chosen._replace(chunk=None)
+    # Never XLA's conv for dE/df here: vmapped, it is a grouped conv per example (see above).
+    form = Formulation(chosen.forward, chosen.forward, None)
 
     def grads(xy):
         return value_and_grads_example(params, *xy, spec, formulation=form)[1]

@@ -86,8 +86,10 @@ def test_per_example_grads_equal_vmap_of_the_slides_per_example_backward_float64
 
 def test_choose_formulation_by_backend_filters_and_working_set():
     few = jaxbp.ConvNetSpec(in_shape=(8, 8, 3), n_filters=2, kernel_size=3, n_out=2)
-    assert batched.choose_formulation(few, 4, "cpu") == batched.Formulation("taps", "taps", None)
+    assert batched.choose_formulation(few, 4, "cpu") == batched.Formulation("taps", "conv", None)
     assert batched.choose_formulation(few, 4, "gpu") == batched.Formulation("conv", "conv", None)
+    one_channel = jaxbp.ConvNetSpec(in_shape=(8, 8, 1), n_filters=2, kernel_size=3, n_out=2)
+    assert batched.choose_formulation(one_channel, 4, "cpu") == batched.Formulation("taps", "taps", None)
     # The grid's largest point: 784 * (3 * 32 + 75) * 4 bytes = 536 kB per example, so about
     # 16 MB / 536 kB = 31 examples per chunk, rounded to the power of two 32.
     big = jaxbp.ConvNetSpec(in_shape=(32, 32, 3), n_filters=32, kernel_size=5, n_out=10)
@@ -95,7 +97,7 @@ def test_choose_formulation_by_backend_filters_and_working_set():
     assert batched.choose_formulation(big, 1024, "cpu", itemsize=8).chunk == 16
     assert batched.choose_formulation(big, 32, "cpu").chunk is None  # the whole batch is one chunk
     # One example: dE/df as XLA's conv, the forward by the filter count.
-    assert batched.choose_formulation(few, 1, "cpu") == batched.Formulation("taps", "conv", None)
+    assert batched.choose_formulation(one_channel, 1, "cpu") == batched.Formulation("taps", "conv", None)
     assert batched.choose_formulation(big, 1, "cpu") == batched.Formulation("patches", "conv", None)
 
 
