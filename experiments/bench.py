@@ -194,11 +194,12 @@ def peer_worker(conn, peer: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def jax_methods(jax, jaxbp, spec, chosen=None):
+def jax_methods(jax, jaxbp, spec, chosen=None, batch=None):
     """name -> jitted fn for one spec; every fn takes (params, opt_state, x, y).
 
-    chosen: None, or the formulation `choose_formulation` picks for the point; then every other
-    formulation of the manual step is added too.
+    chosen: None, or the formulation `choose_formulation` picks for the point (of batch size
+    `batch`); then every other formulation of the manual step is added too, a chunk of at least
+    the batch counted once, as the whole batch.
     """
     import optax
 
@@ -227,7 +228,8 @@ def jax_methods(jax, jaxbp, spec, chosen=None):
         pairs = itertools.product(batched.FORMS, batched.FORMS)
         forms = [batched.Formulation(f, g, chosen.chunk) for f, g in pairs]
         forms += [chosen._replace(chunk=c) for c in (None, *FORMULATION_CHUNKS) if c != chosen.chunk]
-        for form in forms:
+        forms = [f._replace(chunk=None) if (f.chunk or batch) >= batch else f for f in forms]
+        for form in dict.fromkeys(forms):
 
             def vg(p, s, x, y, form=form):
                 E, g = batched.value_and_grads(p, x, y, spec, formulation=form)
@@ -356,7 +358,7 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
                 progress.write(f"{name} disagrees with jaxbp at {point}: rel error {err:.2e}; not timed")
 
     chosen = jaxbp.choose_formulation(spec, batch, itemsize=dtype.itemsize)
-    methods = jax_methods(jax, jaxbp, spec, chosen if args.formulations else None)
+    methods = jax_methods(jax, jaxbp, spec, chosen if args.formulations else None, batch)
     result["chosen_formulation"] = f"{chosen.forward}/{chosen.filter_grad}/{chosen.chunk or 'all'}"
     if batch == 1:
         for name in ("per_ex_manual", "per_ex_autodiff", "per_ex_dW_write"):
@@ -439,6 +441,8 @@ def targets_summary(results) -> list[str]:
             f"range {min(vals):.2f}-{max(vals):.2f})"
         )
 
+    if not results:
+        return ["", "No grid points ran."]
     largest = max(results, key=lambda r: r["flops"])
     lp, ld = largest["point"], largest["derived"]
     headline = [r for r in results if {**r["point"], "input": tuple(r["point"]["input"])} == HEADLINE]
@@ -527,12 +531,12 @@ def markdown(results, info, command) -> str:
         for r in results:
             p = r["point"]
             forms = {k[7:-1]: v["median_ms"] for k, v in r["times"].items() if k.startswith("manual[")}
-            base = forms[r["chosen_formulation"]]
+            base = forms.get(r.get("chosen_formulation"), float("nan"))
             by_time = sorted(forms.items(), key=lambda kv: kv[1])
             cells = ", ".join(f"{k} {v:.3g} ({v / base:.2f})" for k, v in by_time)
             lines.append(
                 f"| {p['batch']} | {'x'.join(map(str, p['input']))} | {p['kernel']} | {p['filters']} "
-                f"| {r['chosen_formulation']} | {min(forms, key=forms.get)} | {cells} |"
+                f"| {r.get('chosen_formulation', '-')} | {min(forms, key=forms.get)} | {cells} |"
             )
     return "\n".join(lines) + "\n"
 

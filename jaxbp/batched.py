@@ -22,8 +22,9 @@ shape of the work XLA sees, and on a CPU that is where the time goes (measured b
   partial sums. A chunk's temporaries (patches, Z1, H1, delta1) stay a few MB and are reused from
   chunk to chunk; one pass over the whole batch writes hundreds of MB of fresh buffers per step
   at batch 1024, and on this CPU writing and page-faulting those cost more than the arithmetic
-  (the 240 MB of patches of the largest grid point took 212 ms to build; the whole chunked step
-  takes about 300 ms, against 413 ms unchunked and 1.3 s for jax.grad).
+  (at the largest grid point the 240 MB of patches of the whole batch took 212 ms to build;
+  the chunked step took 228 ms against 426 ms unchunked, experiments/results/
+  bench_formulations.md, and jax.grad's step 1.28 s, bench.md).
 * **Patches (im2col), built once, used twice.** ``P`` (M x kh kw C, M = N Ho Wo) holds every
   receptive field; then Z1 = P @ f and dE/df = P^T @ delta1 are two plain matmuls, the only form
   in which XLA's CPU reaches matmul speed for more than a few filters.
@@ -80,24 +81,24 @@ class Formulation(NamedTuple):
 
 # Measured on the 2-core CPU in float32, 5x5 kernels, batch 32/256/1024, 1/8/32 filters,
 # 28x28x1 and 32x32x3 inputs (experiments/results/bench_formulations.md; 3 repeats, noisy):
-# * With 1 filter the taps won at every point, by 1.5-2.7x over patches (256, 28x28x1: 3.3
-#   against 9.5 ms). With 8 and 32 filters patches/patches was fastest or within 1.2x of the
-#   fastest at 11 of 12 points (1024, 32x32x3, 32 filters: 303 ms; taps 496, XLA's conv 5550).
-# * Chunks help every form from batch 256 on: 1024, 28x28x1, one filter 14.6 ms in chunks of 32
-#   against 40 ms whole; 1024, 32x32x3, 32 filters 303 against 413. Both forms write about
+# * With 1 filter taps/taps beat patches/patches at every point, by 1.5-3.7x (batch 256,
+#   28x28x1: 3.8 against 14 ms). With 8 and 32 filters patches/patches was within 1.17x of the
+#   fastest at all 12 points (1024, 32x32x3, 32 filters: 228 ms; taps 348, XLA's conv 5080).
+# * Chunks help every form from batch 256 on: 1024, 28x28x1, one filter 12.6 ms in chunks of 128
+#   against 28.9 ms whole; 1024, 32x32x3, 32 filters 228 against 426. Both forms write about
 #   kh kw C numbers per output position (the patches, or the taps that feed the dots) besides
-#   Z1, H1 and delta1; a chunk whose working set is about 16 MB was the fastest or within 1.2x
-#   of it at each measured point. With one filter that rule says 256 examples, and there
-#   the smallest measured chunks were the fastest (32: 14.6 ms, 128: 16.7, whole: 40), so a
-#   chunk is never more than 128 examples.
+#   Z1, H1 and delta1; a chunk whose working set is about 16 MB was within 1.2x of the fastest
+#   chunk at each measured point. With one filter that rule says 256 examples, where the
+#   smallest measured chunks were the fastest (32: 11.9 ms, 128: 12.6, whole: 28.9), so a chunk
+#   is never more than 128 examples.
 # * With few filters and more than one input channel, dE/df as XLA's conv (the batch as its
 #   contracted feature axis) beat the kh*kw dots of the taps: 32x32x3, one filter, 13 against
 #   34 ms at batch 256, 48 against 111 at 1024, 3.0 against 3.4 at 32; with one channel
 #   (28x28x1) the dots won (3.8 against 5.8 ms at batch 256). Measured with C = 1 and 3 only.
 # * A single example (bench_formulations_b1.md, sub-millisecond and noisy): dE/df as XLA's conv
-#   was the fastest or within 1.1x of it at 10 of 12 points (1.34x and 1.76x at the other two;
-#   28x28x1, 5x5, one filter: taps/conv 0.093 ms against 0.29 for taps/taps); with one example
-#   the conv has no batch to group, and it is one op where the taps are kh*kw dots.
+#   was within 1.3x of the fastest formulation at all 12 points (an earlier run of the same
+#   table: 28x28x1, 5x5, one filter, taps/conv 0.093 ms against 0.29 for taps/taps); with one
+#   example the conv has no batch to group, and it is one op where the taps are kh*kw dots.
 # Off the CPU, XLA's convolutions call the vendor's library (cuDNN on GPU), which the taps and
 # patches do not; that choice is not measured here.
 TAPS_BELOW_FILTERS = 8
@@ -363,6 +364,8 @@ def value_and_grads(
     if not batched:
         raise ValueError(f"x must be a batch (N, *{spec.in_shape}), got {x.shape}")
     n = x.shape[0]
+    if n == 0:
+        raise ValueError(f"x must hold at least one example, got shape {x.shape}")
     if formulation is None:
         form = choose_formulation(spec, n, itemsize=x.dtype.itemsize)
     else:
@@ -387,6 +390,16 @@ def value_and_grads(
     return total
 
 
+def per_example_formulation(spec: ConvNetSpec, batch: int, itemsize: int = 4) -> Formulation:
+    """The formulation for a vmapped batch of one: `choose_formulation`'s forward form for both
+    convolutions, whole. On the CPU never XLA's conv for dE/df: vmapped over examples, that conv
+    is a grouped conv with one group per example, which XLA's CPU runs slowly. Off the CPU the
+    conv (cuDNN's grouped convolutions), unmeasured.
+    """
+    chosen = choose_formulation(spec, batch, itemsize=itemsize)
+    return Formulation(chosen.forward, chosen.forward, None)
+
+
 def value_and_grads_example(
     params: Params,
     x: jax.Array,
@@ -401,29 +414,32 @@ def value_and_grads_example(
     and patches vmap into batched dots, where vmapping the per-example convolution of
     `jaxbp.backward` (dE/df = conv(X, delta1) with C as the conv's batch) gives a grouped
     convolution per example, which XLA's CPU backend runs slowly (experiments/bench.py,
-    per_ex_manual).
+    per_ex_manual). None takes `per_example_formulation`.
     """
+    if formulation is None:
+        formulation = per_example_formulation(spec, 1, itemsize=jnp.asarray(x).dtype.itemsize)
     return value_and_grads(params, x[None], y[None], spec, formulation=formulation)
 
 
 def per_example_grads(params: Params, x: jax.Array, y: jax.Array, spec: ConvNetSpec) -> Params:
     """Per-example gradients of a batch: `jax.vmap` of `value_and_grads_example`.
 
-    The forms are those `choose_formulation` picks for the batch. With the taps (few filters)
-    the vmapped function runs on chunks of the batch under `lax.map` (``batch_size`` = the
-    chunk), with the patches on the whole batch at once; each measured the faster (batch 1024,
-    5x5, one filter, 28x28x1: 21 ms in chunks of 128 against 46 whole; 32x32x3: 102 against 196;
-    batch 256, 28x28x1, 8 filters, patches: 30 ms whole against 46 in chunks). Most of the time
-    with many filters goes into writing the output: the per-example dE/dW alone is
-    N x D x n_out numbers (experiments/bench.py times that write alone as ``per_ex_dW_write``).
+    The forms are `per_example_formulation`'s. With the taps (few filters) the vmapped function
+    runs on chunks of the batch under `lax.map` (``batch_size`` = `choose_formulation`'s chunk),
+    with the patches on the whole batch at once; each measured the faster in a standalone script
+    (batch 1024, 5x5, one filter, 28x28x1: 21-24 ms in chunks of 32-128 against 46 whole;
+    32x32x3: 96-102 against 196; batch 256, 28x28x1, 8 filters, patches: 30 ms whole against 46
+    in chunks). Most of the time with many filters goes into writing the output: the
+    per-example dE/dW alone is N x D x n_out numbers (experiments/bench.py times that write
+    alone as ``per_ex_dW_write``).
     """
-    chosen = choose_formulation(spec, x.shape[0], itemsize=x.dtype.itemsize)
-    # Never XLA's conv for dE/df here: vmapped, it is a grouped conv per example (see above).
-    form = Formulation(chosen.forward, chosen.forward, None)
+    n, itemsize = x.shape[0], x.dtype.itemsize
+    chunk = choose_formulation(spec, n, itemsize=itemsize).chunk
+    form = per_example_formulation(spec, n, itemsize=itemsize)
 
     def grads(xy):
         return value_and_grads_example(params, *xy, spec, formulation=form)[1]
 
-    if chosen.chunk is not None and form.forward == "taps":
-        return lax.map(grads, (x, y), batch_size=chosen.chunk)
+    if chunk is not None and form.forward == "taps":
+        return lax.map(grads, (x, y), batch_size=chunk)
     return jax.vmap(grads)((x, y))

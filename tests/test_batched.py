@@ -112,6 +112,38 @@ def test_default_chunks_with_a_remainder_equal_autodiff_float64():
     E, g = batched.value_and_grads(params, x, y, spec)
     chex.assert_trees_all_close(g, g_ref, rtol=1e-10, atol=1e-13)
     np.testing.assert_allclose(E, E_ref, rtol=1e-12)
+    # The same chunks named explicitly, so that they run on any backend.
+    E, g = batched.value_and_grads(params, x, y, spec, formulation=batched.Formulation("taps", "taps", 128))
+    chex.assert_trees_all_close(g, g_ref, rtol=1e-10, atol=1e-13)
+    slides = jax.vmap(jaxbp.backward.value_and_manual_grads_example, in_axes=(None, 0, 0, None))
+    per_example = jaxbp.per_example_manual_grads(params, x, y, spec)
+    chex.assert_trees_all_close(per_example, slides(params, x, y, spec)[1], rtol=1e-10, atol=1e-13)
+
+
+def conv_group_counts(fn, *args):
+    """feature_group_count of every convolution in the jaxpr of fn(*args), nested ones too."""
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "conv_general_dilated":
+                yield eqn.params["feature_group_count"]
+            for value in eqn.params.values():
+                inner = getattr(value, "jaxpr", value)
+                if hasattr(inner, "eqns"):
+                    yield from walk(inner)
+
+    return list(walk(jax.make_jaxpr(fn)(*args).jaxpr))
+
+
+@pytest.mark.parametrize("channels, filters, batch", [(3, 2, 5), (3, 2, 300), (1, 8, 5), (3, 8, 1)])
+def test_per_example_grads_never_group_a_conv_and_equal_the_slides_float64(channels, filters, batch):
+    # Few filters with several channels (taps, dE/df as XLA's conv for a batch), with and without
+    # lax.map chunks, and the patches (8 filters): per example there must be no grouped conv,
+    # which is what vmapping the conv dE/df would give.
+    spec = jaxbp.ConvNetSpec(in_shape=(6, 6, channels), n_filters=filters, kernel_size=3, n_out=3)
+    params, x, y = problem(spec, 7, batch)
+    groups = conv_group_counts(lambda p, x, y: jaxbp.per_example_manual_grads(p, x, y, spec), params, x, y)
+    assert all(g == 1 for g in groups), groups
     slides = jax.vmap(jaxbp.backward.value_and_manual_grads_example, in_axes=(None, 0, 0, None))
     per_example = jaxbp.per_example_manual_grads(params, x, y, spec)
     chex.assert_trees_all_close(per_example, slides(params, x, y, spec)[1], rtol=1e-10, atol=1e-13)
@@ -130,3 +162,5 @@ def test_bad_formulation_and_unbatched_input_raise():
             batched.value_and_grads(params, x, y, spec, formulation=form)
     with pytest.raises(ValueError, match="x must be a batch"):
         batched.value_and_grads(params, x[0], y[0], spec)
+    with pytest.raises(ValueError, match="at least one example"):
+        batched.value_and_grads(params, x[:0], y[:0], spec)
