@@ -388,8 +388,13 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
     inner = {name: calibrate(call, args.min_sample_s) for name, call in calls.items()}
     samples = {name: [] for name in calls}
     process = "jax"
-    for _ in range(args.repeats):
-        for name, call in calls.items():
+    order = list(calls)
+    for round_ in range(args.repeats):
+        # Each round starts one method later: the first sample of a round followed the pause,
+        # the matmul or another process, and in a fixed order the first method (always "manual")
+        # read up to 2.7x slower at batch 1 than the same program timed later in the round.
+        for name in order[round_ % len(order) :] + order[: round_ % len(order)]:
+            call = calls[name]
             # A process's worker threads may keep spinning on the cores for a while after its
             # call (OpenBLAS's default is about 2^28 cycles, 0.1 s); the pause keeps them out of
             # the next process's sample.
