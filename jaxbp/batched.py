@@ -96,8 +96,8 @@ class Formulation(NamedTuple):
 #   34 ms at batch 256, 48 against 111 at 1024, 3.0 against 3.4 at 32; with one channel
 #   (28x28x1) the dots won (3.8 against 5.8 ms at batch 256). Measured with C = 1 and 3 only.
 # * A single example (bench_formulations_b1.md, sub-millisecond and noisy): dE/df as XLA's conv
-#   was within 1.3x of the fastest formulation at all 12 points (an earlier run of the same
-#   table: 28x28x1, 5x5, one filter, taps/conv 0.093 ms against 0.29 for taps/taps); with one
+#   was within 1.22x of the fastest formulation at 11 of 12 points and 1.66x at the other
+#   (28x28x1, 5x5, one filter: taps/conv 0.065 ms against 0.21 for taps/taps); with one
 #   example the conv has no batch to group, and it is one op where the taps are kh*kw dots.
 # Off the CPU, XLA's convolutions call the vendor's library (cuDNN on GPU), which the taps and
 # patches do not; that choice is not measured here.
