@@ -23,20 +23,22 @@ shape of the work XLA sees, and on a CPU that is where the time goes (measured b
   chunk to chunk; one pass over the whole batch writes hundreds of MB of fresh buffers per step
   at batch 1024, and on this CPU writing and page-faulting those cost more than the arithmetic
   (at the largest grid point the 240 MB of patches of the whole batch took 212 ms to build;
-  the chunked step took 228 ms against 426 ms unchunked, experiments/results/
+  the chunked step took 186 ms against 380 ms unchunked, experiments/results/
   bench_formulations.md, and jax.grad's step 1.28 s, bench.md).
 * **Patches (im2col), built once, used twice.** ``P`` (M x kh kw C, M = N Ho Wo) holds every
   receptive field; then Z1 = P @ f and dE/df = P^T @ delta1 are two plain matmuls, the only form
   in which XLA's CPU reaches matmul speed for more than a few filters.
 * **Taps (shift-and-add), for few filters.** ``Z1 = sum_ab tap_ab(X) f[a, b]`` with tap_ab a
   strided slice of the padded input: XLA fuses the slices, multiply-adds and the sigmoid into one
-  loop, so neither P nor Z1 is written. dE/df is then kh*kw small dots of a tap with delta1.
+  loop, so neither P nor Z1 is written. dE/df is then kh*kw small dots of a tap with delta1
+  (one input channel) or one XLA conv (several).
   With one filter P @ f is a matrix-vector product that only pays for writing P.
-* **Not vmap, and XLA's conv only for one example.** Under vmap the per-example dE/df (a conv
-  whose batch axis is C) becomes a grouped conv per example, and XLA's CPU conv is slow for few
-  channels (the issue measured about 1 GFLOP/s); the ``conv`` forms (one XLA convolution each,
-  with the batch as the contracted axis of dE/df) serve a batch of one here and are the default
-  on other backends, where they call cuDNN and the like.
+* **Not vmap, and XLA's conv only where it measured faster.** Under vmap the per-example dE/df
+  (a conv whose batch axis is C) becomes a grouped conv per example, and XLA's CPU conv is slow
+  for few channels (the issue measured about 1 GFLOP/s). The ``conv`` forms (one XLA
+  convolution each, with the batch as the contracted axis of dE/df) serve dE/df for a batch of
+  one and for few filters over several input channels here, and are the default on other
+  backends, where they call cuDNN and the like.
 
 Which formulation and chunk are fastest depends on the shape; `choose_formulation` encodes the
 measurement. Nothing here calls an autodiff transform.
@@ -81,20 +83,21 @@ class Formulation(NamedTuple):
 
 # Measured on the 2-core CPU in float32, 5x5 kernels, batch 32/256/1024, 1/8/32 filters,
 # 28x28x1 and 32x32x3 inputs (experiments/results/bench_formulations.md; 3 repeats, noisy):
-# * With 1 filter taps/taps beat patches/patches at every point, by 1.5-3.7x (batch 256,
-#   28x28x1: 3.8 against 14 ms). With 8 and 32 filters patches/patches was within 1.17x of the
-#   fastest at all 12 points (1024, 32x32x3, 32 filters: 228 ms; taps 348, XLA's conv 5080).
-# * Chunks help every form from batch 256 on: 1024, 28x28x1, one filter 12.6 ms in chunks of 128
-#   against 28.9 ms whole; 1024, 32x32x3, 32 filters 228 against 426. Both forms write about
+# * With 1 filter taps/taps beat patches/patches at every point, by 1.45-3.6x (batch 256,
+#   28x28x1: 3.1 against 11.3 ms). With 8 and 32 filters patches/patches was within 1.18x of the
+#   fastest at all 12 points (1024, 32x32x3, 32 filters: 186 ms; taps 334, XLA's conv 4390).
+# * Chunks help every form from batch 256 on: 1024, 28x28x1, one filter 9.2 ms in chunks of 128
+#   against 24.9 ms whole; 1024, 32x32x3, 32 filters 186 against 380. Both forms write about
 #   kh kw C numbers per output position (the patches, or the taps that feed the dots) besides
-#   Z1, H1 and delta1; a chunk whose working set is about 16 MB was within 1.2x of the fastest
-#   chunk at each measured point. With one filter that rule says 256 examples, where the
-#   smallest measured chunks were the fastest (32: 11.9 ms, 128: 12.6, whole: 28.9), so a chunk
-#   is never more than 128 examples.
+#   Z1, H1 and delta1; a chunk whose working set is about 16 MB was within 1.18x of the fastest
+#   chunk at 15 of 18 points, and 1.3-1.5x at the three with 32x32x3 and one filter, where
+#   chunks of 8-32 were the fastest. With 28x28x1 and one filter the rule says 256 examples,
+#   and the smallest measured chunks were the fastest (32: 8.8 ms, 128: 9.2, whole: 24.9), so
+#   a chunk is never more than 128 examples.
 # * With few filters and more than one input channel, dE/df as XLA's conv (the batch as its
-#   contracted feature axis) beat the kh*kw dots of the taps: 32x32x3, one filter, 13 against
-#   34 ms at batch 256, 48 against 111 at 1024, 3.0 against 3.4 at 32; with one channel
-#   (28x28x1) the dots won (3.8 against 5.8 ms at batch 256). Measured with C = 1 and 3 only.
+#   contracted feature axis) beat the kh*kw dots of the taps: 32x32x3, one filter, 11.1 against
+#   25.4 ms at batch 256, 38.5 against 89.6 at 1024, 2.3 against 3.4 at 32; with one channel
+#   (28x28x1) the dots won (3.1 against 5.0 ms at batch 256). Measured with C = 1 and 3 only.
 # * A single example (bench_formulations_b1.md, sub-millisecond and noisy): dE/df as XLA's conv
 #   was within 1.22x of the fastest formulation at 11 of 12 points and 1.66x at the other
 #   (28x28x1, 5x5, one filter: taps/conv 0.065 ms against 0.21 for taps/taps); with one
@@ -131,6 +134,12 @@ def choose_formulation(
     return Formulation(form, filter_grad, None if chunk >= batch else chunk)
 
 
+def pad_input(x: jax.Array, spec: ConvNetSpec) -> jax.Array:
+    """X_pad: the (N, H, W, C) batch with the spec's zero padding on H and W."""
+    (top, bottom), (left, right) = spec.pads
+    return jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+
+
 def conv_taps(x: jax.Array, spec: ConvNetSpec) -> list[jax.Array]:
     r"""The kh*kw strided slices of the padded input that the filter taps multiply.
 
@@ -146,8 +155,7 @@ def conv_taps(x: jax.Array, spec: ConvNetSpec) -> list[jax.Array]:
     Returns:
       kh*kw arrays of shape (N, Ho, Wo, C), in row-major (a, b) order.
     """
-    (top, bottom), (left, right) = spec.pads
-    x_pad = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    x_pad = pad_input(x, spec)
     (kh, kw), (sh, sw), (dh, dw) = spec.kernel_size, spec.stride, spec.dilation
     ho, wo, _ = spec.h1_shape
     n, _, _, c = x_pad.shape
@@ -177,24 +185,15 @@ def conv_patches(x: jax.Array, spec: ConvNetSpec) -> jax.Array:
     Returns:
       (N Ho Wo, kh kw C) patches.
     """
-    (top, bottom), (left, right) = spec.pads
-    x_pad = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    x_pad = pad_input(x, spec)
     (kh, kw), (sh, sw), (dh, dw) = spec.kernel_size, spec.stride, spec.dilation
     ho, wo, _ = spec.h1_shape
-    n, h_pad, _, c = x_pad.shape
+    c = x.shape[-1]
     # cols[n, r, j, (b, c)] = X_pad[n, r, b dw + j sw, c]
-    cols = jnp.concatenate(
-        [
-            lax.slice(x_pad, (0, 0, b * dw, 0), (n, h_pad, b * dw + (wo - 1) * sw + 1, c), (1, 1, sw, 1))
-            for b in range(kw)
-        ],
-        axis=-1,
-    )
+    cols = [lax.slice_in_dim(x_pad, b * dw, b * dw + (wo - 1) * sw + 1, sw, axis=2) for b in range(kw)]
+    cols = jnp.concatenate(cols, axis=-1)
     # P[n, i, j, (a, b, c)] = cols[n, a dh + i sh, j, (b, c)]
-    rows = [
-        lax.slice(cols, (0, a * dh, 0, 0), (n, a * dh + (ho - 1) * sh + 1, wo, kw * c), (1, sh, 1, 1))
-        for a in range(kh)
-    ]
+    rows = [lax.slice_in_dim(cols, a * dh, a * dh + (ho - 1) * sh + 1, sh, axis=1) for a in range(kh)]
     return jnp.concatenate(rows, axis=-1).reshape(-1, kh * kw * c)
 
 
@@ -371,9 +370,9 @@ def value_and_grads(
     else:
         form = check_formulation(formulation)
     chunk = n if form.chunk is None else min(form.chunk, n)
-    n_scanned = n - n % chunk
-    if n_scanned == n and chunk == n:
+    if chunk == n:
         return chunk_sums(params, x, y, spec, form, n)
+    n_scanned = n - n % chunk
 
     # The whole chunks under lax.scan, each adding its partial sums; a remainder (n not a
     # multiple of chunk) as one more, smaller chunk.
