@@ -102,6 +102,12 @@ class Formulation(NamedTuple):
 #   contracted feature axis) beat the kh*kw dots of the taps: 32x32x3, one filter, 11.1 against
 #   25.4 ms at batch 256, 38.5 against 89.6 at 1024, 2.3 against 3.4 at 32; with one channel
 #   (28x28x1) the dots won (3.1 against 5.0 ms at batch 256). Measured with C = 1 and 3 only.
+# * With dE/df as XLA's conv (taps, several channels) chunks of 16-32 examples were the fastest,
+#   and the 64 of the 16 MB rule 1.3-1.8x slower (32x32x3, 5x5, medians in one process,
+#   rotating order, scripts of their own after bench_formulations.md: one filter, batch 32:
+#   1.08 ms in chunks of 16 against 2.43 whole; 256: 7.8 against 10.3; 1024: 26.9 against
+#   38.6; four filters, 256: 35.1 against 63.8). So that pair gets a 4 MB working set, which
+#   is 16 examples there.
 # * A single example (bench_formulations_b1.md, sub-millisecond and noisy): dE/df as XLA's conv
 #   was within 1.22x of the fastest formulation at 11 of 12 points and 1.66x at the other
 #   (28x28x1, 5x5, one filter: taps/conv 0.065 ms against 0.21 for taps/taps); with one
@@ -110,6 +116,7 @@ class Formulation(NamedTuple):
 # patches do not; that choice is not measured here.
 TAPS_BELOW_FILTERS = 8
 CHUNK_WORKING_SET_BYTES = 16 * 2**20
+CONV_FILTER_GRAD_WORKING_SET_BYTES = 4 * 2**20
 MAX_CHUNK = 128
 
 
@@ -129,13 +136,22 @@ def choose_formulation(
         return Formulation("conv", "conv", None)
     form: ConvForm = "taps" if spec.n_filters < TAPS_BELOW_FILTERS else "patches"
     filter_grad: ConvForm = "conv" if batch == 1 or (form == "taps" and spec.in_shape[2] > 1) else form
+    working_set = CONV_FILTER_GRAD_WORKING_SET_BYTES if filter_grad == "conv" else CHUNK_WORKING_SET_BYTES
+    return Formulation(form, filter_grad, working_set_chunk(spec, batch, itemsize, working_set))
+
+
+def working_set_chunk(
+    spec: ConvNetSpec, batch: int, itemsize: int = 4, working_set: int = CHUNK_WORKING_SET_BYTES
+) -> int | None:
+    """Examples per chunk: the power of two nearest to `working_set` bytes of temporaries, at most
+    MAX_CHUNK; None when that holds the whole batch."""
     kh, kw = spec.kernel_size
     ho, wo, k = spec.h1_shape
     # Per example: Z1, H1 and delta1 (Ho Wo K each), and the patches or taps (Ho Wo kh kw C).
     per_example = itemsize * ho * wo * (3 * k + kh * kw * spec.in_shape[2])
-    chunk = 1 << max(0, round(math.log2(CHUNK_WORKING_SET_BYTES / per_example)))  # nearest power of 2
+    chunk = 1 << max(0, round(math.log2(working_set / per_example)))  # nearest power of 2
     chunk = min(chunk, MAX_CHUNK)
-    return Formulation(form, filter_grad, None if chunk >= batch else chunk)
+    return None if chunk >= batch else chunk
 
 
 def pad_input(x: jax.Array, spec: ConvNetSpec) -> jax.Array:
@@ -471,7 +487,7 @@ def per_example_grads(params: Params, x: jax.Array, y: jax.Array, spec: ConvNetS
     """Per-example gradients of a batch: `jax.vmap` of `value_and_grads_example`.
 
     The forms are `per_example_formulation`'s. With the taps (few filters) the vmapped function
-    runs on chunks of the batch under `lax.map` (``batch_size`` = `choose_formulation`'s chunk),
+    runs on chunks of the batch under `lax.map` (``batch_size`` = `working_set_chunk`'s 16 MB),
     with the patches on the whole batch at once; each measured the faster in a standalone script
     (batch 1024, 5x5, one filter, 28x28x1: 21-24 ms in chunks of 32-128 against 46 whole;
     32x32x3: 96-102 against 196; batch 256, 28x28x1, 8 filters, patches: 30 ms whole against 46
@@ -480,7 +496,9 @@ def per_example_grads(params: Params, x: jax.Array, y: jax.Array, spec: ConvNetS
     alone as ``per_ex_dW_write``).
     """
     n, itemsize = x.shape[0], x.dtype.itemsize
-    chunk = choose_formulation(spec, n, itemsize=itemsize).chunk
+    # The 16 MB working set: the 4 MB of a batch step with XLA's conv for dE/df measured no faster
+    # here (batch 1024, 32x32x3, one filter: 82 ms in chunks of 16 against 72-74 in 32-64).
+    chunk = working_set_chunk(spec, n, itemsize)
     form = per_example_formulation(spec, n, itemsize=itemsize)
 
     def grads(xy):

@@ -96,6 +96,10 @@ def test_choose_formulation_by_backend_filters_and_working_set():
     assert batched.choose_formulation(big, 1024, "cpu") == batched.Formulation("patches", "patches", 32)
     assert batched.choose_formulation(big, 1024, "cpu", itemsize=8).chunk == 16
     assert batched.choose_formulation(big, 32, "cpu").chunk is None  # the whole batch is one chunk
+    # Taps with XLA's conv dE/df: 784 * (3 * 1 + 75) * 4 bytes = 245 kB per example, and a 4 MB
+    # working set, 17 examples, rounded to 16.
+    one_filter = jaxbp.ConvNetSpec(in_shape=(32, 32, 3), n_filters=1, kernel_size=5, n_out=10)
+    assert batched.choose_formulation(one_filter, 256, "cpu") == batched.Formulation("taps", "conv", 16)
     # One example: dE/df as XLA's conv, the forward by the filter count.
     assert batched.choose_formulation(one_channel, 1, "cpu") == batched.Formulation("taps", "conv", None)
     assert batched.choose_formulation(big, 1, "cpu") == batched.Formulation("patches", "conv", None)
