@@ -543,7 +543,42 @@ def markdown(results, info, command) -> str:
                 f"| {p['batch']} | {'x'.join(map(str, p['input']))} | {p['kernel']} | {p['filters']} "
                 f"| {r.get('chosen_formulation', '-')} | {min(forms, key=forms.get)} | {cells} |"
             )
+        lines += formulation_compile_table(results)
     return "\n".join(lines) + "\n"
+
+
+def formulation_compile_table(results: list) -> list[str]:
+    """Markdown lines: each point's compile times (s) of the whole step per formulation against
+    jax.grad's, and what the quickest-compiling formulations cost in run time."""
+    lines = [
+        "",
+        "Compile time (s, lower + compile of the whole step) of the formulations against jax.grad's",
+        "step: the pick's; the quickest-compiling formulation's, with its run time over the pick's;",
+        "the fastest formulation that compiles no slower than jax.grad, with its run time over the pick's.",
+        "",
+        "| batch | input | k | K | jax.grad | chosen | quickest to compile (run /chosen) "
+        "| fastest compiling <= jax.grad (run /chosen) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        p, compile_s = r["point"], r.get("compile", {})
+        times = {k[7:-1]: v["median_ms"] for k, v in r["times"].items() if k.startswith("manual[")}
+        comp = {k[7:-1]: v["compile_s"] for k, v in compile_s.items() if k[7:-1] in times}
+        if not comp or "autodiff" not in compile_s:
+            continue
+        autodiff = compile_s["autodiff"]["compile_s"]
+        chosen = r.get("chosen_formulation")
+        base = times.get(chosen, float("nan"))
+        quick = min(comp, key=comp.get)
+        within = [k for k in comp if comp[k] <= autodiff]
+        best = min(within, key=times.get) if within else None
+        best_cell = f"{best} {comp[best]:.2f} ({times[best] / base:.2f})" if best else "none"
+        lines.append(
+            f"| {p['batch']} | {'x'.join(map(str, p['input']))} | {p['kernel']} | {p['filters']} "
+            f"| {autodiff:.2f} | {comp.get(chosen, float('nan')):.2f} "
+            f"| {quick} {comp[quick]:.2f} ({times[quick] / base:.2f}) | {best_cell} |"
+        )
+    return lines
 
 
 def parse_args(argv=None):

@@ -1,0 +1,35 @@
+"""experiments/bench.py's summaries, on made-up timings (the benchmark itself is not run here)."""
+
+import importlib.util
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("experiments_bench", ROOT / "experiments" / "bench.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def point(times_ms, compile_s, autodiff_compile_s, chosen):
+    return {
+        "point": {"batch": 256, "input": [28, 28, 1], "kernel": 5, "filters": 8},
+        "chosen_formulation": chosen,
+        "times": {f"manual[{k}]": {"median_ms": v} for k, v in times_ms.items()},
+        "compile": {"autodiff": {"compile_s": autodiff_compile_s}}
+        | {f"manual[{k}]": {"compile_s": v} for k, v in compile_s.items()},
+    }
+
+
+def test_formulation_compile_table_names_the_tradeoff():
+    times = {"a/a/all": 10.0, "b/b/all": 20.0, "c/c/64": 40.0}
+    compile_s = {"a/a/all": 0.6, "b/b/all": 0.3, "c/c/64": 0.2}
+    # jax.grad compiles in 0.35 s: b and c compile no slower, b is the faster of the two (2x a's time).
+    row = bench.formulation_compile_table([point(times, compile_s, 0.35, "a/a/all")])[-1]
+    assert row == "| 256 | 28x28x1 | 5 | 8 | 0.35 | 0.60 | c/c/64 0.20 (4.00) | b/b/all 0.30 (2.00) |"
+    # jax.grad compiles in 0.1 s: no formulation does.
+    row = bench.formulation_compile_table([point(times, compile_s, 0.1, "a/a/all")])[-1]
+    assert row.endswith("| c/c/64 0.20 (4.00) | none |")
+
+
+def test_formulation_compile_table_skips_points_without_formulations():
+    plain = point({}, {}, 0.3, None)
+    assert len(bench.formulation_compile_table([plain])) == 7  # the header only
