@@ -378,8 +378,8 @@ def chunk_sums(
     if form.filter_grad == "patches":
         dE_df = filter_grad_patches(patches, delta1, spec, transposed)
     else:
-        grad = filter_grad_taps if form.filter_grad == "taps" else filter_grad_conv
-        dE_df = grad(x, delta1, spec)
+        dE_df_of = filter_grad_taps if form.filter_grad == "taps" else filter_grad_conv
+        dE_df = dE_df_of(x, delta1, spec)
         dE_df = dE_df.reshape(-1, spec.n_filters).T if transposed else dE_df
     return E, Params(f=dE_df, W=dE_dW, b=dE_db)
 
