@@ -104,12 +104,13 @@ class Formulation(NamedTuple):
 #   contracted feature axis) beat the kh*kw dots of the taps: 32x32x3, one filter, 6.9 against
 #   21.2 ms at batch 256, 25.8 against 83.0 at 1024, 1.0 against 2.7 at 32; with one channel
 #   (28x28x1) the dots won (2.9 against 4.4 ms at batch 256). Measured with C = 1 and 3 only.
-# * With dE/df as XLA's conv (taps, several channels) chunks of 16-32 examples were the fastest,
-#   and the 64 of the 16 MB rule 1.3-1.8x slower (32x32x3, 5x5, medians in one process,
-#   rotating order, scripts of their own: one filter, batch 32: 1.08 ms in chunks of 16
-#   against 2.43 whole; 256: 7.8 against 10.3; 1024: 26.9 against 38.6; four filters, 256:
-#   35.1 against 63.8). So that pair gets a 4 MB working set, which is 16 examples there; in
-#   bench_formulations.md chunks of 16 were within 1.04x of the fastest at its three points.
+# * With dE/df as XLA's conv (taps, several channels) chunks of 16-32 examples were the fastest:
+#   the 64 of the 16 MB rule was 1.3-1.8x slower, and the whole batch of 32 2.25x (32x32x3,
+#   5x5, medians in one process, rotating order, scripts of their own: one filter, batch 32:
+#   1.08 ms in chunks of 16 against 2.43 whole; 256: 7.8 against 10.3 in chunks of 64; 1024:
+#   26.9 against 38.6; four filters, 256: 35.1 against 63.8). So that pair gets a 4 MB working
+#   set, which is 16 examples there; in bench_formulations.md chunks of 16 were within 1.04x of
+#   the fastest at its three points.
 # * A single example (bench_formulations_b1.md, sub-millisecond and noisy): dE/df as XLA's conv
 #   was within 1.22x of the fastest formulation at 11 of 12 points and 1.66x at the other
 #   (28x28x1, 5x5, one filter: taps/conv 0.065 ms against 0.21 for taps/taps); with one
