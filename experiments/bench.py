@@ -22,6 +22,14 @@ it times, interleaved round by round with warm-up excluded:
                    of its own
   matmul           a 1024^3 float32 matmul, the machine's ceiling for GFLOP/s
 
+With --variants, also steps that were measured and not adopted:
+
+  manual_st_eigen    the manual step compiled with single-threaded Eigen dots and convs
+                     (compiler_options={"xla_cpu_multi_thread_eigen": False})
+  autodiff_st_eigen  the jax.grad step compiled the same way
+  manual_unrolled    the manual step with its chunks as a Python loop instead of lax.scan: no
+                     loop, one copy of the chunk's program per chunk
+
 Each peer is first checked to compute the same gradients as jaxbp's manual ones in float64
 (relative error < 1e-10 per leaf, on the point's shapes with a batch of 4) and is not timed if not.
 Reports medians and the interquartile spread, compile time and XLA's memory estimate per JAX
@@ -194,12 +202,13 @@ def peer_worker(conn, peer: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def jax_methods(jax, jaxbp, spec, chosen=None, batch=None):
+def jax_methods(jax, jaxbp, spec, chosen=None, batch=None, variants=False):
     """name -> jitted fn for one spec; every fn takes (params, opt_state, x, y).
 
     chosen: None, or the formulation `choose_formulation` picks for the point (of batch size
     `batch`); then every other formulation of the manual step is added too, a chunk of at least
     the batch counted once, as the whole batch.
+    variants: also the variants of the steps that were measured and not adopted (`variant_methods`).
     """
     import optax
 
@@ -237,7 +246,41 @@ def jax_methods(jax, jaxbp, spec, chosen=None, batch=None):
                 return optax.apply_updates(p, updates), s, E
 
             methods[f"manual[{form.forward}/{form.filter_grad}/{form.chunk or 'all'}]"] = jax.jit(vg)
+    if variants:
+        methods.update(variant_methods(jax, jaxbp, spec, batch, opt))
     return methods
+
+
+def variant_methods(jax, jaxbp, spec, batch, opt):
+    """--variants: steps measured against the chosen ones and not adopted (the module doc)."""
+    import optax
+
+    from jaxbp import batched
+
+    def step(value_and_grads):
+        def run(p, s, x, y):
+            E, g = value_and_grads(p, x, y, spec)
+            updates, s = opt.update(g, s, p)
+            return optax.apply_updates(p, updates), s, E
+
+        return run
+
+    def unrolled(p, x, y, spec):
+        form = jaxbp.choose_formulation(spec, batch, itemsize=x.dtype.itemsize)
+        chunk = form.chunk or batch
+        parts = [
+            batched.chunk_sums(p, x[i : i + chunk], y[i : i + chunk], spec, form, batch)
+            for i in range(0, batch, chunk)
+        ]
+        E, sums = jax.tree.map(lambda *a: sum(a), *parts)
+        return E, batched.untranspose(sums, spec) if batch > 1 else sums
+
+    single_threaded = {"xla_cpu_multi_thread_eigen": False}
+    return {
+        "manual_st_eigen": jax.jit(step(jaxbp.manual_value_and_grads), compiler_options=single_threaded),
+        "autodiff_st_eigen": jax.jit(step(jaxbp.autodiff_value_and_grads), compiler_options=single_threaded),
+        "manual_unrolled": jax.jit(step(unrolled)),
+    }
 
 
 def compile_stats(fn, args) -> dict:
@@ -358,7 +401,7 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
                 progress.write(f"{name} disagrees with jaxbp at {point}: rel error {err:.2e}; not timed")
 
     chosen = jaxbp.choose_formulation(spec, batch, itemsize=dtype.itemsize)
-    methods = jax_methods(jax, jaxbp, spec, chosen if args.formulations else None, batch)
+    methods = jax_methods(jax, jaxbp, spec, chosen if args.formulations else None, batch, args.variants)
     result["chosen_formulation"] = f"{chosen.forward}/{chosen.filter_grad}/{chosen.chunk or 'all'}"
     if batch == 1:
         for name in ("per_ex_manual", "per_ex_autodiff", "per_ex_dW_write"):
@@ -544,7 +587,37 @@ def markdown(results, info, command) -> str:
                 f"| {r.get('chosen_formulation', '-')} | {min(forms, key=forms.get)} | {cells} |"
             )
         lines += formulation_compile_table(results)
+    if any("manual_st_eigen" in r["times"] for r in results):
+        lines += variants_table(results)
     return "\n".join(lines) + "\n"
+
+
+def variants_table(results: list) -> list[str]:
+    """Markdown lines: the --variants against the steps they vary, median ms and compile s."""
+    names = ("manual", "manual_st_eigen", "manual_unrolled", "autodiff", "autodiff_st_eigen")
+    lines = [
+        "",
+        "Variants (--variants, measured and not adopted), median ms and compile s; `/m`: the",
+        "manual step's time over the variant's (>1: the variant is faster).",
+        "",
+        "| batch | input | k | K | "
+        + " | ".join(names)
+        + " | st_eigen /m | unrolled /m | compile m/st/unrolled |",
+        "|---|---|---|---|" + "---|" * (len(names) + 3),
+    ]
+    for r in results:
+        t, c, p = r["times"], r["compile"], r["point"]
+        if not all(n in t for n in names):
+            continue
+        ms = {n: t[n]["median_ms"] for n in names}
+        lines.append(
+            f"| {p['batch']} | {'x'.join(map(str, p['input']))} | {p['kernel']} | {p['filters']} | "
+            + " | ".join(f"{ms[n]:.3g}" for n in names)
+            + f" | {ms['manual'] / ms['manual_st_eigen']:.2f} | {ms['manual'] / ms['manual_unrolled']:.2f} | "
+            + "/".join(f"{c[n]['compile_s']:.2f}" for n in ("manual", "manual_st_eigen", "manual_unrolled"))
+            + " |"
+        )
+    return lines
 
 
 def formulation_compile_table(results: list) -> list[str]:
@@ -597,6 +670,7 @@ def parse_args(argv=None):
     )
     parser.add_argument("--matmul-n", type=int, default=1024, help="size of the reference matmul")
     parser.add_argument("--formulations", action="store_true", help="also time each manual formulation")
+    parser.add_argument("--variants", action="store_true", help="also time the variants (above)")
     parser.add_argument("--skip-vmap-steps", action="store_true", help="do not time the two *_vmap steps")
     parser.add_argument("--no-peers", action="store_true", help="skip PyTorch and NumPy")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
