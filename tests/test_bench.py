@@ -33,3 +33,17 @@ def test_formulation_compile_table_names_the_tradeoff():
 def test_formulation_compile_table_skips_points_without_formulations():
     plain = point({}, {}, 0.3, None)
     assert len(bench.formulation_compile_table([plain])) == 7  # the header only
+
+
+def test_variants_table_ratios_and_compile_times():
+    names = ("manual", "manual_st_eigen", "manual_unrolled", "autodiff", "autodiff_st_eigen")
+    times = dict(zip(names, (10.0, 8.0, 20.0, 30.0, 40.0)))
+    result = {
+        "point": {"batch": 1024, "input": [32, 32, 3], "kernel": 5, "filters": 32},
+        "times": {n: {"median_ms": v} for n, v in times.items()},
+        "compile": {n: {"compile_s": 0.1 * (i + 1)} for i, n in enumerate(names)},
+    }
+    row = bench.variants_table([result])[-1]
+    assert row == "| 1024 | 32x32x3 | 5 | 32 | 10 | 8 | 20 | 30 | 40 | 1.25 | 0.50 | 0.10/0.20/0.30 |"
+    del result["times"]["manual_unrolled"]  # a run without --variants has no row
+    assert not bench.variants_table([result])[-1].startswith("| 1024")
