@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Union
 
 import jax
@@ -67,6 +68,7 @@ def make_update_step(
     grads: Union[str, GradsFn] = "manual",
     mesh: Mesh | None = None,
     batch_axis: str | None = None,
+    compiler_options: dict[str, object] | None = None,
 ):
     """Build the jitted update step for the slides' network `spec`, or any layer `Network`.
 
@@ -89,6 +91,10 @@ def make_update_step(
         ``(params, x, y, spec) -> (E, Params)`` of your own.
       mesh: None (one device) or a `jax.sharding.Mesh` to split the batch over.
       batch_axis: the mesh axis the batch is split along; None for the mesh's first axis.
+      compiler_options: XLA options for compiling the step (`jax.jit`'s ``compiler_options``),
+        e.g. ``{"xla_cpu_multi_thread_eigen": False}``: on the 2-core CPU this was measured on,
+        single-threaded Eigen dots ran the manual step 0.93-1.8x as fast as the default
+        (experiments/results/bench_variants.md); untried on CPUs with more cores.
 
     Returns:
       ``step(params, opt_state, x, y) -> (params, opt_state, E)`` with x (N, H, W, C), y (N, n_out)
@@ -117,7 +123,12 @@ def make_update_step(
     elif batch_axis is not None:
         raise ValueError(f"batch_axis is only used with a mesh; got batch_axis={batch_axis!r} and no mesh")
 
-    @jax.jit
+    if compiler_options is not None and not (
+        isinstance(compiler_options, dict) and all(isinstance(k, str) for k in compiler_options)
+    ):
+        raise TypeError(f"compiler_options must be None or a dict with str keys, got {compiler_options!r}")
+
+    @partial(jax.jit, compiler_options=compiler_options)
     def step(params: Params, opt_state, x: jax.Array, y: jax.Array):
         x, y, is_batch = check(params, x, y)
         if not is_batch:

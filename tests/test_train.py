@@ -51,6 +51,21 @@ def test_any_optax_optimizer_and_custom_grads():
     chex.assert_trees_all_close(outs[0], outs[2], rtol=1e-12)
 
 
+def test_compiler_options_reach_xla_and_keep_the_update():
+    params, x, y = problem(SPEC, 4, 5)
+    opt = jaxbp.sgd(0.1)
+    default = jaxbp.make_update_step(SPEC, opt)(params, opt.init(params), x, y)
+    options = {"xla_cpu_multi_thread_eigen": False}
+    single = jaxbp.make_update_step(SPEC, opt, compiler_options=options)(params, opt.init(params), x, y)
+    chex.assert_trees_all_close(single, default, rtol=1e-12)
+    # An option XLA does not know is refused by XLA, so the dict does reach the compiler.
+    step = jaxbp.make_update_step(SPEC, opt, compiler_options={"xla_no_such_option": True})
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        step(params, opt.init(params), x, y)
+    with pytest.raises(TypeError, match="compiler_options must be None or a dict"):
+        jaxbp.make_update_step(SPEC, opt, compiler_options=[("xla_cpu_multi_thread_eigen", False)])
+
+
 def test_step_compiles_once_per_input_shape():
     params, x, y = problem(SPEC, 3, 6)
     traces = []
