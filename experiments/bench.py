@@ -65,6 +65,10 @@ LEARNING_RATE = 0.1
 FORMULATION_CHUNKS = (8, 32, 128)  # chunks timed beside the chosen one with --formulations
 SETTLE_S = 0.25  # pause when the timed process changes (see run_point)
 PEER_RTOL = 1e-10  # float64 check of each peer against jaxbp (the design's float64 tolerance)
+# float32 check of each --variants step's update (new params - params) against the manual step's:
+# sums in another order, and the update read back through float32 params; measured at most
+# 2.1e-5 (batch 256 and 1024, 32x32x3, 5x5, one and 32 filters), so 50x that.
+VARIANT_RTOL = 1e-3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,6 +287,24 @@ def variant_methods(jax, jaxbp, spec, batch, opt):
     }
 
 
+def check_variants(jax, compiled, jargs, progress, point) -> dict:
+    """Each manual variant's update against the manual step's, relative error per leaf (the
+    largest); a variant that disagrees is dropped from `compiled` and not timed."""
+    params = jargs[0]
+
+    def update(name):
+        return [np.asarray(new) - np.asarray(old) for new, old in zip(compiled[name](*jargs)[0], params)]
+
+    reference = update("manual")
+    errors = {}
+    for name in ("manual_st_eigen", "manual_unrolled"):
+        errors[name] = max(rel_error(a, b) for a, b in zip(update(name), reference))
+        if errors[name] > VARIANT_RTOL:
+            progress.write(f"{name} disagrees with the manual step at {point}: {errors[name]:.2e}; not timed")
+            del compiled[name]
+    return errors
+
+
 def compile_stats(fn, args) -> dict:
     """Compile time (s) of lower + compile, and XLA's memory analysis (bytes) of the executable."""
     start = time.perf_counter()
@@ -413,6 +435,8 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
     result["compile"] = {}
     for name, fn in methods.items():
         result["compile"][name], compiled[name] = compile_stats(fn, jargs)
+    if args.variants:
+        result["variant_check_rel_error"] = check_variants(jax, compiled, jargs, progress, point)
 
     def jax_call(c):
         return lambda inner: [jax.block_until_ready(c(*jargs)) for _ in range(inner)]

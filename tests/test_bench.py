@@ -3,6 +3,8 @@
 import importlib.util
 import pathlib
 
+import numpy as np
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("experiments_bench", ROOT / "experiments" / "bench.py")
 bench = importlib.util.module_from_spec(_spec)
@@ -47,3 +49,28 @@ def test_variants_table_ratios_and_compile_times():
     assert row == "| 1024 | 32x32x3 | 5 | 32 | 10 | 8 | 20 | 30 | 40 | 1.25 | 0.50 | 0.10/0.20/0.30 |"
     del result["times"]["manual_unrolled"]  # a run without --variants has no row
     assert not bench.variants_table([result])[-1].startswith("| 1024")
+
+
+class Quiet:
+    def __init__(self):
+        self.lines = []
+
+    def write(self, line):
+        self.lines.append(line)
+
+
+def test_check_variants_drops_a_variant_whose_update_disagrees():
+    params = (np.ones(3), np.zeros(2))
+    new = (np.array([0.9, 0.8, 0.7]), np.array([0.1, 0.2]))
+    off = (np.array([0.9, 0.8, 0.6]), np.array([0.1, 0.2]))  # one update 0.4 instead of 0.3
+    compiled = {
+        "manual": lambda *args: (new,),
+        "manual_st_eigen": lambda *args: (new,),
+        "manual_unrolled": lambda *args: (off,),
+    }
+    progress = Quiet()
+    errors = bench.check_variants(None, compiled, (params,), progress, {"batch": 1})
+    assert errors["manual_st_eigen"] == 0.0
+    np.testing.assert_allclose(errors["manual_unrolled"], 0.1 / 0.3)
+    assert "manual_unrolled" not in compiled and "manual_st_eigen" in compiled
+    assert "manual_unrolled disagrees" in progress.lines[0]
