@@ -308,7 +308,7 @@ def filter_grad_patches(
 
 def filter_grad_conv(x: jax.Array, delta1: jax.Array, spec: ConvNetSpec) -> jax.Array:
     r"""dE/df as one convolution in which the batch is the contracted feature axis
-    (`ops.conv2d_filter_vjp_sum`: x read as "CHWN", delta1 as "IHWO", the output as "HWNC").
+    (`ops.conv2d_filter_vjp_sum`: x as (C, H, W, N), delta1 as (Ho, Wo, N, K), N contracted).
 
     Returns:
       (kh, kw, C, K) dE/df.
