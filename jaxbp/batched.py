@@ -23,8 +23,8 @@ shape of the work XLA sees, and on a CPU that is where the time goes (measured b
   chunk to chunk; one pass over the whole batch writes hundreds of MB of fresh buffers per step
   at batch 1024, and on this CPU writing and page-faulting those cost more than the arithmetic
   (at the largest grid point the 240 MB of patches of the whole batch took 212 ms to build;
-  the chunked step took 130 ms against 333 ms unchunked, experiments/results/
-  bench_formulations.md, and jax.grad's step 879 ms, bench.md).
+  the chunked step took 182 ms against 391 ms unchunked, experiments/results/
+  bench_formulations.md, and jax.grad's step 905 ms, bench.md).
 * **Patches (im2col), built once, used twice.** ``P`` (M x kh kw C, M = N Ho Wo) holds every
   receptive field; then Z1 = P @ f and dE/df = P^T @ delta1 are two plain matmuls, the only form
   in which XLA's CPU reaches matmul speed for more than a few filters.
@@ -87,30 +87,26 @@ class Formulation(NamedTuple):
 
 # Measured on the 2-core CPU in float32, 5x5 kernels, batch 32/256/1024, 1/8/32 filters,
 # 28x28x1 and 32x32x3 inputs (experiments/results/bench_formulations.md; 3 repeats, noisy):
-# * With 1 filter the taps beat patches/patches at every point, by 1.1-2.0x (batch 256,
-#   28x28x1: 2.9 against 5.4 ms; 32x32x3, taps/conv: 6.9 against 12.4). With 8 and 32 filters
+# * With 1 filter the taps beat patches/patches at every point, by 1.3-3.0x (batch 256,
+#   28x28x1: 2.6 against 4.8 ms; 32x32x3, taps/conv: 6.6 against 19.8). With 8 and 32 filters
 #   patches/patches was within 1.18x of the fastest at 11 of 12 points (1024, 32x32x3, 32
-#   filters: 130 ms; taps 287, XLA's conv 4095), and 1.35x at the other (batch 32, 32x32x3, 8
-#   filters, where chunks of 8 beat the whole batch, 2.4 against 3.3 ms, and lost in the run
-#   before).
-# * Chunks help every form from batch 256 on: 1024, 28x28x1, one filter 8.4 ms in chunks of 128
-#   against 21.6 ms whole; 1024, 32x32x3, 32 filters 130 against 333. Both forms write about
-#   kh kw C numbers per output position (the patches, or the taps that feed the dots) besides
-#   Z1, H1 and delta1; a chunk whose working set is about 16 MB (4 MB below) was within 1.18x
-#   of the fastest chunk at 16 of 18 points. With 28x28x1 and one filter the rule says 256
-#   examples, and smaller chunks were faster (32: 7.7 ms, 128: 8.4, whole: 21.6 at batch
+#   filters: 182 ms; taps 363, XLA's conv 627), and 1.27x at that one, where chunks of 128 won
+#   (143 ms; in the run before, 32 won, 130 against 177).
+# * Chunks help every form from batch 256 on: 1024, 28x28x1, one filter 11.1 ms in chunks of
+#   128 against 33.3 ms whole; 1024, 32x32x3, 32 filters 182 against 391. Both forms write
+#   about kh kw C numbers per output position (the patches, or the taps that feed the dots)
+#   besides Z1, H1 and delta1; a chunk whose working set is about 16 MB (4 MB below) was within
+#   1.18x of the fastest chunk at 16 of 18 points. With 28x28x1 and one filter the rule says 256
+#   examples, and smaller chunks were faster (32: 10.7 ms, 128: 11.1, whole: 33.3 at batch
 #   1024), so a chunk is never more than 128 examples.
 # * With few filters and more than one input channel, dE/df as XLA's conv (the batch as its
-#   contracted feature axis) beat the kh*kw dots of the taps: 32x32x3, one filter, 6.9 against
-#   21.2 ms at batch 256, 25.8 against 83.0 at 1024, 1.0 against 2.7 at 32; with one channel
-#   (28x28x1) the dots won (2.9 against 4.4 ms at batch 256). Measured with C = 1 and 3 only.
-# * With dE/df as XLA's conv (taps, several channels) chunks of 16-32 examples were the fastest:
-#   the 64 of the 16 MB rule was 1.3-1.8x slower, and the whole batch of 32 2.25x (32x32x3,
-#   5x5, medians in one process, rotating order, scripts of their own: one filter, batch 32:
-#   1.08 ms in chunks of 16 against 2.43 whole; 256: 7.8 against 10.3 in chunks of 64; 1024:
-#   26.9 against 38.6; four filters, 256: 35.1 against 63.8). So that pair gets a 4 MB working
-#   set, which is 16 examples there; in bench_formulations.md chunks of 16 were within 1.04x of
-#   the fastest at its three points.
+#   contracted feature axis) beat the kh*kw dots of the taps: 32x32x3, one filter, 6.6 against
+#   28.3 ms at batch 256, 22.6 against 102 at 1024, 0.89 against 3.0 at 32; with one channel
+#   (28x28x1) the dots won (2.6 against 4.2 ms at batch 256). Measured with C = 1 and 3 only.
+# * With dE/df as XLA's conv (taps, several channels) small chunks were the fastest, so that
+#   pair gets a 4 MB working set, 16 examples at 32x32x3: 6.6 ms at batch 256 against 20.8 in
+#   chunks of 32 and 35.3 in 128; 22.6 against 61.4 and 86.2 at 1024; within 1.04x of chunks of
+#   8 at batch 32, and 2.7x faster than the whole batch there.
 # * A single example (bench_formulations_b1.md, sub-millisecond and noisy): dE/df as XLA's conv
 #   was within 1.22x of the fastest formulation at 11 of 12 points and 1.66x at the other
 #   (28x28x1, 5x5, one filter: taps/conv 0.065 ms against 0.21 for taps/taps); with one

@@ -93,8 +93,8 @@ def make_update_step(
       batch_axis: the mesh axis the batch is split along; None for the mesh's first axis.
       compiler_options: XLA options for compiling the step (`jax.jit`'s ``compiler_options``),
         e.g. ``{"xla_cpu_multi_thread_eigen": False}`` for single-threaded Eigen dots and convs,
-        which on the 2-core CPU this was measured on ran the manual step 0.90-1.12x as fast as
-        the default, within that machine's noise (experiments/results/bench_variants.md).
+        which on the 2-core CPU this was measured on ran the manual step 0.82-1.80x as fast as
+        the default across three runs, no consistent gain (experiments/results/bench_variants.md).
 
     Returns:
       ``step(params, opt_state, x, y) -> (params, opt_state, E)`` with x (N, H, W, C), y (N, n_out)
