@@ -108,9 +108,10 @@ class Formulation(NamedTuple):
 #   chunks of 32 and 35.3 in 128; 22.6 against 61.4 and 86.2 at 1024; within 1.04x of chunks of
 #   8 at batch 32, and 2.7x faster than the whole batch there.
 # * A single example (bench_formulations_b1.md, sub-millisecond and noisy): dE/df as XLA's conv
-#   was within 1.22x of the fastest formulation at 11 of 12 points and 1.66x at the other
-#   (28x28x1, 5x5, one filter: taps/conv 0.065 ms against 0.21 for taps/taps); with one
-#   example the conv has no batch to group, and it is one op where the taps are kh*kw dots.
+#   was within 1.22x of the fastest formulation at 10 of 12 points, and 1.29x and 1.41x at the
+#   other two, where the patches won (28x28x1, 5x5, one filter: taps/conv 0.059 ms against 0.18
+#   for taps/taps); with one example the conv has no batch to group, and it is one op where
+#   the taps are kh*kw dots.
 # Off the CPU, XLA's convolutions call the vendor's library (cuDNN on GPU), which the taps and
 # patches do not; that choice is not measured here.
 TAPS_BELOW_FILTERS = 8
@@ -377,8 +378,13 @@ def chunk_sums(
     else:
         dE_df_of = filter_grad_taps if form.filter_grad == "taps" else filter_grad_conv
         dE_df = dE_df_of(x, delta1, spec)
-        dE_df = dE_df.reshape(-1, spec.n_filters).T if transposed else dE_df
+        dE_df = filters_first(dE_df) if transposed else dE_df
     return E, Params(f=dE_df, W=dE_dW, b=dE_db)
+
+
+def filters_first(f: jax.Array) -> jax.Array:
+    """(kh, kw, C, K) -> (K, kh kw C): `chunk_sums`' transposed layout of dE/df."""
+    return f.reshape(-1, f.shape[-1]).T
 
 
 def untranspose(sums: Params, spec: ConvNetSpec) -> Params:
@@ -435,13 +441,8 @@ def value_and_grads(
         part = chunk_sums(params, *xy, spec, form, n)
         return jax.tree.map(jnp.add, total, part), None
 
-    f, W = params.f, params.W
-    zero_sums = Params(
-        f=jnp.zeros((spec.n_filters, f.size // spec.n_filters), f.dtype),
-        W=jnp.zeros(W.shape[::-1], W.dtype),
-        b=jnp.zeros_like(params.b),
-    )
-    zeros = (jnp.zeros((), x.dtype), zero_sums)
+    zero_sums = Params(f=filters_first(params.f), W=params.W.T, b=params.b)
+    zeros = (jnp.zeros((), x.dtype), jax.tree.map(jnp.zeros_like, zero_sums))
     xs = x[:n_scanned].reshape(-1, chunk, *x.shape[1:])
     ys = y[:n_scanned].reshape(-1, chunk, *y.shape[1:])
     total, _ = lax.scan(add_chunk, zeros, (xs, ys))
