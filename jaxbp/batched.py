@@ -28,21 +28,22 @@ shape of the work XLA sees, and on a CPU that is where the time goes (measured b
 * **Patches (im2col), built once, used twice.** ``P`` (M x kh kw C, M = N Ho Wo) holds every
   receptive field; then Z1 = P @ f and dE/df = P^T @ delta1 are two plain matmuls, the only form
   in which XLA's CPU reaches matmul speed for more than a few filters.
-* **Taps (shift-and-add), for few filters.** ``Z1 = sum_ab tap_ab(X) f[a, b]`` with tap_ab a
-  strided slice of the padded input: XLA fuses the slices, multiply-adds and the sigmoid into one
-  loop, so neither P nor Z1 is written. dE/df is then kh*kw small dots of a tap with delta1
-  (one input channel) or one XLA conv (several).
-  With one filter P @ f is a matrix-vector product that only pays for writing P.
+* **Taps (shift-and-add), for few channels times filters.** ``Z1 = sum_ab tap_ab(X) f[a, b]``
+  with tap_ab a strided slice of the padded input: XLA fuses the slices, multiply-adds and the
+  sigmoid into one loop, so neither P nor Z1 is written. dE/df is then one XLA conv with the
+  batch as its contracted axis (Eigen's, with `jaxbp.compiler_options()`). With one filter
+  P @ f is a matrix-vector product that only pays for writing P.
 * **Weight-gradient sums written small axis first.** dE/dW = H1^T delta2 and dE/df = P^T delta1
   contract over the examples; written as (n_out, D) and (K, kh kw C) they ran 1.2-3x faster
   than in the params' (D, n_out) and (kh kw C, K), so the chunks' sums stay transposed and are
   transposed back once per step (the whole step 1.1-1.5x faster with 8 and 32 filters).
 * **Not vmap, and XLA's conv only where it measured faster.** Under vmap the per-example dE/df
-  (a conv whose batch axis is C) becomes a grouped conv per example, and XLA's CPU conv is slow
-  for few channels (the issue measured about 1 GFLOP/s). The ``conv`` forms (one XLA
-  convolution each, with the batch as the contracted axis of dE/df) serve dE/df for a batch of
-  one and for few filters over several input channels here, and are the default on other
-  backends, where they call cuDNN and the like.
+  (a conv whose batch axis is C) becomes a grouped conv per example, which XLA's CPU runs
+  slowly. The ``conv`` forms (one XLA convolution each, with the batch as the contracted axis
+  of dE/df) serve dE/df after the taps and for a batch of one here, and are the default on
+  other backends, where they call cuDNN and the like. The measurements assume the steps'
+  `jaxbp.compiler_options()`: with jaxlib 0.10's default YNNPACK convolutions the same convs
+  ran up to 10x slower (`jaxbp.compile_options`).
 
 Which formulation and chunk are fastest depends on the shape; `choose_formulation` encodes the
 measurement. Nothing here calls an autodiff transform.
@@ -86,27 +87,27 @@ class Formulation(NamedTuple):
 
 
 # Measured on the 2-core CPU in float32, 5x5 kernels, batch 32/256/1024, 1/8/32 filters,
-# 28x28x1 and 32x32x3 inputs (experiments/results/bench_formulations.md; 3 repeats, noisy):
-# * With 1 filter the taps beat patches/patches at every point, by 1.3-3.0x (batch 256,
-#   28x28x1: 2.6 against 4.8 ms; 32x32x3, taps/conv: 6.6 against 19.8). With 8 and 32 filters
-#   patches/patches was within 1.18x of the fastest at 11 of 12 points (1024, 32x32x3, 32
-#   filters: 182 ms; taps 363, XLA's conv 627), and 1.27x at that one, where chunks of 128 won
-#   (143 ms; in the run before, 32 won, 130 against 177).
-# * Chunks help every form from batch 256 on: 1024, 28x28x1, one filter 11.1 ms in chunks of
-#   128 against 33.3 ms whole; 1024, 32x32x3, 32 filters 182 against 391. Both forms write
+# 28x28x1 and 32x32x3 inputs, compiled with `jaxbp.compiler_options()` (Eigen's convolutions,
+# not YNNPACK's; experiments/results/bench_formulations.md, 3 repeats, noisy):
+# * Few filters: the taps forward with dE/df as XLA's conv (the batch as its contracted axis)
+#   was the fastest pair at every point with one filter, and 3.2-3.6x faster than the taps'
+#   kh*kw dots with one channel (batch 256, 28x28x1: 2.2 against 7.9 ms; 1024: 7.8 against
+#   25.1); with 28x28x1 and 8 filters it beat the patches too (256: 6.9 against 9.5 ms). The
+#   taps' fused loop does kh kw C K multiply-adds per output position at elementwise speed
+#   where the patches write kh kw C numbers and then run at matmul speed, so the taps win while
+#   C K is small: at 32x32x3 with 8 filters (C K = 24) the patches won at batch 256 (17.5
+#   against 22.1 ms) and 1024 (60.2 against 63.4); at batch 32 the taps did (4.6 against 7.2).
+# * From C K = 16 on, patches/patches: within 1.10x of the fastest at 9 of its 11 points, 1.20x
+#   and 1.56x at batch 32 and 32x32x3 (5.9 against 5.4 ms with 32 filters, 7.2 against 4.6
+#   with 8); XLA's conv for dE/df after the patches was 0.91-0.99x of that at the smaller
+#   points and 1.09-1.32x at the larger, so it stays the patches.
+# * Chunks help every form from batch 256 on: 1024, 32x32x3, 32 filters 140 ms in chunks of 32
+#   against 318 whole; 1024, 28x28x1, 8 filters 26.0 in 128 against 77.9. Both forms write
 #   about kh kw C numbers per output position (the patches, or the taps that feed the dots)
-#   besides Z1, H1 and delta1; a chunk whose working set is about 16 MB (4 MB below) was within
-#   1.18x of the fastest chunk at 16 of 18 points. With 28x28x1 and one filter the rule says 256
-#   examples, and smaller chunks were faster (32: 10.7 ms, 128: 11.1, whole: 33.3 at batch
-#   1024), so a chunk is never more than 128 examples.
-# * With few filters and more than one input channel, dE/df as XLA's conv (the batch as its
-#   contracted feature axis) beat the kh*kw dots of the taps: 32x32x3, one filter, 6.6 against
-#   28.3 ms at batch 256, 22.6 against 102 at 1024, 0.89 against 3.0 at 32; with one channel
-#   (28x28x1) the dots won (2.6 against 4.2 ms at batch 256). Measured with C = 1 and 3 only.
-# * With dE/df as XLA's conv (taps, several channels) small chunks were the fastest, so that
-#   pair gets a 4 MB working set, 16 examples at 32x32x3: 6.6 ms at batch 256 against 20.8 in
-#   chunks of 32 and 35.3 in 128; 22.6 against 61.4 and 86.2 at 1024; within 1.04x of chunks of
-#   8 at batch 32, and 2.7x faster than the whole batch there.
+#   besides Z1, H1 and delta1; a chunk whose working set is about 16 MB was within 1.10x of the
+#   fastest chunk at 17 of 18 points (1.15x at batch 1024, 32x32x3, one filter: 64 examples,
+#   and chunks of 16 to 128 within 1.10x of each other). Smaller chunks were never faster by
+#   much with one channel, so a chunk is never more than 128 examples.
 # * A single example (bench_formulations_b1.md, sub-millisecond and noisy): dE/df as XLA's conv
 #   was within 1.22x of the fastest formulation at 10 of 12 points, and 1.29x and 1.41x at the
 #   other two, where the patches won (28x28x1, 5x5, one filter: taps/conv 0.059 ms against 0.18
@@ -114,9 +115,8 @@ class Formulation(NamedTuple):
 #   the taps are kh*kw dots.
 # Off the CPU, XLA's convolutions call the vendor's library (cuDNN on GPU), which the taps and
 # patches do not; that choice is not measured here.
-TAPS_BELOW_FILTERS = 8
+TAPS_BELOW_CHANNELS_X_FILTERS = 8
 CHUNK_WORKING_SET_BYTES = 16 * 2**20
-CONV_FILTER_GRAD_WORKING_SET_BYTES = 4 * 2**20
 MAX_CHUNK = 128
 
 
@@ -134,10 +134,10 @@ def choose_formulation(
     backend = jax.default_backend() if backend is None else backend
     if backend != "cpu":
         return Formulation("conv", "conv", None)
-    form: ConvForm = "taps" if spec.n_filters < TAPS_BELOW_FILTERS else "patches"
-    filter_grad: ConvForm = "conv" if batch == 1 or (form == "taps" and spec.in_shape[2] > 1) else form
-    working_set = CONV_FILTER_GRAD_WORKING_SET_BYTES if filter_grad == "conv" else CHUNK_WORKING_SET_BYTES
-    return Formulation(form, filter_grad, working_set_chunk(spec, batch, itemsize, working_set))
+    taps = spec.in_shape[2] * spec.n_filters < TAPS_BELOW_CHANNELS_X_FILTERS
+    form: ConvForm = "taps" if taps else "patches"
+    filter_grad: ConvForm = "conv" if batch == 1 or taps else "patches"
+    return Formulation(form, filter_grad, working_set_chunk(spec, batch, itemsize))
 
 
 def working_set_chunk(

@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 from jaxbp import batched
 from jaxbp import model
 from jaxbp import network as network_module
+from jaxbp.compile_options import compiler_options as default_compiler_options
 from jaxbp.model import batch_mean
 from jaxbp.model import check_inputs
 from jaxbp.network import Network
@@ -91,10 +92,13 @@ def make_update_step(
         ``(params, x, y, spec) -> (E, Params)`` of your own.
       mesh: None (one device) or a `jax.sharding.Mesh` to split the batch over.
       batch_axis: the mesh axis the batch is split along; None for the mesh's first axis.
-      compiler_options: XLA options for compiling the step (`jax.jit`'s ``compiler_options``),
-        e.g. ``{"xla_cpu_multi_thread_eigen": False}`` for single-threaded Eigen dots and convs,
-        which on the 2-core CPU this was measured on ran the manual step 0.82-1.80x as fast as
-        the default across three runs, no consistent gain (experiments/results/bench_variants.md).
+      compiler_options: XLA options for compiling the step (`jax.jit`'s ``compiler_options``).
+        None takes `jaxbp.compiler_options()` for the step's backend (on the CPU, Eigen's
+        convolutions instead of YNNPACK's, `jaxbp.compile_options`), for "manual" and
+        "autodiff" alike; a dict replaces them: ``{}`` for XLA's own defaults, or e.g.
+        ``{**jaxbp.compiler_options(), "xla_cpu_multi_thread_eigen": False}`` to add one
+        (single-threaded Eigen: no consistent gain on the 2-core CPU this was measured on,
+        experiments/results/bench_variants.md).
 
     Returns:
       ``step(params, opt_state, x, y) -> (params, opt_state, E)`` with x (N, H, W, C), y (N, n_out)
@@ -123,9 +127,9 @@ def make_update_step(
     elif batch_axis is not None:
         raise ValueError(f"batch_axis is only used with a mesh; got batch_axis={batch_axis!r} and no mesh")
 
-    if compiler_options is not None and not (
-        isinstance(compiler_options, dict) and all(isinstance(k, str) for k in compiler_options)
-    ):
+    if compiler_options is None:
+        compiler_options = default_compiler_options(None if mesh is None else mesh.devices.flat[0].platform)
+    elif not (isinstance(compiler_options, dict) and all(isinstance(k, str) for k in compiler_options)):
         raise TypeError(f"compiler_options must be None or a dict with str keys, got {compiler_options!r}")
 
     @partial(jax.jit, compiler_options=compiler_options)

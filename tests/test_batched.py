@@ -91,24 +91,27 @@ def test_per_example_grads_equal_vmap_of_the_slides_per_example_backward_float64
     chex.assert_trees_all_close(fast, slides(params, x, y, spec)[1], rtol=1e-10, atol=1e-13)
 
 
-def test_choose_formulation_by_backend_filters_and_working_set():
+def test_choose_formulation_by_backend_channels_filters_and_working_set():
     few = jaxbp.ConvNetSpec(in_shape=(8, 8, 3), n_filters=2, kernel_size=3, n_out=2)
     assert batched.choose_formulation(few, 4, "cpu") == batched.Formulation("taps", "conv", None)
     assert batched.choose_formulation(few, 4, "gpu") == batched.Formulation("conv", "conv", None)
-    one_channel = jaxbp.ConvNetSpec(in_shape=(8, 8, 1), n_filters=2, kernel_size=3, n_out=2)
-    assert batched.choose_formulation(one_channel, 4, "cpu") == batched.Formulation("taps", "taps", None)
+    # The taps while C K < 8, the patches from there on.
+    cases = [(1, 7, "taps"), (3, 2, "taps"), (1, 8, "patches"), (3, 3, "patches"), (8, 1, "patches")]
+    for c, k, form in cases:
+        spec = jaxbp.ConvNetSpec(in_shape=(8, 8, c), n_filters=k, kernel_size=3, n_out=2)
+        expected = batched.Formulation(form, "conv" if form == "taps" else "patches", None)
+        assert batched.choose_formulation(spec, 4, "cpu") == expected, (c, k)
     # The grid's largest point: 784 * (3 * 32 + 75) * 4 bytes = 536 kB per example, so about
     # 16 MB / 536 kB = 31 examples per chunk, rounded to the power of two 32.
     big = jaxbp.ConvNetSpec(in_shape=(32, 32, 3), n_filters=32, kernel_size=5, n_out=10)
     assert batched.choose_formulation(big, 1024, "cpu") == batched.Formulation("patches", "patches", 32)
     assert batched.choose_formulation(big, 1024, "cpu", itemsize=8).chunk == 16
     assert batched.choose_formulation(big, 32, "cpu").chunk is None  # the whole batch is one chunk
-    # Taps with XLA's conv dE/df: 784 * (3 * 1 + 75) * 4 bytes = 245 kB per example, and a 4 MB
-    # working set, 17 examples, rounded to 16.
+    # Taps: 784 * (3 * 1 + 75) * 4 bytes = 245 kB per example, 68 in 16 MB, rounded to 64.
     one_filter = jaxbp.ConvNetSpec(in_shape=(32, 32, 3), n_filters=1, kernel_size=5, n_out=10)
-    assert batched.choose_formulation(one_filter, 256, "cpu") == batched.Formulation("taps", "conv", 16)
-    # One example: dE/df as XLA's conv, the forward by the filter count.
-    assert batched.choose_formulation(one_channel, 1, "cpu") == batched.Formulation("taps", "conv", None)
+    assert batched.choose_formulation(one_filter, 256, "cpu") == batched.Formulation("taps", "conv", 64)
+    # One example: dE/df as XLA's conv, the forward by C K.
+    assert batched.choose_formulation(few, 1, "cpu") == batched.Formulation("taps", "conv", None)
     assert batched.choose_formulation(big, 1, "cpu") == batched.Formulation("patches", "conv", None)
 
 
@@ -117,14 +120,14 @@ def test_default_chunks_with_a_remainder_equal_autodiff_float64():
     # a remainder of 2, and (per example) lax.map over a remainder too.
     spec = jaxbp.ConvNetSpec(in_shape=(6, 6, 1), n_filters=2, kernel_size=3, n_out=3)
     if jax.default_backend() == "cpu":
-        assert batched.choose_formulation(spec, 130) == batched.Formulation("taps", "taps", 128)
+        assert batched.choose_formulation(spec, 130) == batched.Formulation("taps", "conv", 128)
     params, x, y = problem(spec, 5, 130)
     E_ref, g_ref = jaxbp.autodiff_value_and_grads(params, x, y, spec)
     E, g = batched.value_and_grads(params, x, y, spec)
     chex.assert_trees_all_close(g, g_ref, rtol=1e-10, atol=1e-13)
     np.testing.assert_allclose(E, E_ref, rtol=1e-12)
     # The same chunks named explicitly, so that they run on any backend.
-    E, g = batched.value_and_grads(params, x, y, spec, formulation=batched.Formulation("taps", "taps", 128))
+    E, g = batched.value_and_grads(params, x, y, spec, formulation=batched.Formulation("taps", "conv", 128))
     chex.assert_trees_all_close(g, g_ref, rtol=1e-10, atol=1e-13)
     slides = jax.vmap(jaxbp.backward.value_and_manual_grads_example, in_axes=(None, 0, 0, None))
     per_example = jaxbp.per_example_manual_grads(params, x, y, spec)

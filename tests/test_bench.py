@@ -38,16 +38,19 @@ def test_formulation_compile_table_skips_points_without_formulations():
 
 
 def test_variants_table_ratios_and_compile_times():
-    names = ("manual", "manual_st_eigen", "manual_unrolled", "autodiff", "autodiff_st_eigen")
-    times = dict(zip(names, (10.0, 8.0, 20.0, 30.0, 40.0)))
+    names = ("manual", "autodiff", "manual_ynn_dots", "autodiff_ynn_dots", "manual_unrolled")
+    times = dict(zip(names, (10.0, 30.0, 8.0, 12.0, 20.0)))
     result = {
         "point": {"batch": 1024, "input": [32, 32, 3], "kernel": 5, "filters": 32},
         "times": {n: {"median_ms": v} for n, v in times.items()},
         "compile": {n: {"compile_s": 0.1 * (i + 1)} for i, n in enumerate(names)},
     }
-    row = bench.variants_table([result])[-1]
-    assert row == "| 1024 | 32x32x3 | 5 | 32 | 10 | 8 | 20 | 30 | 40 | 1.25 | 0.50 | 0.10/0.20/0.30 |"
-    del result["times"]["manual_unrolled"]  # a run without --variants has no row
+    ynn, unrolled = bench.variants_table([result])[-2:]
+    point = "| 1024 | 32x32x3 | 5 | 32 "
+    assert ynn == point + "| ynn_dots | 10 | 8 | 1.25 | 30 | 12 | 2.50 | 1.20 | 0.10/0.30/0.20/0.40 |"
+    assert unrolled == point + "| unrolled | 10 | 20 | 0.50 | 30 | - | - | - | 0.10/0.50/0.20/- |"
+    for name in ("manual_ynn_dots", "autodiff_ynn_dots", "manual_unrolled"):
+        del result["times"][name]  # a run without --variants has no rows
     assert not bench.variants_table([result])[-1].startswith("| 1024")
 
 
@@ -66,11 +69,12 @@ def test_check_variants_drops_a_variant_whose_update_disagrees():
     compiled = {
         "manual": lambda *args: (new,),
         "manual_st_eigen": lambda *args: (new,),
+        "autodiff_ynn_dots": lambda *args: (new,),
         "manual_unrolled": lambda *args: (off,),
     }
     progress = Quiet()
     errors = bench.check_variants(None, compiled, (params,), progress, {"batch": 1})
-    assert errors["manual_st_eigen"] == 0.0
+    assert errors["manual_st_eigen"] == errors["autodiff_ynn_dots"] == 0.0
     np.testing.assert_allclose(errors["manual_unrolled"], 0.1 / 0.3)
     assert "manual_unrolled" not in compiled and "manual_st_eigen" in compiled
     assert "manual_unrolled disagrees" in progress.lines[0]

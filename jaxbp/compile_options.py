@@ -1,0 +1,60 @@
+"""The XLA options jaxbp compiles its steps with: on the CPU, Eigen's convolutions, not YNNPACK's.
+
+jaxlib 0.10's CPU backend hands each convolution to the YNNPACK library by default (the
+experimental option ``xla_cpu_experimental_ynn_fusion_type``, whose default list holds individual
+convolutions; the compiled HLO shows them as ``ynn_fusion``). On the 2-core CPU jaxbp was
+measured on, float32, VALID, those convolutions were up to 10x slower than the Eigen ones an
+empty list gives back (median of 7, one process):
+
+* (256, 32, 32, 3) by (5, 5, 3, 32): 121 ms against 12.7;
+* the same with one filter: 24.4 ms against 15.7;
+* (256, 28, 28, 1) by (5, 5, 1, 8): 5.8 ms against 4.9.
+
+jax.grad's step is mostly convolutions and gained the most: 2.4-4.1x at batch 256, 5x5 kernels,
+32x32x3 inputs (89.5 ms against 25.8 with 8 filters), 1.5-1.7x with 28x28x1 inputs. The manual
+step gained 1.05-1.2x where it uses the patches (two matmuls, no convolution) and more where it
+uses XLA's convolution for dE/df. `choose_formulation` is tuned with these options; both of
+`make_update_step`'s gradients ("manual" and "autodiff") compile with them, so that each is
+compared at its best (experiments/results/bench.md; bench_variants.md times both steps with
+XLA's own defaults as the ``xla_defaults`` variant).
+
+The option is experimental and may be renamed or dropped by a later jaxlib: it is used only where
+the installed jaxlib accepts it (checked once, by compiling a one-op function with it).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+# YNNPACK off: an empty list of fusion types, so XLA's CPU backend keeps its Eigen convolutions.
+CPU_OPTIONS: dict[str, object] = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+@functools.cache
+def accepts(options: tuple[tuple[str, object], ...], backend: str) -> bool:
+    """Whether `backend`'s compiler accepts `options` ((name, value) pairs), by compiling x + 1."""
+    try:
+        x = jax.device_put(jnp.zeros((), jnp.float32), jax.devices(backend)[0])
+        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(x).compile()
+    except jax.errors.JaxRuntimeError:
+        return False
+    return True
+
+
+def compiler_options(backend: str | None = None) -> dict[str, object]:
+    """The XLA options jaxbp's jitted steps use on `backend` (None: `jax.default_backend()`).
+
+    `CPU_OPTIONS` on the CPU where the installed jaxlib accepts them, else none. Pass them to your
+    own `jax.jit` of jaxbp's functions, ``jax.jit(fn, compiler_options=jaxbp.compiler_options())``,
+    to compile them as `make_update_step` does.
+
+    Returns:
+      a new dict (empty for no options).
+    """
+    backend = jax.default_backend() if backend is None else backend
+    if backend == "cpu" and accepts(tuple(CPU_OPTIONS.items()), backend):
+        return dict(CPU_OPTIONS)
+    return {}
