@@ -279,7 +279,8 @@ def make_step(spec, optimizer_name: str, lr: float, grads: str):
             params, opt_state, E = step(*states[grads], x, y)
             return {grads: (params, opt_state)}, {grads: E}, {}
 
-    return jax.jit(body)
+    # The step is inlined into this jit (OptionsJit), so this outer one carries the XLA options.
+    return jax.jit(body, compiler_options=jaxbp.compiler_options())
 
 
 @functools.cache
@@ -287,8 +288,13 @@ def make_evaluate(spec):
     """Jitted ``evaluate(params, x, y) -> (mean loss, O)`` on a whole test set."""
     import jax
 
+    import jaxbp
+
     fns = model_functions(spec)
-    return jax.jit(lambda params, x, y: (fns["loss"](params, x, y), fns["forward"](params, x)))
+    return jax.jit(
+        lambda params, x, y: (fns["loss"](params, x, y), fns["forward"](params, x)),
+        compiler_options=jaxbp.compiler_options(),
+    )
 
 
 def epoch_order(seed: int, epoch: int, n: int, batch_size: int) -> np.ndarray:

@@ -15,6 +15,7 @@ from jaxbp.check import GradCheckReport
 from jaxbp.check import compare_grads
 from jaxbp.checkpoint import load_checkpoint
 from jaxbp.checkpoint import save_checkpoint
+from jaxbp.compile_options import OptionsJit
 from jaxbp.compile_options import compiler_options
 from jaxbp.data import load_digits
 from jaxbp.data import load_idx

@@ -1,10 +1,10 @@
 """The XLA options jaxbp compiles its steps with: on the CPU, Eigen's convolutions, not YNNPACK's.
 
-jaxlib 0.10's CPU backend hands each convolution to the YNNPACK library by default (the
-experimental option ``xla_cpu_experimental_ynn_fusion_type``, whose default list holds individual
-convolutions; the compiled HLO shows them as ``ynn_fusion``). On the 2-core CPU jaxbp was
-measured on, float32, VALID, those convolutions were up to 10x slower than the Eigen ones an
-empty list gives back (median of 7, one process):
+jaxlib 0.10's CPU backend hands larger convolutions, and some dots, to the YNNPACK library by
+default (the experimental option ``xla_cpu_experimental_ynn_fusion_type``; the compiled HLO shows
+them as ``ynn_fusion``). An empty list of fusion types keeps all of them in XLA's own Eigen
+kernels. On the 2-core CPU jaxbp was measured on, float32, VALID, the convolutions were up to
+10x slower in YNNPACK (median of 7, one process):
 
 * (256, 32, 32, 3) by (5, 5, 3, 32): 121 ms against 12.7;
 * the same with one filter: 24.4 ms against 15.7;
@@ -25,6 +25,7 @@ the installed jaxlib accepts it (checked once, by compiling a one-op function wi
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +40,7 @@ def accepts(options: tuple[tuple[str, object], ...], backend: str) -> bool:
     try:
         x = jax.device_put(jnp.zeros((), jnp.float32), jax.devices(backend)[0])
         jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(x).compile()
-    except jax.errors.JaxRuntimeError:
+    except (jax.errors.JaxRuntimeError, RuntimeError):  # an unknown option, or no such backend
         return False
     return True
 
@@ -58,3 +59,25 @@ def compiler_options(backend: str | None = None) -> dict[str, object]:
     if backend == "cpu" and accepts(tuple(CPU_OPTIONS.items()), backend):
         return dict(CPU_OPTIONS)
     return {}
+
+
+class OptionsJit:
+    """`fn` jitted with XLA `options` where they can apply: called at the top level (concrete
+    arguments), `jax.jit(fn, compiler_options=options)`; called inside another transformation
+    (`jax.jit`, `lax.scan`, `jax.vmap`: some argument is a tracer), `jax.jit(fn)`, inlined into
+    the caller's program, whose own options hold (JAX refuses options on a nested jit).
+
+    Everything else (``lower``, ``trace``, ``eval_shape``, ...) is the top-level jitted function's.
+    """
+
+    def __init__(self, fn: Callable, options: dict[str, object]):
+        self._top = jax.jit(fn, compiler_options=options)
+        self._nested = jax.jit(fn) if options else self._top
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args):
+        nested = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(args))
+        return (self._nested if nested else self._top)(*args)
+
+    def __getattr__(self, name):
+        return getattr(self._top, name)

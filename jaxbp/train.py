@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from typing import Union
 
 import jax
@@ -13,6 +12,7 @@ from jax.sharding import Mesh
 from jaxbp import batched
 from jaxbp import model
 from jaxbp import network as network_module
+from jaxbp.compile_options import OptionsJit
 from jaxbp.compile_options import compiler_options as default_compiler_options
 from jaxbp.model import batch_mean
 from jaxbp.model import check_inputs
@@ -102,8 +102,12 @@ def make_update_step(
 
     Returns:
       ``step(params, opt_state, x, y) -> (params, opt_state, E)`` with x (N, H, W, C), y (N, n_out)
-      and E the batch's mean loss at the params before the update. With a mesh, N must be a
-      multiple of the number of devices along `batch_axis` (else a ValueError while tracing).
+      and E the batch's mean loss at the params before the update. Called at the top level it is
+      one `jax.jit` with `compiler_options`; called inside another transformation (your own
+      `jax.jit`, `lax.scan` over steps, ...) it is inlined into that program, which XLA compiles
+      with the outer jit's options (pass it ``jaxbp.compiler_options()``; `jaxbp.OptionsJit`).
+      With a mesh, N must be a multiple of the number of devices along `batch_axis` (else a
+      ValueError while tracing).
     """
     if isinstance(spec, Network):
         batch_grads, check = NETWORK_BATCH_GRADS, spec.check_inputs
@@ -132,7 +136,6 @@ def make_update_step(
     elif not (isinstance(compiler_options, dict) and all(isinstance(k, str) for k in compiler_options)):
         raise TypeError(f"compiler_options must be None or a dict with str keys, got {compiler_options!r}")
 
-    @partial(jax.jit, compiler_options=compiler_options)
     def step(params: Params, opt_state, x: jax.Array, y: jax.Array):
         x, y, is_batch = check(params, x, y)
         if not is_batch:
@@ -141,4 +144,4 @@ def make_update_step(
         updates, opt_state = optimizer.update(g, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, E
 
-    return step
+    return OptionsJit(step, compiler_options)

@@ -3,11 +3,14 @@
 import chex
 import jax
 import jax.numpy as jnp
+import jaxlib
 from strategies import problem
 
 import jaxbp
 from jaxbp import compile_options
 
+# The jaxlib the options were measured with (jaxbp/compile_options.py); later ones may differ.
+MEASURED_JAXLIB = jaxlib.__version__.startswith("0.10.")
 SPEC = jaxbp.ConvNetSpec(in_shape=(12, 11, 3), n_filters=2, kernel_size=(3, 3), n_out=3)
 
 
@@ -25,6 +28,8 @@ def conv_libraries(step, args) -> set[str]:
 
 def test_options_are_the_cpu_ones_where_xla_accepts_them():
     accepted = compile_options.accepts(tuple(compile_options.CPU_OPTIONS.items()), "cpu")
+    if MEASURED_JAXLIB:
+        assert accepted  # the jaxlib the options were measured with knows them
     assert jaxbp.compiler_options("cpu") == (compile_options.CPU_OPTIONS if accepted else {})
     assert jaxbp.compiler_options("gpu") == {} and jaxbp.compiler_options("tpu") == {}
     # A fresh dict each call: changing one changes nothing else.
@@ -50,9 +55,11 @@ def test_step_compiles_with_them_and_an_empty_dict_gives_xlas_defaults():
     )
     ours = jaxbp.make_update_step(spec, opt, grads="autodiff")
     xlas = jaxbp.make_update_step(spec, opt, grads="autodiff", compiler_options={})
-    if jaxbp.compiler_options():
+    if MEASURED_JAXLIB:
         # jaxlib 0.10's defaults give jax.grad's convs to YNNPACK; the options keep them XLA's.
-        assert conv_libraries(ours, shapes) == {"xla"}, conv_libraries(xlas, shapes)
+        assert "ynn" in conv_libraries(xlas, shapes)
+    if jaxbp.compiler_options():
+        assert conv_libraries(ours, shapes) == {"xla"}
 
 
 def test_the_update_is_the_same_with_and_without_them():
@@ -63,3 +70,19 @@ def test_the_update_is_the_same_with_and_without_them():
         ours = jaxbp.make_update_step(SPEC, opt, grads=grads)(*args)
         xlas = jaxbp.make_update_step(SPEC, opt, grads=grads, compiler_options={})(*args)
         chex.assert_trees_all_close(ours, xlas, rtol=1e-12)
+
+
+def test_the_step_runs_inside_jit_and_scan_with_the_same_update():
+    # JAX refuses compiler options on a nested jit; the step then runs as a plain jit, inlined.
+    params, x, y = problem(SPEC, 1, 4)
+    opt = jaxbp.sgd(0.1)
+    step = jaxbp.make_update_step(SPEC, opt)
+    state = opt.init(params)
+    top = step(step(params, state, x, y)[0], state, x, y)
+
+    def two_steps(params, state):
+        return jax.lax.scan(lambda c, _: (step(*c, x, y)[:2], None), (params, state), None, length=2)[0]
+
+    for run in (jax.jit(two_steps), jax.jit(two_steps, compiler_options=jaxbp.compiler_options())):
+        chex.assert_trees_all_close(run(params, state)[0], top[0], rtol=1e-12)
+    assert step.lower(params, state, x, y).compile() is not None  # the top-level jit's API
