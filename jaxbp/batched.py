@@ -86,33 +86,36 @@ class Formulation(NamedTuple):
     chunk: int | None = None
 
 
-# Measured on the 2-core CPU in float32, 5x5 kernels, batch 32/256/1024, 1/8/32 filters,
-# 28x28x1 and 32x32x3 inputs, compiled with `jaxbp.compiler_options()` (Eigen's convolutions,
-# not YNNPACK's; experiments/results/bench_formulations.md, 3 repeats, noisy):
-# * Few filters: the taps forward with dE/df as XLA's conv (the batch as its contracted axis)
-#   was the fastest pair at every point with one filter, and 3.2-3.6x faster than the taps'
-#   kh*kw dots with one channel (batch 256, 28x28x1: 2.2 against 7.9 ms; 1024: 7.8 against
-#   25.1); with 28x28x1 and 8 filters it beat the patches too (256: 6.9 against 9.5 ms). The
-#   taps' fused loop does kh kw C K multiply-adds per output position at elementwise speed
-#   where the patches write kh kw C numbers and then run at matmul speed, so the taps win while
-#   C K is small: at 32x32x3 with 8 filters (C K = 24) the patches won at batch 256 (17.5
-#   against 22.1 ms) and 1024 (60.2 against 63.4); at batch 32 the taps did (4.6 against 7.2).
-# * From C K = 16 on, patches/patches: within 1.10x of the fastest at 9 of its 11 points, 1.20x
-#   and 1.56x at batch 32 and 32x32x3 (5.9 against 5.4 ms with 32 filters, 7.2 against 4.6
-#   with 8); XLA's conv for dE/df after the patches was 0.91-0.99x of that at the smaller
-#   points and 1.09-1.32x at the larger, so it stays the patches.
-# * Chunks help every form from batch 256 on: 1024, 32x32x3, 32 filters 140 ms in chunks of 32
-#   against 318 whole; 1024, 28x28x1, 8 filters 26.0 in 128 against 77.9. Both forms write
-#   about kh kw C numbers per output position (the patches, or the taps that feed the dots)
-#   besides Z1, H1 and delta1; a chunk whose working set is about 16 MB was within 1.10x of the
-#   fastest chunk at 17 of 18 points (1.15x at batch 1024, 32x32x3, one filter: 64 examples,
-#   and chunks of 16 to 128 within 1.10x of each other). Smaller chunks were never faster by
-#   much with one channel, so a chunk is never more than 128 examples.
-# * A single example (bench_formulations_b1.md, sub-millisecond and noisy): dE/df as XLA's conv
-#   was within 1.22x of the fastest formulation at 10 of 12 points, and 1.29x and 1.41x at the
-#   other two, where the patches won (28x28x1, 5x5, one filter: taps/conv 0.059 ms against 0.18
-#   for taps/taps); with one example the conv has no batch to group, and it is one op where
-#   the taps are kh*kw dots.
+# Measured on the 2-core CPU in float32, 3x3 and 5x5 kernels, batch 32/256/1024, 1/8/32
+# filters, 28x28x1 and 32x32x3 inputs, compiled with `jaxbp.compiler_options()` (Eigen's
+# convolutions, not YNNPACK's), 3 repeats on a noisy machine (experiments/results/
+# bench_formulations.md; the run before it, with the taps up to C K = 8, in parentheses):
+# * One filter: the taps forward with dE/df as XLA's conv (the batch as its contracted axis)
+#   was the fastest pair at all 12 points, 2.5-4.5x faster than the taps' kh*kw dots
+#   (batch 256, 28x28x1, 5x5: 1.9 against 6.8 ms; 1024: 6.1 against 23.7), and than the
+#   patches (5.1 and 18.8 ms). The taps' fused loop does kh kw C K multiply-adds per output
+#   position at elementwise speed, where the patches write kh kw C numbers and then run at
+#   matmul speed: the taps win while C K is small.
+# * C K = 8 (28x28x1, 8 filters) is mixed: with 5x5 the taps won at batch 1024 (21.9 against
+#   27.4 ms) and lost at 256 (5.7 against 5.5); with 3x3 they lost by 1.18x and 1.83x (256:
+#   4.7 against 4.0; 1024: 37.2 against 20.3; in the run before 1.35x and 2.15x). So the taps
+#   only below C K = 8; 32x32x3 with 8 filters (C K = 24) had the patches ahead at batch 256
+#   and 1024 with 5x5 (14.1 against 19.9, 67.5 against 68.3) and the taps ahead at batch 32.
+# * From C K = 8 on, patches/patches. The pick was within 1.10x of the fastest formulation at
+#   21 of 36 points and within 1.2x at 26; the fastest pair was most often another chunk of
+#   the same forms, or XLA's conv for one of the two convolutions, each by a margin that moved
+#   between runs (batch 256, 32x32x3, 5x5, 32 filters: conv/conv 34.3 against 47.4 ms here,
+#   44.3 against 39.9 in the run before).
+# * Chunks help every form from batch 256 on: 1024, 32x32x3, 5x5, 32 filters 165 ms in chunks
+#   of 32 against 422 whole; 1024, 28x28x1, 5x5, 8 filters 27.4 in 128 against 86. The patches
+#   write about kh kw C numbers per output position besides Z1, H1 and delta1, and a chunk
+#   whose working set is about 16 MB of those was within 1.1x of the best chunk of the same
+#   forms at 29 of 36 points and within 1.2x at 33. With one filter the chunk moved between
+#   runs (batch 1024, 32x32x3, 3x3: 30.1 ms in chunks of 128 against 19.0 in 32 here, 19.8
+#   against 18.4 in the run before; 28x28x1, 5x5: 6.1 in 128 and 9.0 whole, 3x3: 7.2 and 4.8),
+#   so the rule stays one working set, and a chunk is never more than 128 examples.
+# * A single example (bench_formulations_b1.md, sub-millisecond and noisy): dE/df as XLA's conv,
+#   one op where the taps are kh*kw dots and the conv has no batch to group.
 # Off the CPU, XLA's convolutions call the vendor's library (cuDNN on GPU), which the taps and
 # patches do not; that choice is not measured here.
 TAPS_BELOW_CHANNELS_X_FILTERS = 8
@@ -496,8 +499,8 @@ def per_example_grads(params: Params, x: jax.Array, y: jax.Array, spec: ConvNetS
     alone as ``per_ex_dW_write``).
     """
     n, itemsize = x.shape[0], x.dtype.itemsize
-    # The 16 MB working set: the 4 MB of a batch step with XLA's conv for dE/df measured no faster
-    # here (batch 1024, 32x32x3, one filter: 82 ms in chunks of 16 against 72-74 in 32-64).
+    # The batch step's 16 MB working set; 4 MB measured no faster here (batch 1024, 32x32x3, one
+    # filter: 82 ms in chunks of 16 against 72-74 in 32-64, with XLA's default options).
     chunk = working_set_chunk(spec, n, itemsize)
     form = per_example_formulation(spec, n, itemsize=itemsize)
 

@@ -4,19 +4,18 @@ jaxlib 0.10's CPU backend hands larger convolutions, and some dots, to the YNNPA
 default (the experimental option ``xla_cpu_experimental_ynn_fusion_type``; the compiled HLO shows
 them as ``ynn_fusion``). An empty list of fusion types keeps all of them in XLA's own Eigen
 kernels. On the 2-core CPU jaxbp was measured on, float32, VALID, the convolutions were up to
-10x slower in YNNPACK (median of 7, one process):
+10x slower in YNNPACK (a standalone timing, median of 7, one process; not committed):
 
 * (256, 32, 32, 3) by (5, 5, 3, 32): 121 ms against 12.7;
 * the same with one filter: 24.4 ms against 15.7;
 * (256, 28, 28, 1) by (5, 5, 1, 8): 5.8 ms against 4.9.
 
-jax.grad's step is mostly convolutions and gained the most: 2.4-4.1x at batch 256, 5x5 kernels,
-32x32x3 inputs (89.5 ms against 25.8 with 8 filters), 1.5-1.7x with 28x28x1 inputs. The manual
-step gained 1.05-1.2x where it uses the patches (two matmuls, no convolution) and more where it
-uses XLA's convolution for dE/df. `choose_formulation` is tuned with these options; both of
-`make_update_step`'s gradients ("manual" and "autodiff") compile with them, so that each is
-compared at its best (experiments/results/bench.md; bench_variants.md times both steps with
-XLA's own defaults as the ``xla_defaults`` variant).
+Over the benchmark grid (experiments/results/bench_variants.md: batch 32-1024, 28x28x1 and
+32x32x3, 3x3 and 5x5, 1-32 filters) jax.grad's step, mostly convolutions, ran 1.04-6.7x faster
+with these options than with XLA's defaults (median 2.5x), and the manual step 0.90-3.1x
+(median 1.15x; most where it uses XLA's conv for dE/df). `choose_formulation` is tuned with
+them, and both of `make_update_step`'s gradients ("manual" and "autodiff") compile with them,
+so that each is compared at its best.
 
 The option is experimental and may be renamed or dropped by a later jaxlib: it is used only where
 the installed jaxlib accepts it (checked once, by compiling a one-op function with it).
