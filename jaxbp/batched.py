@@ -115,7 +115,9 @@ class Formulation(NamedTuple):
 #   against 18.4 in the run before; 28x28x1, 5x5: 6.1 in 128 and 9.0 whole, 3x3: 7.2 and 4.8),
 #   so the rule stays one working set, and a chunk is never more than 128 examples.
 # * A single example (bench_formulations_b1.md, sub-millisecond and noisy): dE/df as XLA's conv,
-#   one op where the taps are kh*kw dots and the conv has no batch to group.
+#   one op where the taps are kh*kw dots and the conv has no batch to group. The pick was within
+#   1.2x of the fastest formulation at 9 of 12 points, and 1.26-1.40x at three with one filter,
+#   where the patches for dE/df won by 0.02-0.05 ms (32x32x3, 3x3: 0.115 against 0.161 ms).
 # Off the CPU, XLA's convolutions call the vendor's library (cuDNN on GPU), which the taps and
 # patches do not; that choice is not measured here.
 TAPS_BELOW_CHANNELS_X_FILTERS = 8
