@@ -22,9 +22,9 @@ shape of the work XLA sees, and on a CPU that is where the time goes (measured b
   partial sums. A chunk's temporaries (patches, Z1, H1, delta1) stay a few MB and are reused from
   chunk to chunk; one pass over the whole batch writes hundreds of MB of fresh buffers per step
   at batch 1024, and on this CPU writing and page-faulting those cost more than the arithmetic
-  (at the largest grid point the 240 MB of patches of the whole batch took 212 ms to build;
-  the chunked step took 182 ms against 391 ms unchunked, experiments/results/
-  bench_formulations.md, and jax.grad's step 905 ms, bench.md).
+  (at the largest grid point the patches of the whole batch are 240 MB; the step took 165 ms
+  in chunks of 32 against 422 ms unchunked, experiments/results/bench_formulations.md, and
+  jax.grad's step 305 ms, bench.md).
 * **Patches (im2col), built once, used twice.** ``P`` (M x kh kw C, M = N Ho Wo) holds every
   receptive field; then Z1 = P @ f and dE/df = P^T @ delta1 are two plain matmuls, the only form
   in which XLA's CPU reaches matmul speed for more than a few filters.
@@ -91,7 +91,7 @@ class Formulation(NamedTuple):
 # convolutions, not YNNPACK's), 3 repeats on a noisy machine (experiments/results/
 # bench_formulations.md; the run before it, with the taps up to C K = 8, in parentheses):
 # * One filter: the taps forward with dE/df as XLA's conv (the batch as its contracted axis)
-#   was the fastest pair at all 12 points, 2.5-4.5x faster than the taps' kh*kw dots
+#   was the fastest pair at all 12 points, 1.8-4.5x faster than the taps' kh*kw dots
 #   (batch 256, 28x28x1, 5x5: 1.9 against 6.8 ms; 1024: 6.1 against 23.7), and than the
 #   patches (5.1 and 18.8 ms). The taps' fused loop does kh kw C K multiply-adds per output
 #   position at elementwise speed, where the patches write kh kw C numbers and then run at
@@ -116,8 +116,9 @@ class Formulation(NamedTuple):
 #   so the rule stays one working set, and a chunk is never more than 128 examples.
 # * A single example (bench_formulations_b1.md, sub-millisecond and noisy): dE/df as XLA's conv,
 #   one op where the taps are kh*kw dots and the conv has no batch to group. The pick was within
-#   1.2x of the fastest formulation at 9 of 12 points, and 1.26-1.40x at three with one filter,
-#   where the patches for dE/df won by 0.02-0.05 ms (32x32x3, 3x3: 0.115 against 0.161 ms).
+#   1.2x of the fastest formulation at 9 of 12 points, and 1.26-1.40x at three: with one filter
+#   and 3x3 the patches for dE/df won by 0.02-0.05 ms (32x32x3: 0.115 against 0.161 ms), and
+#   at 32x32x3, 5x5, 8 filters conv/patches by 0.10 ms.
 # Off the CPU, XLA's convolutions call the vendor's library (cuDNN on GPU), which the taps and
 # patches do not; that choice is not measured here.
 TAPS_BELOW_CHANNELS_X_FILTERS = 8
