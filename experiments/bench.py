@@ -278,15 +278,15 @@ def variant_methods(jax, jaxbp, spec, batch, opt):
 
     from jaxbp import batched
 
-    def step(value_and_grads):
-        def run(p, s, x, y):
-            E, g = value_and_grads(p, x, y, spec)
-            updates, s = opt.update(g, s, p)
-            return optax.apply_updates(p, updates), s, E
+    methods = {}
+    for option, added in VARIANT_OPTIONS.items():
+        # Each option is added to the steps' own (jaxbp.compiler_options()); {} means XLA's defaults.
+        options = {**jaxbp.compiler_options(), **added} if added else {}
+        for grads in ("manual", "autodiff"):
+            step = jaxbp.make_update_step(spec, opt, grads=grads, compiler_options=options)
+            methods[f"{grads}_{option}"] = step
 
-        return run
-
-    def unrolled(p, x, y, spec):
+    def unrolled(p, s, x, y):
         form = jaxbp.choose_formulation(spec, batch, itemsize=x.dtype.itemsize)
         chunk = form.chunk or batch
         parts = [
@@ -294,18 +294,11 @@ def variant_methods(jax, jaxbp, spec, batch, opt):
             for i in range(0, batch, chunk)
         ]
         E, sums = jax.tree.map(lambda *a: sum(a), *parts)
-        return E, batched.untranspose(sums, spec) if batch > 1 else sums
+        g = batched.untranspose(sums, spec) if batch > 1 else sums
+        updates, s = opt.update(g, s, p)
+        return optax.apply_updates(p, updates), s, E
 
-    methods = {}
-    for option, added in VARIANT_OPTIONS.items():
-        # Each option is added to the steps' own (jaxbp.compiler_options()); {} means XLA's defaults.
-        options = {**jaxbp.compiler_options(), **added} if added else {}
-        for grads, value_and_grads in (
-            ("manual", jaxbp.manual_value_and_grads),
-            ("autodiff", jaxbp.autodiff_value_and_grads),
-        ):
-            methods[f"{grads}_{option}"] = jax.jit(step(value_and_grads), compiler_options=options)
-    methods["manual_unrolled"] = jax.jit(step(unrolled), compiler_options=jaxbp.compiler_options())
+    methods["manual_unrolled"] = jax.jit(unrolled, compiler_options=jaxbp.compiler_options())
     return methods
 
 
@@ -513,17 +506,14 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
     t = {name: v["median_ms"] for name, v in result["times"].items()}
     matmul_gflops = 2 * args.matmul_n**3 / (t["matmul"] * 1e-3) / 1e9
     manual_gflops = result["flops"] / (t["manual"] * 1e-3) / 1e9
+    # jax.grad's step, default and (with --variants) compiled with each option: its fastest counts.
+    autodiffs = [t[n] for n in ("autodiff", *variant_names(t)) if n.startswith("autodiff")]
     result["derived"] = {
         "matmul_gflops": matmul_gflops,
         "manual_gflops": manual_gflops,
         "manual_fraction_of_matmul": manual_gflops / matmul_gflops,
         "autodiff_over_manual": t["autodiff"] / t["manual"],
-        # With --variants: jax.grad's step at its fastest, default or compiled with any option.
-        **(
-            {"best_autodiff_over_manual": min(t[n] for n in autodiffs) / t["manual"]}
-            if len(autodiffs := ["autodiff", *(n for n in variant_names(t) if n.startswith("autodiff_"))]) > 1
-            else {}
-        ),
+        **({"best_autodiff_over_manual": min(autodiffs) / t["manual"]} if len(autodiffs) > 1 else {}),
         **({"torch_over_manual": t["torch"] / t["manual"]} if "torch" in t else {}),
         **({"numpy_over_manual": t["numpy"] / t["manual"]} if "numpy" in t else {}),
         **(

@@ -492,7 +492,7 @@ def value_and_grads_example(
 def per_example_grads(params: Params, x: jax.Array, y: jax.Array, spec: ConvNetSpec) -> Params:
     """Per-example gradients of a batch: `jax.vmap` of `value_and_grads_example`.
 
-    The forms are `per_example_formulation`'s. With the taps (few filters) the vmapped function
+    The forms are `per_example_formulation`'s. With the taps (C K < 8) the vmapped function
     runs on chunks of the batch under `lax.map` (``batch_size`` = `working_set_chunk`'s 16 MB),
     with the patches on the whole batch at once; each measured the faster in a standalone script
     (batch 1024, 5x5, one filter, 28x28x1: 21-24 ms in chunks of 32-128 against 46 whole;
