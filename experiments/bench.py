@@ -221,12 +221,13 @@ def peer_worker(conn, peer: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def jax_methods(jax, jaxbp, spec, chosen=None, batch=None, variants=False):
+def jax_methods(jax, jaxbp, spec, chosen=None, batch=None, variants=False, forms=None):
     """name -> jitted fn for one spec; every fn takes (params, opt_state, x, y).
 
     chosen: None, or the formulation `choose_formulation` picks for the point (of batch size
     `batch`); then every other formulation of the manual step is added too, a chunk of at least
     the batch counted once, as the whole batch.
+    forms: the forms paired with --formulations (None: all of `jaxbp.batched.FORMS`).
     variants: also the variants of the steps that were measured and not adopted (`variant_methods`).
     """
     import optax
@@ -255,7 +256,7 @@ def jax_methods(jax, jaxbp, spec, chosen=None, batch=None, variants=False):
     }
     if chosen is not None:
         # Every pair of forms at the chunk the rule picks, and the rule's forms at other chunks.
-        pairs = itertools.product(batched.FORMS, batched.FORMS)
+        pairs = itertools.product(forms or batched.FORMS, forms or batched.FORMS)
         forms = [batched.Formulation(f, g, chosen.chunk) for f, g in pairs]
         forms += [chosen._replace(chunk=c) for c in (None, *FORMULATION_CHUNKS) if c != chosen.chunk]
         forms = [f._replace(chunk=None) if (f.chunk or batch) >= batch else f for f in forms]
@@ -444,7 +445,9 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
                 progress.write(f"{name} disagrees with jaxbp at {point}: rel error {err:.2e}; not timed")
 
     chosen = jaxbp.choose_formulation(spec, batch, itemsize=dtype.itemsize)
-    methods = jax_methods(jax, jaxbp, spec, chosen if args.formulations else None, batch, args.variants)
+    methods = jax_methods(
+        jax, jaxbp, spec, chosen if args.formulations else None, batch, args.variants, args.forms
+    )
     result["chosen_formulation"] = f"{chosen.forward}/{chosen.filter_grad}/{chosen.chunk or 'all'}"
     if batch == 1:
         for name in ("per_ex_manual", "per_ex_autodiff", "per_ex_dW_write"):
@@ -746,6 +749,9 @@ def parse_args(argv=None):
     )
     parser.add_argument("--matmul-n", type=int, default=1024, help="size of the reference matmul")
     parser.add_argument("--formulations", action="store_true", help="also time each manual formulation")
+    parser.add_argument(
+        "--forms", nargs="+", help="with --formulations, pair only these forms (default: all)"
+    )
     parser.add_argument("--variants", action="store_true", help="also time the variants (above)")
     parser.add_argument("--skip-vmap-steps", action="store_true", help="do not time the two *_vmap steps")
     parser.add_argument("--no-peers", action="store_true", help="skip PyTorch and NumPy")
@@ -772,7 +778,10 @@ def main(argv=None) -> None:
     from tqdm import tqdm
 
     import jaxbp
+    from jaxbp.batched import FORMS
 
+    if args.forms and not set(args.forms) <= set(FORMS):
+        raise SystemExit(f"--forms must be among {FORMS}, got {args.forms}")
     grid = dict(QUICK if args.quick else GRID)
     for key, value in (("batch", args.batches), ("filters", args.filters), ("kernel", args.kernels)):
         if value:

@@ -28,6 +28,12 @@ shape of the work XLA sees, and on a CPU that is where the time goes (measured b
 * **Patches (im2col), built once, used twice.** ``P`` (M x kh kw C, M = N Ho Wo) holds every
   receptive field; then Z1 = P @ f and dE/df = P^T @ delta1 are two plain matmuls, the only form
   in which XLA's CPU reaches matmul speed for more than a few filters.
+* **Toeplitz row slabs: the patches' matmul with a smaller write.** Neighbouring output columns
+  share most of their receptive fields, so instead of P each row of ``R`` holds the kh input
+  rows under an output row across the columns that a block of jb = 4 output columns reads, and
+  f becomes a banded (doubly blocked) Toeplitz matrix T with the same zeros in every block:
+  Z1 = R @ T and dE/df = the band of delta1^T R. For 5x5 filters R holds 10 numbers per
+  output position against the patches' 25, for span / kw = 1.6x the multiplies, at matmul speed.
 * **Taps (shift-and-add), for few channels times filters.** ``Z1 = sum_ab tap_ab(X) f[a, b]``
   with tap_ab a strided slice of the padded input: XLA fuses the slices, multiply-adds and the
   sigmoid into one loop, so neither P nor Z1 is written. dE/df is then one XLA conv with the
@@ -57,6 +63,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxbp import ops
@@ -65,8 +72,8 @@ from jaxbp.params import Params
 from jaxbp.spec import DIMENSION_NUMBERS
 from jaxbp.spec import ConvNetSpec
 
-ConvForm = Literal["taps", "patches", "conv"]
-FORMS = ("taps", "patches", "conv")
+ConvForm = Literal["taps", "patches", "toeplitz", "conv"]
+FORMS = ("taps", "patches", "toeplitz", "conv")
 
 
 class Formulation(NamedTuple):
@@ -74,10 +81,12 @@ class Formulation(NamedTuple):
 
     Attributes:
       forward: Z1 = conv(X, f) as "taps" (shift-and-add over the kh*kw taps, fused with the
-        sigmoid), "patches" (the im2col matrix P times f) or "conv" (one XLA convolution).
+        sigmoid), "patches" (the im2col matrix P times f), "toeplitz" (row slabs R times the
+        banded Toeplitz matrix of f) or "conv" (one XLA convolution).
       filter_grad: dE/df as "taps" (each tap contracted with delta1), "patches" (P^T delta1, with
-        the P of the forward when both use it) or "conv" (one XLA convolution with the batch as
-        the contracted axis).
+        the P of the forward when both use it), "toeplitz" (delta1^T R folded along the band,
+        with the R of the forward when both use it) or "conv" (one XLA convolution with the
+        batch as the contracted axis).
       chunk: examples per `lax.scan` step; None runs the whole batch at once.
     """
 
@@ -101,7 +110,20 @@ class Formulation(NamedTuple):
 #   4.7 against 4.0; 1024: 37.2 against 20.3; in the run before 1.35x and 2.15x). So the taps
 #   only below C K = 8; 32x32x3 with 8 filters (C K = 24) had the patches ahead at batch 256
 #   and 1024 with 5x5 (14.1 against 19.9, 67.5 against 68.3) and the taps ahead at batch 32.
-# * From C K = 8 on, patches/patches. The pick was within 1.10x of the fastest formulation at
+# * From C K = 8 on, for 5x5 filters the Toeplitz row slabs for both convolutions, for 3x3 the
+#   patches. Two runs of the patches against the Toeplitz form at the same chunk, 12 points each
+#   with 5x5 and 3x3, 8 and 32 filters (experiments/results/bench_formulations_toeplitz.md, and
+#   bench_formulations_toeplitz_5x5.md with 5 repeats; both run from this commit's working tree):
+#   with 5x5 the Toeplitz form was ahead at 7 and 8 of 12 points and behind by more than 1.1x at
+#   2 and 1 (batch 256, 32x32x3, 8 filters: 12.2 against 23.8 ms and 14.5 against 45.6; the
+#   headline, batch 256, 28x28x1, 8 filters: 6.36 against 7.51 ms in the second run); with 3x3
+#   the patches were ahead at 7 of 12 (batch 1024, 32x32x3, 8 filters: 43.7 against 103 ms).
+#   A 3x3 band does 2x the patches' multiplies (span / kw = 6 / 3) to save 4.5 of 9 numbers
+#   written per position and input channel; a 5x5 one 1.6x to save 15 of 25. The rule takes the
+#   Toeplitz form up to 1.6x the multiplies (a standalone sweep of jb at the headline chunk,
+#   forward and dE/df only: jb = 2-12 all 2.4-3.0 ms against the patches' 4.05; jb = 24, the
+#   whole row, 3.5).
+# * Before the Toeplitz form, patches/patches from C K = 8 on. The pick was within 1.10x of the fastest formulation at
 #   21 of 36 points and within 1.2x at 26; the fastest pair was most often another chunk of
 #   the same forms, or XLA's conv for one of the two convolutions, each by a margin that moved
 #   between runs (batch 256, 32x32x3, 5x5, 32 filters: conv/conv 34.3 against 47.4 ms here,
@@ -124,6 +146,8 @@ class Formulation(NamedTuple):
 TAPS_BELOW_CHANNELS_X_FILTERS = 8
 CHUNK_WORKING_SET_BYTES = 16 * 2**20
 MAX_CHUNK = 128
+TOEPLITZ_BLOCK = 4
+TOEPLITZ_MAX_MULTIPLY_RATIO = 1.6
 
 
 def choose_formulation(
@@ -140,10 +164,20 @@ def choose_formulation(
     backend = jax.default_backend() if backend is None else backend
     if backend != "cpu":
         return Formulation("conv", "conv", None)
-    taps = spec.in_shape[2] * spec.n_filters < TAPS_BELOW_CHANNELS_X_FILTERS
-    form: ConvForm = "taps" if taps else "patches"
-    filter_grad: ConvForm = "conv" if batch == 1 or taps else "patches"
-    return Formulation(form, filter_grad, working_set_chunk(spec, batch, itemsize))
+    chunk = working_set_chunk(spec, batch, itemsize)
+    if spec.in_shape[2] * spec.n_filters < TAPS_BELOW_CHANNELS_X_FILTERS:
+        return Formulation("taps", "conv", chunk)
+    if batch == 1:
+        return Formulation("patches", "conv", None)
+    form: ConvForm = "toeplitz" if toeplitz_multiply_ratio(spec) <= TOEPLITZ_MAX_MULTIPLY_RATIO else "patches"
+    return Formulation(form, form, chunk)
+
+
+def toeplitz_multiply_ratio(spec: ConvNetSpec) -> float:
+    """The Toeplitz form's multiplies over the patches': span / kw, a block's input columns per
+    filter column (1.6 for 5x5 with jb = 4, 2.0 for 3x3)."""
+    _, _, span = toeplitz_blocks(spec)
+    return span / spec.kernel_size[1]
 
 
 def working_set_chunk(
@@ -309,6 +343,104 @@ def filter_grad_patches(
     return jnp.dot(patches.T, d1, precision=spec.precision).reshape(kh, kw, -1, d1.shape[-1])
 
 
+def toeplitz_blocks(spec: ConvNetSpec) -> tuple[int, int, int]:
+    """(jb, nb, span): output columns per block, blocks per row (the last one padded), and the
+    input columns one block reads, (jb - 1) s_w + (kw - 1) d_w + 1."""
+    _, wo, _ = spec.h1_shape
+    jb = min(TOEPLITZ_BLOCK, wo)
+    (_, kw), (_, sw), (_, dw) = spec.kernel_size, spec.stride, spec.dilation
+    return jb, -(-wo // jb), (jb - 1) * sw + (kw - 1) * dw + 1
+
+
+def toeplitz_selection(spec: ConvNetSpec, dtype) -> jax.Array:
+    """S[b, w, j] = 1 where input column w of a block meets filter column b at output column j
+    (w = j s_w + b d_w), else 0: a constant that places f in, and folds dE/df out of, the band."""
+    (_, kw), (_, sw), (_, dw) = spec.kernel_size, spec.stride, spec.dilation
+    jb, _, span = toeplitz_blocks(spec)
+    b, w, j = np.ogrid[:kw, :span, :jb]
+    return jnp.asarray(w == j * sw + b * dw, dtype)
+
+
+def toeplitz_rows(x: jax.Array, spec: ConvNetSpec) -> jax.Array:
+    r"""R, the row slabs: row (n, i, s) holds the kh input rows under output row i, across the
+    span of input columns that block s of jb output columns reads.
+
+    .. math:: R[(n, i, s), (a, w, c)] = X_{pad}[n,\, a d_h + i s_h,\, s\, j_b s_w + w,\, c]
+
+    Each input number is copied about kh span / jb times per output position (10 for 5x5 with
+    jb = 4) where the patches copy it kh kw times (25): the receptive fields of neighbouring
+    output columns overlap, and one slab serves jb of them.
+
+    Returns:
+      (N Ho nb, kh span C) slabs, nb = ceil(Wo / jb) blocks per row; X_pad is widened with
+      zeros on the right when Wo is not a multiple of jb (those outputs are dropped).
+    """
+    x_pad = pad_input(x, spec)
+    (kh, _), (sh, sw), (dh, _) = spec.kernel_size, spec.stride, spec.dilation
+    ho, _, _ = spec.h1_shape
+    jb, nb, span = toeplitz_blocks(spec)
+    width = (nb - 1) * jb * sw + span
+    if width > x_pad.shape[2]:
+        x_pad = jnp.pad(x_pad, ((0, 0), (0, 0), (0, width - x_pad.shape[2]), (0, 0)))
+    n, c = x.shape[0], x.shape[-1]
+    # slabs[n, i, a, w, c] = X_pad[n, a dh + i sh, w, c], then blocks of columns of those
+    slabs = [lax.slice_in_dim(x_pad, a * dh, a * dh + (ho - 1) * sh + 1, sh, axis=1) for a in range(kh)]
+    slabs = jnp.stack(slabs, axis=2)
+    blocks = [lax.slice_in_dim(slabs, s * jb * sw, s * jb * sw + span, axis=3) for s in range(nb)]
+    return jnp.stack(blocks, axis=2).reshape(n * ho * nb, kh * span * c)
+
+
+def conv_forward_toeplitz(rows: jax.Array, f: jax.Array, spec: ConvNetSpec) -> jax.Array:
+    r"""Z1 = conv(X, f) = R @ T(f), T the banded (doubly blocked) Toeplitz matrix of the filters.
+
+    .. math::
+       T[(a, w, c), (j, k)] = \sum_b S[b, w, j]\, f[a, b, c, k] = f[a, (w - j s_w) / d_w, c, k]
+       \text{ on the band, else } 0
+
+    so (R T)[(n, i, s), (j, k)] = sum_{a,b,c} X_pad[n, a d_h + i s_h, (s j_b + j) s_w + b d_w, c]
+    f[a, b, c, k] = Z1[n, i, s j_b + j, k]: the forward formula, plus exact zeros off the band.
+    One matmul of (N Ho nb, kh span C) x (kh span C, jb K) with jb K columns; the patches' is
+    (N Ho Wo, kh kw C) x (kh kw C, K). It does span / kw more multiplies (1.6x for 5x5, jb = 4)
+    and writes 10 instead of 25 numbers per output position for 5x5: on this CPU the write of P
+    costs more than its matmul (see `choose_formulation`).
+
+    Returns:
+      (N, Ho, Wo, K) Z1.
+    """
+    kh, kw, c, k = f.shape
+    jb, nb, span = toeplitz_blocks(spec)
+    S = toeplitz_selection(spec, f.dtype)
+    T = jnp.einsum("bwj,abck->awcjk", S, f, precision=spec.precision).reshape(kh * span * c, jb * k)
+    z = jnp.dot(rows, T, precision=spec.precision)
+    ho, wo, _ = spec.h1_shape
+    return z.reshape(-1, ho, nb * jb, k)[:, :, :wo]
+
+
+def filter_grad_toeplitz(
+    rows: jax.Array, delta1: jax.Array, spec: ConvNetSpec, transposed: bool = False
+) -> jax.Array:
+    r"""dE/df from R: G = delta1^T R, the gradient of the band T, folded back onto f.
+
+    Since Z1 = R T and T is linear in f, dE/dT = R^T delta1 and dE/df[a, b, c, k] =
+    sum_{w, j} S[b, w, j] dE/dT[(a, w, c), (j, k)]: the sum over a block's jb output columns of
+    the slabs' column j s_w + b d_w times delta1. G is computed filters first, (jb K, kh span C),
+    as `filter_grad_patches` does; delta1 is padded with zeros to nb jb columns, so the columns
+    `toeplitz_rows` added contribute nothing.
+
+    Returns:
+      (kh, kw, C, K) dE/df, or with ``transposed`` (K, kh kw C).
+    """
+    kh, kw = spec.kernel_size
+    ho, wo, k = spec.h1_shape
+    jb, nb, span = toeplitz_blocks(spec)
+    d1 = jnp.pad(delta1, ((0, 0), (0, 0), (0, nb * jb - wo), (0, 0))).reshape(-1, jb * k)
+    G = jnp.dot(d1.T, rows, precision=spec.precision).reshape(jb, k, kh, span, -1)
+    S = toeplitz_selection(spec, G.dtype)
+    if transposed:
+        return jnp.einsum("bwj,jkawc->kabc", S, G, precision=spec.precision).reshape(k, -1)
+    return jnp.einsum("bwj,jkawc->abck", S, G, precision=spec.precision)
+
+
 def filter_grad_conv(x: jax.Array, delta1: jax.Array, spec: ConvNetSpec) -> jax.Array:
     r"""dE/df as one convolution in which the batch is the contracted feature axis
     (`ops.conv2d_filter_vjp_sum`: x as (C, H, W, N), delta1 as (Ho, Wo, N, K), N contracted).
@@ -351,11 +483,15 @@ def chunk_sums(
     batch 256, 28x28x1, 8 filters: 52 ms transposed against 29).
     """
     m = x.shape[0]
-    patches = conv_patches(x, spec) if "patches" in (form.forward, form.filter_grad) else None
+    forms = (form.forward, form.filter_grad)
+    patches = conv_patches(x, spec) if "patches" in forms else None
+    rows = toeplitz_rows(x, spec) if "toeplitz" in forms else None
 
     # Forward, keeping H1 (m, D) and O (m, n_out).
     if form.forward == "patches":
         Z1 = conv_forward_patches(patches, params.f, spec)
+    elif form.forward == "toeplitz":
+        Z1 = conv_forward_toeplitz(rows, params.f, spec)
     elif form.forward == "taps":
         Z1 = conv_forward_taps(x, params.f, spec)
     else:
@@ -381,6 +517,8 @@ def chunk_sums(
     delta1 = (dE_dH1 * (H1 * (1 - H1))).reshape(m, *spec.h1_shape)  # dE/dZ1, one fused pass
     if form.filter_grad == "patches":
         dE_df = filter_grad_patches(patches, delta1, spec, transposed)
+    elif form.filter_grad == "toeplitz":
+        dE_df = filter_grad_toeplitz(rows, delta1, spec, transposed)
     else:
         dE_df_of = filter_grad_taps if form.filter_grad == "taps" else filter_grad_conv
         dE_df = dE_df_of(x, delta1, spec)

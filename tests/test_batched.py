@@ -18,15 +18,19 @@ import jaxbp
 from jaxbp import batched
 from jaxbp.check import tree_relative_error
 
-# Every pair of forms on the whole batch; chunking is independent of the forms, so each form once
-# in chunks of 2 (a batch of 3 or 5 also leaves a remainder chunk, of one example with 3 and 5),
-# the two mixed pairs that choose_formulation picks in chunks of 2, and chunks of one example.
+# Every pair of the taps, patches and conv on the whole batch, and the Toeplitz form for both
+# convolutions (sharing R), for the forward alone and for dE/df alone (each form's code is the
+# same whatever the other one is); chunking is independent of the forms, so each form once in
+# chunks of 2 (a batch of 3 or 5 also leaves a remainder chunk, of one example with 3 and 5), the
+# mixed pairs that choose_formulation picks in chunks of 2, and chunks of one example.
+PAIRS = [*itertools.product(("taps", "patches", "conv"), repeat=2)]
+PAIRS += [("toeplitz", "toeplitz"), ("toeplitz", "conv"), ("taps", "toeplitz")]
 CHUNKED = [batched.Formulation(form, form, 2) for form in batched.FORMS] + [
     batched.Formulation("taps", "conv", 2),
     batched.Formulation("patches", "conv", 2),
     batched.Formulation("taps", "taps", 1),
 ]
-FORMULATIONS = [batched.Formulation(*f) for f in itertools.product(batched.FORMS, batched.FORMS)] + CHUNKED
+FORMULATIONS = [batched.Formulation(*f) for f in PAIRS] + CHUNKED
 
 
 def all_formulations(params, x, y, spec):
@@ -82,6 +86,38 @@ def test_taps_reassemble_the_convolution():
     np.testing.assert_allclose(batched.conv_forward_patches(patches, params.f, spec), conv, rtol=1e-12)
 
 
+def test_toeplitz_rows_and_band_reassemble_the_convolution():
+    # Wo = 6 with a stride of 1 and a dilation of 2 in W, and 3 with a stride of 2: one block of
+    # 4 and a padded one, and a single block narrower than TOEPLITZ_BLOCK.
+    for stride in ((2, 1), (1, 2)):
+        spec = jaxbp.ConvNetSpec(
+            in_shape=(9, 7, 2),
+            n_filters=3,
+            kernel_size=(3, 2),
+            stride=stride,
+            padding=((1, 2), (0, 1)),
+            dilation=2,
+        )
+        params, x, _ = problem(spec, 1, 3)
+        (kh, kw), (_, sw), (_, dw) = spec.kernel_size, spec.stride, spec.dilation
+        ho, wo, _ = spec.h1_shape
+        jb, nb, span = batched.toeplitz_blocks(spec)
+        assert (jb, nb, span) == {1: (4, 2, 6), 2: (3, 1, 7)}[sw]  # span (jb - 1) s_w + (kw - 1) d_w + 1
+        rows = batched.toeplitz_rows(x, spec).reshape(3, ho, nb, kh, span, 2)
+        patches = batched.conv_patches(x, spec).reshape(3, ho, wo, kh, kw, 2)
+        # R's column j s_w + b d_w of block s is the patches' column b of output column s jb + j.
+        for j, b in itertools.product(range(jb), range(kw)):
+            for s in range(nb):
+                if s * jb + j < wo:
+                    np.testing.assert_array_equal(
+                        rows[:, :, s, :, j * sw + b * dw], patches[:, :, s * jb + j, :, b]
+                    )
+        conv = batched.conv_forward_conv(x, params.f, spec)
+        np.testing.assert_allclose(
+            batched.conv_forward_toeplitz(batched.toeplitz_rows(x, spec), params.f, spec), conv, rtol=1e-12
+        )
+
+
 @settings(max_examples=20)
 @given(spec=specs(), batch=st.integers(1, 4), seed=st.integers(0, 2**16))
 def test_per_example_grads_equal_vmap_of_the_slides_per_example_backward_float64(spec, batch, seed):
@@ -95,16 +131,25 @@ def test_choose_formulation_by_backend_channels_filters_and_working_set():
     few = jaxbp.ConvNetSpec(in_shape=(8, 8, 3), n_filters=2, kernel_size=3, n_out=2)
     assert batched.choose_formulation(few, 4, "cpu") == batched.Formulation("taps", "conv", None)
     assert batched.choose_formulation(few, 4, "gpu") == batched.Formulation("conv", "conv", None)
-    # The taps while C K < 8, the patches from there on.
-    cases = [(1, 7, "taps"), (3, 2, "taps"), (1, 8, "patches"), (3, 3, "patches"), (8, 1, "patches")]
-    for c, k, form in cases:
-        spec = jaxbp.ConvNetSpec(in_shape=(8, 8, c), n_filters=k, kernel_size=3, n_out=2)
-        expected = batched.Formulation(form, "conv" if form == "taps" else "patches", None)
-        assert batched.choose_formulation(spec, 4, "cpu") == expected, (c, k)
+    # The taps while C K < 8; from there on the Toeplitz form where its band costs at most 1.6x
+    # the patches' multiplies (span / kw: 5x5 1.6, 3x3 2.0, 5x5 dilated by 2 2.4), else the patches.
+    cases = [(1, 7, 3, 1, "taps"), (3, 2, 5, 1, "taps"), (1, 8, 3, 1, "patches"), (3, 3, 3, 1, "patches")]
+    cases += [
+        (8, 1, 5, 1, "toeplitz"),
+        (1, 8, 5, 1, "toeplitz"),
+        (1, 8, 5, 2, "patches"),
+        (1, 8, 7, 1, "toeplitz"),
+    ]
+    for c, k, kernel, dilation, form in cases:
+        spec = jaxbp.ConvNetSpec(
+            in_shape=(16, 16, c), n_filters=k, kernel_size=kernel, dilation=dilation, n_out=2
+        )
+        expected = batched.Formulation(form, "conv" if form == "taps" else form, None)
+        assert batched.choose_formulation(spec, 4, "cpu") == expected, (c, k, kernel, dilation)
     # The grid's largest point: 784 * (3 * 32 + 75) * 4 bytes = 536 kB per example, so about
     # 16 MB / 536 kB = 31 examples per chunk, rounded to the power of two 32.
     big = jaxbp.ConvNetSpec(in_shape=(32, 32, 3), n_filters=32, kernel_size=5, n_out=10)
-    assert batched.choose_formulation(big, 1024, "cpu") == batched.Formulation("patches", "patches", 32)
+    assert batched.choose_formulation(big, 1024, "cpu") == batched.Formulation("toeplitz", "toeplitz", 32)
     assert batched.choose_formulation(big, 1024, "cpu", itemsize=8).chunk == 16
     assert batched.choose_formulation(big, 32, "cpu").chunk is None  # the whole batch is one chunk
     # Taps: 784 * (3 * 1 + 75) * 4 bytes = 245 kB per example, 68 in 16 MB, rounded to 64.
