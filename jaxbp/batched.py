@@ -114,10 +114,12 @@ class Formulation(NamedTuple):
 #   patches. Two runs of the patches against the Toeplitz form at the same chunk, 12 points each
 #   with 5x5 and 3x3, 8 and 32 filters (experiments/results/bench_formulations_toeplitz.md, and
 #   bench_formulations_toeplitz_5x5.md with 5 repeats; both run from this commit's working tree):
-#   with 5x5 the Toeplitz form was ahead at 7 and 8 of 12 points and behind by more than 1.1x at
-#   2 and 1 (batch 256, 32x32x3, 8 filters: 12.2 against 23.8 ms and 14.5 against 45.6; the
-#   headline, batch 256, 28x28x1, 8 filters: 6.36 against 7.51 ms in the second run); with 3x3
-#   the patches were ahead at 7 of 12 (batch 1024, 32x32x3, 8 filters: 43.7 against 103 ms).
+#   with 5x5 the Toeplitz form was ahead at 8 and 7 of 12 points and behind by more than 1.1x
+#   at 3 in each run, the same point often moving from one side to the other (the headline,
+#   batch 256, 28x28x1, 8 filters: 12.2 against 7.19 ms in the first run, 6.36 against 7.51 in
+#   the second; batch 256, 32x32x3, 8 filters: 41.4 against 23.8, then 14.5 against 45.6); with
+#   3x3 the patches were ahead by more than 1.1x at 7 of 12 (batch 1024, 32x32x3, 8 filters:
+#   43.7 against 103 ms). (Counted by comparing the two forms' medians at the rule's chunk.)
 #   A 3x3 band does 2x the patches' multiplies (span / kw = 6 / 3) to save 4.5 of 9 numbers
 #   written per position and input channel; a 5x5 one 1.6x to save 15 of 25. The rule takes the
 #   Toeplitz form up to 1.6x the multiplies (a standalone sweep of jb at the headline chunk,
