@@ -125,11 +125,11 @@ class Formulation(NamedTuple):
 #   Toeplitz form up to 1.6x the multiplies (a standalone sweep of jb at the headline chunk,
 #   forward and dE/df only: jb = 2-12 all 2.4-3.0 ms against the patches' 4.05; jb = 24, the
 #   whole row, 3.5).
-# * Before the Toeplitz form, patches/patches from C K = 8 on. The pick was within 1.10x of the fastest formulation at
-#   21 of 36 points and within 1.2x at 26; the fastest pair was most often another chunk of
-#   the same forms, or XLA's conv for one of the two convolutions, each by a margin that moved
-#   between runs (batch 256, 32x32x3, 5x5, 32 filters: conv/conv 34.3 against 47.4 ms here,
-#   44.3 against 39.9 in the run before).
+# * Before the Toeplitz form, patches/patches from C K = 8 on (bench_formulations.md). The pick was within
+#   1.10x of the fastest formulation at 21 of 36 points and within 1.2x at 26; the fastest pair was most often
+#   another chunk of the same forms, or XLA's conv for one of the two convolutions, each by a margin that
+#   moved between runs (batch 256, 32x32x3, 5x5, 32 filters: conv/conv 34.3 against 47.4 ms here, 44.3 against
+#   39.9 in the run before).
 # * Chunks help every form from batch 256 on: 1024, 32x32x3, 5x5, 32 filters 165 ms in chunks
 #   of 32 against 422 whole; 1024, 28x28x1, 5x5, 8 filters 27.4 in 128 against 86. The patches
 #   write about kh kw C numbers per output position besides Z1, H1 and delta1, and a chunk
