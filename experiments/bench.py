@@ -257,10 +257,10 @@ def jax_methods(jax, jaxbp, spec, chosen=None, batch=None, variants=False, forms
     if chosen is not None:
         # Every pair of forms at the chunk the rule picks, and the rule's forms at other chunks.
         pairs = itertools.product(forms or batched.FORMS, forms or batched.FORMS)
-        forms = [batched.Formulation(f, g, chosen.chunk) for f, g in pairs]
-        forms += [chosen._replace(chunk=c) for c in (None, *FORMULATION_CHUNKS) if c != chosen.chunk]
-        forms = [f._replace(chunk=None) if (f.chunk or batch) >= batch else f for f in forms]
-        for form in dict.fromkeys(forms):
+        timed = [batched.Formulation(f, g, chosen.chunk) for f, g in pairs]
+        timed += [chosen._replace(chunk=c) for c in (None, *FORMULATION_CHUNKS) if c != chosen.chunk]
+        timed = [f._replace(chunk=None) if (f.chunk or batch) >= batch else f for f in timed]
+        for form in dict.fromkeys(timed):
 
             def vg(p, s, x, y, form=form):
                 E, g = batched.value_and_grads(p, x, y, spec, formulation=form)
@@ -782,6 +782,8 @@ def main(argv=None) -> None:
 
     if args.forms and not set(args.forms) <= set(FORMS):
         raise SystemExit(f"--forms must be among {FORMS}, got {args.forms}")
+    if args.forms and not args.formulations:
+        raise SystemExit("--forms only applies with --formulations")
     grid = dict(QUICK if args.quick else GRID)
     for key, value in (("batch", args.batches), ("filters", args.filters), ("kernel", args.kernels)):
         if value:

@@ -32,8 +32,9 @@ shape of the work XLA sees, and on a CPU that is where the time goes (measured b
   share most of their receptive fields, so instead of P each row of ``R`` holds the kh input
   rows under an output row across the columns that a block of jb = 4 output columns reads, and
   f becomes a banded (doubly blocked) Toeplitz matrix T with the same zeros in every block:
-  Z1 = R @ T and dE/df = the band of delta1^T R. For 5x5 filters R holds 10 numbers per
-  output position against the patches' 25, for span / kw = 1.6x the multiplies, at matmul speed.
+  Z1 = R @ T and dE/df = the band of delta1^T R, two plain matmuls. For 5x5 filters R holds 10
+  numbers per output position and input channel against the patches' 25, for span / kw = 1.6x
+  the multiplies.
 * **Taps (shift-and-add), for few channels times filters.** ``Z1 = sum_ab tap_ab(X) f[a, b]``
   with tap_ab a strided slice of the padded input: XLA fuses the slices, multiply-adds and the
   sigmoid into one loop, so neither P nor Z1 is written. dE/df is then one XLA conv with the
@@ -58,6 +59,7 @@ measurement. Nothing here calls an autodiff transform.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Literal
 from typing import NamedTuple
 
@@ -122,9 +124,14 @@ class Formulation(NamedTuple):
 #   43.7 against 103 ms). (Counted by comparing the two forms' medians at the rule's chunk.)
 #   A 3x3 band does 2x the patches' multiplies (span / kw = 6 / 3) to save 4.5 of 9 numbers
 #   written per position and input channel; a 5x5 one 1.6x to save 15 of 25. The rule takes the
-#   Toeplitz form up to 1.6x the multiplies (a standalone sweep of jb at the headline chunk,
-#   forward and dE/df only: jb = 2-12 all 2.4-3.0 ms against the patches' 4.05; jb = 24, the
-#   whole row, 3.5).
+#   Toeplitz form up to 1.6x the multiplies, blocks padded to jb included (a standalone sweep of
+#   jb at the headline chunk, forward and dE/df only, not committed: jb = 2-12 all 2.4-3.0 ms
+#   against the patches' 4.05; jb = 24, the whole row, 3.5). Wider filters (7x7: 1.43x) get the
+#   Toeplitz form by that rule without having been measured. The first of the two runs had the
+#   Toeplitz form picked for 3x3 too (its "chosen" column); there it was ahead at 5 of 12 3x3
+#   points, by up to 1.45x (batch 32, 32x32x3, 32 filters). The chunk is still sized by the
+#   patches' kh kw C numbers per position (R holds 0.4x that); other chunks were ahead at some
+#   points, by margins that moved between the runs.
 # * Before the Toeplitz form, patches/patches from C K = 8 on (bench_formulations.md). The pick was within
 #   1.10x of the fastest formulation at 21 of 36 points and within 1.2x at 26; the fastest pair was most often
 #   another chunk of the same forms, or XLA's conv for one of the two convolutions, each by a margin that
@@ -149,7 +156,7 @@ TAPS_BELOW_CHANNELS_X_FILTERS = 8
 CHUNK_WORKING_SET_BYTES = 16 * 2**20
 MAX_CHUNK = 128
 TOEPLITZ_BLOCK = 4
-TOEPLITZ_MAX_MULTIPLY_RATIO = 1.6
+TOEPLITZ_MAX_MULTIPLY_RATIO = Fraction(8, 5)
 
 
 def choose_formulation(
@@ -175,11 +182,12 @@ def choose_formulation(
     return Formulation(form, form, chunk)
 
 
-def toeplitz_multiply_ratio(spec: ConvNetSpec) -> float:
-    """The Toeplitz form's multiplies over the patches': span / kw, a block's input columns per
-    filter column (1.6 for 5x5 with jb = 4, 2.0 for 3x3)."""
-    _, _, span = toeplitz_blocks(spec)
-    return span / spec.kernel_size[1]
+def toeplitz_multiply_ratio(spec: ConvNetSpec) -> Fraction:
+    """The Toeplitz form's multiplies over the patches': nb jb span / (Wo kw), the band's input
+    columns per filter column, with the padded last block (8/5 for 5x5 when jb divides Wo; 2 or
+    more for 3x3)."""
+    jb, nb, span = toeplitz_blocks(spec)
+    return Fraction(nb * jb * span, spec.h1_shape[1] * spec.kernel_size[1])
 
 
 def working_set_chunk(
@@ -346,8 +354,8 @@ def filter_grad_patches(
 
 
 def toeplitz_blocks(spec: ConvNetSpec) -> tuple[int, int, int]:
-    """(jb, nb, span): output columns per block, blocks per row (the last one padded), and the
-    input columns one block reads, (jb - 1) s_w + (kw - 1) d_w + 1."""
+    """(jb, nb, span): output columns per block, blocks per row (the last one padded where jb
+    does not divide Wo), and the input columns one block reads, (jb - 1) s_w + (kw - 1) d_w + 1."""
     _, wo, _ = spec.h1_shape
     jb = min(TOEPLITZ_BLOCK, wo)
     (_, kw), (_, sw), (_, dw) = spec.kernel_size, spec.stride, spec.dilation
@@ -369,9 +377,9 @@ def toeplitz_rows(x: jax.Array, spec: ConvNetSpec) -> jax.Array:
 
     .. math:: R[(n, i, s), (a, w, c)] = X_{pad}[n,\, a d_h + i s_h,\, s\, j_b s_w + w,\, c]
 
-    Each input number is copied about kh span / jb times per output position (10 for 5x5 with
-    jb = 4) where the patches copy it kh kw times (25): the receptive fields of neighbouring
-    output columns overlap, and one slab serves jb of them.
+    R holds kh span C / jb numbers per output position (10 per input channel for 5x5 with
+    jb = 4, stride 1) where the patches hold kh kw C (25 per channel): the receptive fields of
+    neighbouring output columns overlap, and one slab serves jb of them.
 
     Returns:
       (N Ho nb, kh span C) slabs, nb = ceil(Wo / jb) blocks per row; X_pad is widened with
@@ -402,9 +410,10 @@ def conv_forward_toeplitz(rows: jax.Array, f: jax.Array, spec: ConvNetSpec) -> j
     so (R T)[(n, i, s), (j, k)] = sum_{a,b,c} X_pad[n, a d_h + i s_h, (s j_b + j) s_w + b d_w, c]
     f[a, b, c, k] = Z1[n, i, s j_b + j, k]: the forward formula, plus exact zeros off the band.
     One matmul of (N Ho nb, kh span C) x (kh span C, jb K) with jb K columns; the patches' is
-    (N Ho Wo, kh kw C) x (kh kw C, K). It does span / kw more multiplies (1.6x for 5x5, jb = 4)
-    and writes 10 instead of 25 numbers per output position for 5x5: on this CPU the write of P
-    costs more than its matmul (see `choose_formulation`).
+    (N Ho Wo, kh kw C) x (kh kw C, K). It does span / kw times the multiplies (1.6x for 5x5,
+    jb = 4) and writes 10 instead of 25 numbers per output position and input channel for 5x5:
+    on this CPU building P took longer than its matmul (a standalone timing at the headline's
+    chunk of 128 examples, not committed: 2.7 ms to build P, 1.3 for P @ f).
 
     Returns:
       (N, Ho, Wo, K) Z1.
@@ -426,8 +435,8 @@ def filter_grad_toeplitz(
     Since Z1 = R T and T is linear in f, dE/dT = R^T delta1 and dE/df[a, b, c, k] =
     sum_{w, j} S[b, w, j] dE/dT[(a, w, c), (j, k)]: the sum over a block's jb output columns of
     the slabs' column j s_w + b d_w times delta1. G is computed filters first, (jb K, kh span C),
-    as `filter_grad_patches` does; delta1 is padded with zeros to nb jb columns, so the columns
-    `toeplitz_rows` added contribute nothing.
+    as `filter_grad_patches` does; delta1 is padded with zeros to nb jb columns, so the output
+    columns of a padded last block (s jb + j >= Wo) contribute nothing.
 
     Returns:
       (kh, kw, C, K) dE/df, or with ``transposed`` (K, kh kw C).

@@ -131,22 +131,21 @@ def test_choose_formulation_by_backend_channels_filters_and_working_set():
     few = jaxbp.ConvNetSpec(in_shape=(8, 8, 3), n_filters=2, kernel_size=3, n_out=2)
     assert batched.choose_formulation(few, 4, "cpu") == batched.Formulation("taps", "conv", None)
     assert batched.choose_formulation(few, 4, "gpu") == batched.Formulation("conv", "conv", None)
-    # The taps while C K < 8; from there on the Toeplitz form where its band costs at most 1.6x
-    # the patches' multiplies (span / kw: 5x5 1.6, 3x3 2.0, 5x5 dilated by 2 2.4), else the patches.
-    cases = [(1, 7, 3, 1, "taps"), (3, 2, 5, 1, "taps"), (1, 8, 3, 1, "patches"), (3, 3, 3, 1, "patches")]
-    cases += [
-        (8, 1, 5, 1, "toeplitz"),
-        (1, 8, 5, 1, "toeplitz"),
-        (1, 8, 5, 2, "patches"),
-        (1, 8, 7, 1, "toeplitz"),
-    ]
-    for c, k, kernel, dilation, form in cases:
+    # The taps while C K < 8; from there on the Toeplitz form where its band costs at most 8/5 of
+    # the patches' multiplies (nb jb span / (Wo kw), for 16x16 inputs: 5x5 6 4 8 / (12 5) = 1.6;
+    # 3x3 4 4 6 / (14 3) = 2.29; 5x5 dilated by 2 2 4 12 / (8 5) = 2.4; 7x7 3 4 10 / (10 7) =
+    # 1.71, the padded last block included; 7x7 on 18x18, 3 4 10 / (12 7) = 1.43), else the patches.
+    cases = [(16, 1, 7, 3, 1, "taps"), (16, 3, 2, 5, 1, "taps"), (16, 1, 8, 3, 1, "patches")]
+    cases += [(16, 3, 3, 3, 1, "patches"), (16, 8, 1, 5, 1, "toeplitz"), (16, 1, 8, 5, 1, "toeplitz")]
+    cases += [(16, 1, 8, 5, 2, "patches"), (16, 1, 8, 7, 1, "patches"), (18, 1, 8, 7, 1, "toeplitz")]
+    for hw, c, k, kernel, dilation, form in cases:
         spec = jaxbp.ConvNetSpec(
-            in_shape=(16, 16, c), n_filters=k, kernel_size=kernel, dilation=dilation, n_out=2
+            in_shape=(hw, hw, c), n_filters=k, kernel_size=kernel, dilation=dilation, n_out=2
         )
         expected = batched.Formulation(form, "conv" if form == "taps" else form, None)
-        assert batched.choose_formulation(spec, 4, "cpu") == expected, (c, k, kernel, dilation)
-    # The grid's largest point: 784 * (3 * 32 + 75) * 4 bytes = 536 kB per example, so about
+        assert batched.choose_formulation(spec, 4, "cpu") == expected, (hw, c, k, kernel, dilation)
+    # The grid's largest point, the chunk sized by the patches' numbers per position for the
+    # Toeplitz form too: 784 * (3 * 32 + 75) * 4 bytes = 536 kB per example, so about
     # 16 MB / 536 kB = 31 examples per chunk, rounded to the power of two 32.
     big = jaxbp.ConvNetSpec(in_shape=(32, 32, 3), n_filters=32, kernel_size=5, n_out=10)
     assert batched.choose_formulation(big, 1024, "cpu") == batched.Formulation("toeplitz", "toeplitz", 32)
@@ -194,12 +193,15 @@ def conv_group_counts(fn, *args):
     return list(walk(jax.make_jaxpr(fn)(*args).jaxpr))
 
 
-@pytest.mark.parametrize("channels, filters, batch", [(3, 2, 5), (3, 2, 300), (1, 8, 5), (3, 8, 1)])
-def test_per_example_grads_never_group_a_conv_and_equal_the_slides_float64(channels, filters, batch):
+@pytest.mark.parametrize(
+    "channels, filters, kernel, batch",
+    [(3, 2, 3, 5), (3, 2, 3, 300), (1, 8, 3, 5), (3, 8, 3, 1), (1, 8, 5, 5)],
+)
+def test_per_example_grads_never_group_a_conv_and_equal_the_slides_float64(channels, filters, kernel, batch):
     # Few filters with several channels (taps, dE/df as XLA's conv for a batch), with and without
-    # lax.map chunks, and the patches (8 filters): per example there must be no grouped conv,
-    # which is what vmapping the conv dE/df would give.
-    spec = jaxbp.ConvNetSpec(in_shape=(6, 6, channels), n_filters=filters, kernel_size=3, n_out=3)
+    # lax.map chunks, the patches (8 filters, 3x3) and the Toeplitz form's pick (5x5): per example
+    # there must be no grouped conv, which is what vmapping the conv dE/df would give.
+    spec = jaxbp.ConvNetSpec(in_shape=(6, 6, channels), n_filters=filters, kernel_size=kernel, n_out=3)
     params, x, y = problem(spec, 7, batch)
     groups = conv_group_counts(lambda p, x, y: jaxbp.per_example_manual_grads(p, x, y, spec), params, x, y)
     assert all(g == 1 for g in groups), groups
