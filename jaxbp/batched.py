@@ -608,13 +608,24 @@ def value_and_grads(
 
 
 def per_example_formulation(spec: ConvNetSpec, batch: int, itemsize: int = 4) -> Formulation:
-    """The formulation for a vmapped batch of one: `choose_formulation`'s forward form for both
-    convolutions, whole. On the CPU never XLA's conv for dE/df: vmapped over examples, that conv
-    is a grouped conv with one group per example, which XLA's CPU runs slowly. Off the CPU the
-    conv (cuDNN's grouped convolutions), unmeasured.
+    """The formulation for a vmapped batch of one, whole: `choose_formulation`'s forward form, and
+    for dE/df the same form, except after the taps the Toeplitz form. On the CPU never XLA's
+    conv for dE/df: vmapped over examples, that conv is a grouped conv with one group per
+    example, which XLA's CPU runs slowly. Off the CPU the conv (cuDNN's grouped convolutions),
+    unmeasured.
+
+    Per example, dE/df after the taps forward is one (jb K, Ho nb) x (Ho nb, kh span C) matmul
+    per example with the Toeplitz form, against kh*kw dots with the taps. In a standalone
+    timing (not committed; one filter, `per_example_grads`' lax.map chunks, interleaved, while
+    another job shared the cores) per-example gradients took 1.1-2.1x the batch gradient with
+    the Toeplitz dE/df against 2.15-4.0x with the taps' dots (batch 256, 28x28x1, 5x5: 6.75
+    against 11.4 ms; 32x32x3: 27.0 against 51.4) and 1.9-6.5x with the patches. With 8 or more
+    filters, 3x3, the Toeplitz dE/df measured no faster than the patches (256, 28x28x1: 37.8
+    against 38.3 ms), and the output write dominates.
     """
     chosen = choose_formulation(spec, batch, itemsize=itemsize)
-    return Formulation(chosen.forward, chosen.forward, None)
+    filter_grad: ConvForm = "toeplitz" if chosen.forward == "taps" else chosen.forward
+    return Formulation(chosen.forward, filter_grad, None)
 
 
 def value_and_grads_example(
@@ -641,7 +652,7 @@ def value_and_grads_example(
 def per_example_grads(params: Params, x: jax.Array, y: jax.Array, spec: ConvNetSpec) -> Params:
     """Per-example gradients of a batch: `jax.vmap` of `value_and_grads_example`.
 
-    The forms are `per_example_formulation`'s. With the taps (C K < 8) the vmapped function
+    The forms are `per_example_formulation`'s. With the taps forward (C K < 8) the vmapped function
     runs on chunks of the batch under `lax.map` (``batch_size`` = `working_set_chunk`'s 16 MB),
     with the patches on the whole batch at once; each measured the faster in a standalone script
     (batch 1024, 5x5, one filter, 28x28x1: 21-24 ms in chunks of 32-128 against 46 whole;
