@@ -24,7 +24,7 @@ shape of the work XLA sees, and on a CPU that is where the time goes (measured b
   at batch 1024, and on this CPU writing and page-faulting those cost more than the arithmetic
   (at the largest grid point the patches of the whole batch are 240 MB; the step took 165 ms
   in chunks of 32 against 422 ms unchunked, experiments/results/bench_formulations.md, and
-  jax.grad's step 305 ms, bench.md).
+  jax.grad's step 305-320 ms in the bench.md runs).
 * **Patches (im2col), built once, used twice.** ``P`` (M x kh kw C, M = N Ho Wo) holds every
   receptive field; then Z1 = P @ f and dE/df = P^T @ delta1 are two plain matmuls, the only form
   in which XLA's CPU reaches matmul speed for more than a few filters.
@@ -122,12 +122,14 @@ class Formulation(NamedTuple):
 #   the second; batch 256, 32x32x3, 8 filters: 41.4 against 23.8, then 14.5 against 45.6); with
 #   3x3 the patches were ahead by more than 1.1x at 7 of 12 (batch 1024, 32x32x3, 8 filters:
 #   43.7 against 103 ms). (Counted by comparing the two forms' medians at the rule's chunk.)
-#   A 3x3 band does 2x the patches' multiplies (span / kw = 6 / 3) to save 4.5 of 9 numbers
+#   A 3x3 band does 2x the patches' multiplies (span / kw = 6 / 3; 2.13-2.15x with the padded
+#   last block at Wo = 26 and 30) to save 4.5 of 9 numbers
 #   written per position and input channel; a 5x5 one 1.6x to save 15 of 25. The rule takes the
 #   Toeplitz form up to 1.6x the multiplies, blocks padded to jb included (a standalone sweep of
 #   jb at the headline chunk, forward and dE/df only, not committed: jb = 2-12 all 2.4-3.0 ms
-#   against the patches' 4.05; jb = 24, the whole row, 3.5). Wider filters (7x7: 1.43x) get the
-#   Toeplitz form by that rule without having been measured. The first of the two runs had the
+#   against the patches' 4.05; jb = 24, the whole row, 3.5). Wider filters (7x7: 1.43x, about
+#   1.55x with the padded block on 28x28 and 32x32 inputs) get the Toeplitz form by that rule
+#   without having been measured. The first of the two runs had the
 #   Toeplitz form picked for 3x3 too (its "chosen" column); there it was ahead at 5 of 12 3x3
 #   points, by up to 1.45x (batch 32, 32x32x3, 32 filters). The chunk is still sized by the
 #   patches' kh kw C numbers per position (R holds 0.4x that); other chunks were ahead at some
@@ -615,13 +617,12 @@ def per_example_formulation(spec: ConvNetSpec, batch: int, itemsize: int = 4) ->
     unmeasured.
 
     Per example, dE/df after the taps forward is one (jb K, Ho nb) x (Ho nb, kh span C) matmul
-    per example with the Toeplitz form, against kh*kw dots with the taps. In a standalone
-    timing (not committed; one filter, `per_example_grads`' lax.map chunks, interleaved, while
-    another job shared the cores) per-example gradients took 1.1-2.1x the batch gradient with
-    the Toeplitz dE/df against 2.15-4.0x with the taps' dots (batch 256, 28x28x1, 5x5: 6.75
-    against 11.4 ms; 32x32x3: 27.0 against 51.4) and 1.9-6.5x with the patches. With 8 or more
-    filters, 3x3, the Toeplitz dE/df measured no faster than the patches (256, 28x28x1: 37.8
-    against 38.3 ms), and the output write dominates.
+    per example with the Toeplitz form, against kh*kw dots with the taps. With one filter the
+    per-example gradients took 1.29-2.6x the batch gradient in the bench grid (bench.md), where
+    the grid before, with the taps' dots, had 2.5-4.1x (batch 256, 28x28x1, 5x5: 4.30 against
+    6.07 ms). A standalone interleaved timing (not committed) also had the patches at 1.9-6.5x.
+    With 8 or more filters and 3x3 the Toeplitz dE/df measured no faster than the patches there
+    (batch 256, 28x28x1: 37.8 against 38.3 ms), and the output write dominates.
     """
     chosen = choose_formulation(spec, batch, itemsize=itemsize)
     filter_grad: ConvForm = "toeplitz" if chosen.forward == "taps" else chosen.forward
