@@ -134,6 +134,14 @@ class Formulation(NamedTuple):
 #   points, by up to 1.45x (batch 32, 32x32x3, 32 filters). The chunk is still sized by the
 #   patches' kh kw C numbers per position (R holds 0.4x that); other chunks were ahead at some
 #   points, by margins that moved between the runs.
+# * After the Toeplitz forward, dE/df as XLA's conv (the batch as its contracted axis) from 32
+#   filters on: at the 6 points with 5x5 and 32 filters it was faster than the Toeplitz dE/df at
+#   all 6 in the first run and at 5 in a third (bench_formulations_toeplitz_conv.md: 0.84-0.87x
+#   the time, 1.04x at batch 32, 32x32x3; batch 256, 32x32x3: 40.8 against 47.8 ms), and slower
+#   at 4 of the 6 points with 8 filters in the first run (batch 1024, 28x28x1: 31.5 against
+#   27.1). With 32 filters the band's extra multiplies cost more in dE/df than Eigen's conv
+#   takes. Between 8 and 32 filters it is not measured. With the patches forward and 32
+#   filters the conv dE/df was slower at 4 of 6 3x3 points, so the patches keep P^T delta1.
 # * Before the Toeplitz form, patches/patches from C K = 8 on (bench_formulations.md). The pick was within
 #   1.10x of the fastest formulation at 21 of 36 points and within 1.2x at 26; the fastest pair was most often
 #   another chunk of the same forms, or XLA's conv for one of the two convolutions, each by a margin that
@@ -159,6 +167,7 @@ CHUNK_WORKING_SET_BYTES = 16 * 2**20
 MAX_CHUNK = 128
 TOEPLITZ_BLOCK = 4
 TOEPLITZ_MAX_MULTIPLY_RATIO = Fraction(8, 5)
+CONV_FILTER_GRAD_FROM_FILTERS = 32
 
 
 def choose_formulation(
@@ -180,8 +189,10 @@ def choose_formulation(
         return Formulation("taps", "conv", chunk)
     if batch == 1:
         return Formulation("patches", "conv", None)
-    form: ConvForm = "toeplitz" if toeplitz_multiply_ratio(spec) <= TOEPLITZ_MAX_MULTIPLY_RATIO else "patches"
-    return Formulation(form, form, chunk)
+    if toeplitz_multiply_ratio(spec) > TOEPLITZ_MAX_MULTIPLY_RATIO:
+        return Formulation("patches", "patches", chunk)
+    filter_grad: ConvForm = "conv" if spec.n_filters >= CONV_FILTER_GRAD_FROM_FILTERS else "toeplitz"
+    return Formulation("toeplitz", filter_grad, chunk)
 
 
 def toeplitz_multiply_ratio(spec: ConvNetSpec) -> Fraction:

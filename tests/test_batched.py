@@ -28,6 +28,7 @@ PAIRS += [("toeplitz", "toeplitz"), ("toeplitz", "conv"), ("taps", "toeplitz")]
 CHUNKED = [batched.Formulation(form, form, 2) for form in batched.FORMS] + [
     batched.Formulation("taps", "conv", 2),
     batched.Formulation("patches", "conv", 2),
+    batched.Formulation("toeplitz", "conv", 2),
     batched.Formulation("taps", "taps", 1),
 ]
 FORMULATIONS = [batched.Formulation(*f) for f in PAIRS] + CHUNKED
@@ -148,7 +149,11 @@ def test_choose_formulation_by_backend_channels_filters_and_working_set():
     # Toeplitz form too: 784 * (3 * 32 + 75) * 4 bytes = 536 kB per example, so about
     # 16 MB / 536 kB = 31 examples per chunk, rounded to the power of two 32.
     big = jaxbp.ConvNetSpec(in_shape=(32, 32, 3), n_filters=32, kernel_size=5, n_out=10)
-    assert batched.choose_formulation(big, 1024, "cpu") == batched.Formulation("toeplitz", "toeplitz", 32)
+    assert batched.choose_formulation(big, 1024, "cpu") == batched.Formulation("toeplitz", "conv", 32)
+    # dE/df by XLA's conv after the Toeplitz forward from 32 filters on, not with the patches.
+    for k, kernel, expected in ((31, 5, "toeplitz"), (32, 5, "conv"), (32, 3, "patches")):
+        spec = jaxbp.ConvNetSpec(in_shape=(32, 32, 3), n_filters=k, kernel_size=kernel, n_out=10)
+        assert batched.choose_formulation(spec, 256, "cpu").filter_grad == expected, (k, kernel)
     assert batched.choose_formulation(big, 1024, "cpu", itemsize=8).chunk == 16
     assert batched.choose_formulation(big, 32, "cpu").chunk is None  # the whole batch is one chunk
     # Taps: 784 * (3 * 1 + 75) * 4 bytes = 245 kB per example, 68 in 16 MB, rounded to 64.
