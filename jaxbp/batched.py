@@ -47,10 +47,10 @@ shape of the work XLA sees, and on a CPU that is where the time goes (measured b
 * **Not vmap, and XLA's conv only where it measured faster.** Under vmap the per-example dE/df
   (a conv whose batch axis is C) becomes a grouped conv per example, which XLA's CPU runs
   slowly. The ``conv`` forms (one XLA convolution each, with the batch as the contracted axis
-  of dE/df) serve dE/df after the taps and for a batch of one here, and are the default on
-  other backends, where they call cuDNN and the like. The measurements assume the steps'
-  `jaxbp.compiler_options()`: with jaxlib 0.10's default YNNPACK convolutions the same convs
-  ran up to 10x slower (`jaxbp.compile_options`).
+  of dE/df) serve dE/df after the taps, after the Toeplitz forward from 32 filters on and for a
+  batch of one here, and are the default on other backends, where they call cuDNN and the like.
+  The measurements assume the steps' `jaxbp.compiler_options()`: with jaxlib 0.10's default
+  YNNPACK convolutions the same convs ran up to 10x slower (`jaxbp.compile_options`).
 
 Which formulation and chunk are fastest depends on the shape; `choose_formulation` encodes the
 measurement. Nothing here calls an autodiff transform.
@@ -115,21 +115,20 @@ class Formulation(NamedTuple):
 # * From C K = 8 on, for 5x5 filters the Toeplitz row slabs for both convolutions, for 3x3 the
 #   patches. Two runs of the patches against the Toeplitz form at the same chunk, 12 points each
 #   with 5x5 and 3x3, 8 and 32 filters (experiments/results/bench_formulations_toeplitz.md, and
-#   bench_formulations_toeplitz_5x5.md with 5 repeats; both run from this commit's working tree):
-#   with 5x5 the Toeplitz form was ahead at 8 and 7 of 12 points and behind by more than 1.1x
-#   at 3 in each run, the same point often moving from one side to the other (the headline,
-#   batch 256, 28x28x1, 8 filters: 12.2 against 7.19 ms in the first run, 6.36 against 7.51 in
-#   the second; batch 256, 32x32x3, 8 filters: 41.4 against 23.8, then 14.5 against 45.6); with
-#   3x3 the patches were ahead by more than 1.1x at 7 of 12 (batch 1024, 32x32x3, 8 filters:
-#   43.7 against 103 ms). (Counted by comparing the two forms' medians at the rule's chunk.)
-#   A 3x3 band does 2x the patches' multiplies (span / kw = 6 / 3; 2.13-2.15x with the padded
-#   last block at Wo = 26 and 30) to save 4.5 of 9 numbers
-#   written per position and input channel; a 5x5 one 1.6x to save 15 of 25. The rule takes the
-#   Toeplitz form up to 1.6x the multiplies, blocks padded to jb included (a standalone sweep of
-#   jb at the headline chunk, forward and dE/df only, not committed: jb = 2-12 all 2.4-3.0 ms
-#   against the patches' 4.05; jb = 24, the whole row, 3.5). Wider filters (7x7: 1.43x, about
-#   1.55x with the padded block on 28x28 and 32x32 inputs) get the Toeplitz form by that rule
-#   without having been measured. The first of the two runs had the
+#   bench_formulations_toeplitz_5x5.md with 5 repeats; both run before the form was committed):
+#   with 5x5 the Toeplitz form was ahead at 8 and 7 of 12 points and behind by more than 1.1x at 3
+#   in each run, the same point often moving from one side to the other (the headline, batch 256,
+#   28x28x1, 8 filters: 12.2 against 7.19 ms in the first run, 6.36 against 7.51 in the second;
+#   batch 256, 32x32x3, 8 filters: 41.4 against 23.8, then 14.5 against 45.6); with 3x3 the
+#   patches were ahead by more than 1.1x at 7 of 12 (batch 1024, 32x32x3, 8 filters: 43.7 against
+#   103 ms). (Counted by comparing the two forms' medians at the rule's chunk.) A 3x3 band does 2x
+#   the patches' multiplies (span / kw = 6 / 3; 2.13-2.15x with the padded last block at Wo = 26
+#   and 30) to save 4.5 of 9 numbers written per position and input channel; a 5x5 one 1.6x to
+#   save 15 of 25. The rule takes the Toeplitz form up to 1.6x the multiplies, blocks padded to jb
+#   included (a standalone sweep of jb at the headline chunk, forward and dE/df only, not
+#   committed: jb = 2-12 all 2.4-3.0 ms against the patches' 4.05; jb = 24, the whole row, 3.5).
+#   Wider filters (7x7: 1.43x, about 1.55x with the padded block on 28x28 and 32x32 inputs) get
+#   the Toeplitz form by that rule without having been measured. The first of the two runs had the
 #   Toeplitz form picked for 3x3 too (its "chosen" column); there it was ahead at 5 of 12 3x3
 #   points, by up to 1.45x (batch 32, 32x32x3, 32 filters). The chunk is still sized by the
 #   patches' kh kw C numbers per position (R holds 0.4x that); other chunks were ahead at some
@@ -137,16 +136,16 @@ class Formulation(NamedTuple):
 # * After the Toeplitz forward, dE/df as XLA's conv (the batch as its contracted axis) from 32
 #   filters on: at the 6 points with 5x5 and 32 filters it was faster than the Toeplitz dE/df at
 #   all 6 in the first run and at 5 in a third (bench_formulations_toeplitz_conv.md: 0.84-0.87x
-#   the time, 1.04x at batch 32, 32x32x3; batch 256, 32x32x3: 40.8 against 47.8 ms), and slower
-#   at 4 of the 6 points with 8 filters in the first run (batch 1024, 28x28x1: 31.5 against
-#   27.1). With 32 filters the band's extra multiplies cost more in dE/df than Eigen's conv
-#   takes. Between 8 and 32 filters it is not measured. With the patches forward and 32
-#   filters the conv dE/df was slower at 4 of 6 3x3 points, so the patches keep P^T delta1.
-# * Before the Toeplitz form, patches/patches from C K = 8 on (bench_formulations.md). The pick was within
-#   1.10x of the fastest formulation at 21 of 36 points and within 1.2x at 26; the fastest pair was most often
-#   another chunk of the same forms, or XLA's conv for one of the two convolutions, each by a margin that
-#   moved between runs (batch 256, 32x32x3, 5x5, 32 filters: conv/conv 34.3 against 47.4 ms here, 44.3 against
-#   39.9 in the run before).
+#   the time, 1.04x at batch 32, 32x32x3; batch 256, 32x32x3: 40.8 against 47.8 ms), and slower at
+#   4 of the 6 points with 8 filters in the first run (batch 1024, 28x28x1: 31.5 against 27.1).
+#   With 32 filters the band's extra multiplies cost more in dE/df than Eigen's conv takes.
+#   Between 8 and 32 filters it is not measured. With the patches forward and 32 filters the conv
+#   dE/df was slower at 4 of 6 3x3 points, so the patches keep P^T delta1.
+# * Before the Toeplitz form, patches/patches from C K = 8 on (bench_formulations.md). The pick
+#   was within 1.10x of the fastest formulation at 21 of 36 points and within 1.2x at 26; the
+#   fastest pair was most often another chunk of the same forms, or XLA's conv for one of the two
+#   convolutions, each by a margin that moved between runs (batch 256, 32x32x3, 5x5, 32 filters:
+#   conv/conv 34.3 against 47.4 ms here, 44.3 against 39.9 in the run before).
 # * Chunks help every form from batch 256 on: 1024, 32x32x3, 5x5, 32 filters 165 ms in chunks
 #   of 32 against 422 whole; 1024, 28x28x1, 5x5, 8 filters 27.4 in 128 against 86. The patches
 #   write about kh kw C numbers per output position besides Z1, H1 and delta1, and a chunk
@@ -666,10 +665,13 @@ def per_example_grads(params: Params, x: jax.Array, y: jax.Array, spec: ConvNetS
 
     The forms are `per_example_formulation`'s. With the taps forward (C K < 8) the vmapped function
     runs on chunks of the batch under `lax.map` (``batch_size`` = `working_set_chunk`'s 16 MB),
-    with the patches on the whole batch at once; each measured the faster in a standalone script
-    (batch 1024, 5x5, one filter, 28x28x1: 21-24 ms in chunks of 32-128 against 46 whole;
-    32x32x3: 96-102 against 196; batch 256, 28x28x1, 8 filters, patches: 30 ms whole against 46
-    in chunks). Most of the time with many filters goes into writing the output: the
+    with the patches or the Toeplitz form on the whole batch at once; each measured the faster in
+    a standalone script with the taps' dots and the patches (batch 1024, 5x5, one filter,
+    28x28x1: 21-24 ms in chunks of 32-128 against 46 whole; 32x32x3: 96-102 against 196; batch
+    256, 28x28x1, 8 filters, patches: 30 ms whole against 46 in chunks). With the Toeplitz dE/df
+    after the taps, a later standalone timing (not committed) had the chunks 1.56x faster at
+    batch 256, 32x32x3, 5x5, one filter (27.0 against 42.2 ms) and the two within 1.2x at three
+    28x28x1 points. Most of the time with many filters goes into writing the output: the
     per-example dE/dW alone is N x D x n_out numbers (experiments/bench.py times that write
     alone as ``per_ex_dW_write``).
     """
