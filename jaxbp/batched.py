@@ -401,15 +401,24 @@ def toeplitz_rows(x: jax.Array, spec: ConvNetSpec) -> jax.Array:
     (kh, _), (sh, sw), (dh, _) = spec.kernel_size, spec.stride, spec.dilation
     ho, _, _ = spec.h1_shape
     jb, nb, span = toeplitz_blocks(spec)
-    width = (nb - 1) * jb * sw + span
+    n, hp, _, c = x_pad.shape
+    # Built in two steps, as `conv_patches` is: block s starts at input column s g (g = jb s_w),
+    # so with the columns grouped g at a time, Xg[n, r, q, (v, c)] = X_pad[n, r, q g + v, c], its
+    # span columns are groups s .. s + nt - 1 laid side by side, cut to span: nt slices of
+    # contiguous runs of g C numbers, then kh row slices of those. That copied R 2x faster than
+    # stacking the kh row slabs and then the nb blocks (a standalone timing, not committed:
+    # 1.36 against 2.77 ms at 128 examples of 32x32x3, 5x5; 0.39 against 0.90 for 28x28x1).
+    g = jb * sw
+    nt = -(-span // g)
+    width = (nb + nt - 1) * g  # every column a block reads lies below (nb - 1) g + span
     if width > x_pad.shape[2]:
         x_pad = jnp.pad(x_pad, ((0, 0), (0, 0), (0, width - x_pad.shape[2]), (0, 0)))
-    n, c = x.shape[0], x.shape[-1]
-    # slabs[n, i, a, w, c] = X_pad[n, a dh + i sh, w, c], then blocks of columns of those
-    slabs = [lax.slice_in_dim(x_pad, a * dh, a * dh + (ho - 1) * sh + 1, sh, axis=1) for a in range(kh)]
-    slabs = jnp.stack(slabs, axis=2)
-    blocks = [lax.slice_in_dim(slabs, s * jb * sw, s * jb * sw + span, axis=3) for s in range(nb)]
-    return jnp.stack(blocks, axis=2).reshape(n * ho * nb, kh * span * c)
+    xg = x_pad[:, :, :width].reshape(n, hp, nb + nt - 1, g * c)
+    # cols[n, r, s, (w, c)] = X_pad[n, r, s g + w, c] for w < span
+    cols = jnp.concatenate([xg[:, :, t : t + nb] for t in range(nt)], axis=-1)[..., : span * c]
+    # R[n, i, s, (a, w, c)] = cols[n, a dh + i sh, s, (w, c)]
+    rows = [lax.slice_in_dim(cols, a * dh, a * dh + (ho - 1) * sh + 1, sh, axis=1) for a in range(kh)]
+    return jnp.concatenate(rows, axis=-1).reshape(n * ho * nb, kh * span * c)
 
 
 def conv_forward_toeplitz(rows: jax.Array, f: jax.Array, spec: ConvNetSpec) -> jax.Array:
