@@ -78,3 +78,24 @@ def test_check_variants_drops_a_variant_whose_update_disagrees():
     np.testing.assert_allclose(errors["manual_unrolled"], 0.1 / 0.3)
     assert "manual_unrolled" not in compiled and "manual_st_eigen" in compiled
     assert "manual_unrolled disagrees" in progress.lines[0]
+
+
+def test_per_example_without_filter_grad_is_the_per_example_dW_and_db_float64():
+    # The floor `per_ex_no_df` times must be the per-example gradients' own dE/dW and dE/db, in
+    # each forward form the per-example path takes: the taps (under lax.map chunks), the
+    # patches (3x3, 8 filters) and the Toeplitz form (5x5, 8 filters).
+    import jax
+
+    import jaxbp
+    from jaxbp import batched
+
+    for hw, filters, kernel, form in ((10, 1, 3, "taps"), (10, 8, 3, "patches"), (16, 8, 5, "toeplitz")):
+        spec = jaxbp.ConvNetSpec(in_shape=(hw, hw, 1), n_filters=filters, kernel_size=kernel, n_out=3)
+        assert batched.per_example_formulation(spec, 300, itemsize=8).forward == form
+        params = jaxbp.init_params(jax.random.key(0), spec, dtype=np.float64)
+        x = jax.random.normal(jax.random.key(1), (300, *spec.in_shape), np.float64)
+        y = jax.random.uniform(jax.random.key(2), (300, 3), np.float64)
+        dW, db = jax.jit(bench.per_example_without_filter_grad, static_argnums=3)(params, x, y, spec)
+        grads = jaxbp.per_example_manual_grads(params, x, y, spec)
+        np.testing.assert_allclose(dW, grads.W, rtol=1e-10, atol=1e-15)
+        np.testing.assert_allclose(db, grads.b, rtol=1e-10, atol=1e-15)
