@@ -47,7 +47,7 @@ method, achieved GFLOP/s (model FLOPs: the two convs and three dense products) a
 the matmul, the machine and library versions. Writes experiments/results/<name>.json and .md.
 
     python experiments/bench.py --quick       # headline points, a couple of minutes
-    python experiments/bench.py               # the whole grid (about 17 minutes on 2 cores)
+    python experiments/bench.py               # the whole grid (11-17 minutes on 2 cores)
 """
 
 from __future__ import annotations
