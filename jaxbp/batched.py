@@ -394,8 +394,9 @@ def toeplitz_rows(x: jax.Array, spec: ConvNetSpec) -> jax.Array:
     neighbouring output columns overlap, and one slab serves jb of them.
 
     Returns:
-      (N Ho nb, kh span C) slabs, nb = ceil(Wo / jb) blocks per row; X_pad is widened with
-      zeros on the right when Wo is not a multiple of jb (those outputs are dropped).
+      (N Ho nb, kh span C) slabs, nb = ceil(Wo / jb) blocks per row. X_pad is widened with
+      zeros on the right to whole groups of jb s_w columns; only a padded last block (Wo not a
+      multiple of jb) reads them, and its extra outputs are dropped.
     """
     x_pad = pad_input(x, spec)
     (kh, _), (sh, sw), (dh, _) = spec.kernel_size, spec.stride, spec.dilation
@@ -637,14 +638,15 @@ def per_example_formulation(spec: ConvNetSpec, batch: int, itemsize: int = 4) ->
 
     Per example, dE/df after the taps forward is one (jb K, Ho nb) x (Ho nb, kh span C) matmul
     per example with the Toeplitz form, against kh*kw dots with the taps. With one filter the
-    per-example gradients took 1.29-2.6x and 1.57-2.7x the batch gradient in two bench grids
-    (bench.md), where a grid with the taps' dots had 2.5-4.1x (batch 256, 28x28x1, 5x5: 4.30
-    against 6.07 ms). A standalone interleaved timing (not committed) also had the patches at
-    1.9-6.5x, and another (not committed) dE/df per example as one contraction over the input
-    rows with a row-Toeplitz matrix of delta1 (no R, 7x the multiplies) at 1.45-4.0x against
-    this form's 1.26-1.80x at five one-filter points. With 8 or more filters and 3x3 the
-    Toeplitz dE/df measured no faster than the patches there (batch 256, 28x28x1: 37.8 against
-    38.3 ms), and the output write dominates.
+    per-example gradients took 1.29-2.6x, 1.33-2.5x and 1.57-2.7x the batch gradient in three
+    bench grids (bench.md at 8c4561e, 87b3da5 and now), where the grid of e199a4c, with the taps'
+    dots, had 2.5-4.1x (batch 256, 28x28x1, 5x5: 4.30 ms at 8c4561e, 4.03 now, against 6.07).
+    A standalone interleaved timing (not committed) also had the patches at 1.9-6.5x, and
+    another (not committed) dE/df per example as one contraction over the input rows with a
+    row-Toeplitz matrix of delta1 (no R, 7x the multiplies) at 1.45-4.0x against this form's
+    1.26-1.80x at five one-filter points. With 8 or more filters and 3x3 the Toeplitz dE/df
+    measured no faster than the patches there (batch 256, 28x28x1: 37.8 against 38.3 ms), and
+    the output write dominates.
     """
     chosen = choose_formulation(spec, batch, itemsize=itemsize)
     filter_grad: ConvForm = "toeplitz" if chosen.forward == "taps" else chosen.forward
