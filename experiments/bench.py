@@ -290,27 +290,16 @@ def per_example_without_filter_grad(params, x, y, spec):
 
     from jaxbp import batched
 
-    n, itemsize = x.shape[0], x.dtype.itemsize
-    form = batched.per_example_formulation(spec, n, itemsize=itemsize)
-    forward = {
-        "taps": lambda x, f: batched.conv_forward_taps(x, f, spec),
-        "patches": lambda x, f: batched.conv_forward_patches(batched.conv_patches(x, spec), f, spec),
-        "toeplitz": lambda x, f: batched.conv_forward_toeplitz(batched.toeplitz_rows(x, spec), f, spec),
-        "conv": lambda x, f: batched.conv_forward_conv(x, f, spec),
-    }[form.forward]
+    form = batched.per_example_formulation(spec, x.shape[0], itemsize=x.dtype.itemsize)
 
     def example(xy):  # one example, as `jaxbp.batched.value_and_grads_example` runs it
         x, y = xy
-        h1 = jax.nn.sigmoid(forward(x[None], params.f).reshape(-1))
+        h1 = jax.nn.sigmoid(batched.conv_forward(x[None], params.f, spec, form.forward).reshape(-1))
         o = jax.nn.sigmoid(jnp.dot(h1, params.W, precision=spec.precision) + params.b)
         delta2 = (o - y) * o * (1 - o)  # dE/dZ2; dE/db is delta2 itself
         return jnp.outer(h1, delta2), delta2  # dE/dW = H1 delta2^T
 
-    # Batched as `jaxbp.batched.per_example_grads` batches it: lax.map chunks after the taps.
-    chunk = batched.working_set_chunk(spec, n, itemsize)
-    if chunk is not None and form.forward == "taps":
-        return jax.lax.map(example, (x, y), batch_size=chunk)
-    return jax.vmap(example)((x, y))
+    return batched.over_examples(example, x, y, spec)  # batched as per_example_grads batches
 
 
 def variant_methods(jax, jaxbp, spec, batch, opt):

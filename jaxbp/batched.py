@@ -132,13 +132,22 @@ class Formulation(NamedTuple):
 #   Toeplitz form picked for 3x3 too (its "chosen" column); there it was ahead at 5 of 12 3x3
 #   points, by up to 1.45x (batch 32, 32x32x3, 32 filters). The chunk is still sized by the
 #   patches' kh kw C numbers per position (R holds 0.4x that); other chunks were ahead at some
-#   points, by margins that moved between the runs.
+#   points, by margins that moved between the runs. Both runs built R by stacking row slabs and
+#   then blocks; a rerun after R was copied in two steps (`toeplitz_rows`; the same command, renamed,
+#   bench_formulations_toeplitz_two_step_r.md) had the Toeplitz form ahead at 7 of 12 5x5 points
+#   and behind by more than 1.1x at 1 (the headline: 5.35 against 7.28 ms; batch 256, 32x32x3,
+#   8 filters: 11.3 against 19.5), and with 3x3 ahead at 2 of 12 and behind by more than 1.1x
+#   at 6 (batch 1024, 32x32x3, 8 filters: 33.4 against 31.0): the rule stands.
 # * After the Toeplitz forward, dE/df as XLA's conv (the batch as its contracted axis) from 32
 #   filters on: at the 6 points with 5x5 and 32 filters it was faster than the Toeplitz dE/df at
 #   all 6 in the first run and at 5 in a third (bench_formulations_toeplitz_conv.md: 0.84-0.87x
 #   the time, 1.04x at batch 32, 32x32x3; batch 256, 32x32x3: 40.8 against 47.8 ms), and slower at
 #   4 of the 6 points with 8 filters in the first run (batch 1024, 28x28x1: 31.5 against 27.1).
 #   With 32 filters the band's extra multiplies cost more in dE/df than Eigen's conv takes.
+#   After the two-step R, the conv dE/df was faster at all 6 points with 32 filters in two runs
+#   (0.82-0.96x and 0.83-0.94x the time, bench_formulations_toeplitz_two_step_r.md and
+#   bench_formulations_toeplitz_conv_two_step_r.md) and slower at all 6 with 8 filters
+#   (1.07-1.54x).
 #   Between 8 and 32 filters it is not measured. With the patches forward and 32 filters the conv
 #   dE/df was slower at 4 of 6 3x3 points, so the patches keep P^T delta1.
 # * Before the Toeplitz form, patches/patches from C K = 8 on (bench_formulations.md). The pick
@@ -323,6 +332,30 @@ def conv_forward_conv(x: jax.Array, f: jax.Array, spec: ConvNetSpec) -> jax.Arra
         dimension_numbers=DIMENSION_NUMBERS,
         precision=spec.precision,
     )
+
+
+def conv_forward(
+    x: jax.Array,
+    f: jax.Array,
+    spec: ConvNetSpec,
+    form: ConvForm,
+    *,
+    patches: jax.Array | None = None,
+    rows: jax.Array | None = None,
+) -> jax.Array:
+    """Z1 = conv(X, f) in the named form, with the patches or row slabs given (built from x if
+    not), so that dE/df can reuse them.
+
+    Returns:
+      (N, Ho, Wo, K) Z1.
+    """
+    if form == "patches":
+        return conv_forward_patches(conv_patches(x, spec) if patches is None else patches, f, spec)
+    if form == "toeplitz":
+        return conv_forward_toeplitz(toeplitz_rows(x, spec) if rows is None else rows, f, spec)
+    if form == "taps":
+        return conv_forward_taps(x, f, spec)
+    return conv_forward_conv(x, f, spec)
 
 
 def filter_grad_taps(x: jax.Array, delta1: jax.Array, spec: ConvNetSpec) -> jax.Array:
@@ -521,14 +554,7 @@ def chunk_sums(
     rows = toeplitz_rows(x, spec) if "toeplitz" in forms else None
 
     # Forward, keeping H1 (m, D) and O (m, n_out).
-    if form.forward == "patches":
-        Z1 = conv_forward_patches(patches, params.f, spec)
-    elif form.forward == "toeplitz":
-        Z1 = conv_forward_toeplitz(rows, params.f, spec)
-    elif form.forward == "taps":
-        Z1 = conv_forward_taps(x, params.f, spec)
-    else:
-        Z1 = conv_forward_conv(x, params.f, spec)
+    Z1 = conv_forward(x, params.f, spec, form.forward, patches=patches, rows=rows)
     # H1 and delta1 are kept as (m, D) matrices: with few filters the (m, Ho, Wo, K) layout has
     # a minor axis of 1 to 8 numbers, and XLA's CPU loops over it ran 3.5x slower (measured at
     # batch 256, 28x28x1, 5x5, one filter: 8.9 ms against 2.5 ms for the whole gradient).
@@ -689,15 +715,21 @@ def per_example_grads(params: Params, x: jax.Array, y: jax.Array, spec: ConvNetS
     per-example dE/dW alone is N x D x n_out numbers (experiments/bench.py times that write
     alone as ``per_ex_dW_write``).
     """
+    # Chunks of the batch step's 16 MB working set (`over_examples`); 4 MB measured no faster here
+    # (batch 1024, 32x32x3, one filter: 82 ms in chunks of 16 against 72-74 in 32-64, with XLA's
+    # default options).
+    form = per_example_formulation(spec, x.shape[0], itemsize=x.dtype.itemsize)
+    return over_examples(
+        lambda xy: value_and_grads_example(params, *xy, spec, formulation=form)[1], x, y, spec
+    )
+
+
+def over_examples(fn, x: jax.Array, y: jax.Array, spec: ConvNetSpec):
+    """`fn` of each (x[n], y[n]) pair, stacked over n, batched as `per_example_grads` measured
+    fastest: under `lax.map` in chunks of `working_set_chunk` after the taps forward, else one
+    `jax.vmap` over the whole batch (`per_example_formulation` names the forward)."""
     n, itemsize = x.shape[0], x.dtype.itemsize
-    # The batch step's 16 MB working set; 4 MB measured no faster here (batch 1024, 32x32x3, one
-    # filter: 82 ms in chunks of 16 against 72-74 in 32-64, with XLA's default options).
     chunk = working_set_chunk(spec, n, itemsize)
-    form = per_example_formulation(spec, n, itemsize=itemsize)
-
-    def grads(xy):
-        return value_and_grads_example(params, *xy, spec, formulation=form)[1]
-
-    if chunk is not None and form.forward == "taps":
-        return lax.map(grads, (x, y), batch_size=chunk)
-    return jax.vmap(grads)((x, y))
+    if chunk is not None and per_example_formulation(spec, n, itemsize=itemsize).forward == "taps":
+        return lax.map(fn, (x, y), batch_size=chunk)
+    return jax.vmap(fn)((x, y))
