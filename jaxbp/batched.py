@@ -644,8 +644,12 @@ def value_and_grads(
         part = chunk_sums(params, *xy, spec, form, n)
         return jax.tree.map(jnp.add, total, part), None
 
+    # The carry starts at zeros typed like the chunks' sums: zeros_like keeps an array's varying
+    # mesh axes, so under `jax.shard_map` (`jaxbp.parallel`) the zeros vary over the axes the
+    # shard of x and the params vary over, as the sums do (lax.scan requires equal carry types).
+    zero = jnp.zeros_like(x, shape=())
     zero_sums = Params(f=filters_first(params.f), W=params.W.T, b=params.b)
-    zeros = (jnp.zeros((), x.dtype), jax.tree.map(jnp.zeros_like, zero_sums))
+    zeros = (zero, jax.tree.map(lambda p: jnp.zeros_like(p) + zero, zero_sums))
     xs = x[:n_scanned].reshape(-1, chunk, *x.shape[1:])
     ys = y[:n_scanned].reshape(-1, chunk, *y.shape[1:])
     total, _ = lax.scan(add_chunk, zeros, (xs, ys))
