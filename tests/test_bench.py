@@ -100,3 +100,35 @@ def test_per_example_without_filter_grad_is_the_per_example_dW_and_db_float64():
         grads = jaxbp.per_example_manual_grads(params, x, y, spec)
         np.testing.assert_allclose(dW, grads.W, rtol=1e-10, atol=1e-15)
         np.testing.assert_allclose(db, grads.b, rtol=1e-10, atol=1e-15)
+
+
+_fg_spec = importlib.util.spec_from_file_location(
+    "experiments_bench_filter_grad", ROOT / "experiments" / "bench_filter_grad.py"
+)
+bench_filter_grad = importlib.util.module_from_spec(_fg_spec)
+_fg_spec.loader.exec_module(bench_filter_grad)
+
+
+def test_bench_filter_grad_alternatives_compute_the_steps_filter_grad_float64():
+    """bench_filter_grad.py's R^T is R transposed entry by entry, and its dE/df from R^T and from
+    XLA's conv equal the step's Toeplitz dE/df: float64, relative error < 1e-10, with strides,
+    dilation, padding and a padded last block as well as the benchmark's own shape."""
+    import jax
+
+    import jaxbp
+
+    specs = [
+        jaxbp.ConvNetSpec(in_shape=(12, 12, 1), n_filters=8, kernel_size=5, n_out=10),
+        jaxbp.ConvNetSpec(
+            in_shape=(11, 13, 2),
+            n_filters=3,
+            kernel_size=(3, 5),
+            stride=(2, 1),
+            dilation=(1, 2),
+            padding="SAME",
+        ),
+    ]
+    for spec in specs:
+        errors = bench_filter_grad.check(jax, jaxbp, spec)
+        assert errors["build_RT"] == 0.0, (spec, errors)
+        assert errors["df_NN"] < 1e-10 and errors["df_conv"] < 1e-10, (spec, errors)
