@@ -19,6 +19,8 @@ filters on). This script times, at the chunk the step uses for each point:
   df_NN        G^T = R^T delta1 and the fold, from the R^T copy
   df_conv      XLA's conv with the batch contracted (the step's dE/df from 32 filters on)
   matmul       a 1024^3 float32 matmul, the machine's ceiling
+  matmul_st    the same compiled with xla_cpu_multi_thread_eigen=False, the option meant to make
+               Eigen's dots single-threaded (bench.py's st_eigen variant)
 
 interleaved round by round (medians over --repeats). With --cores 1 the process is pinned to one
 core first, to see which of them use the second one. Before timing, df_NN and df_conv are checked
@@ -45,7 +47,7 @@ from bench import summarize  # noqa: E402
 # (input, filters, batch): the headline and the grid's 5x5 Toeplitz points where PyTorch's step
 # was faster (experiments/results/bench.md).
 POINTS = (((28, 28, 1), 8, 256), ((32, 32, 3), 8, 256), ((32, 32, 3), 32, 256), ((32, 32, 3), 32, 32))
-METHODS = ("build_R", "build_RT", "forward", "df_TN", "df_NN", "df_conv", "matmul")
+METHODS = ("build_R", "build_RT", "forward", "df_TN", "df_NN", "df_conv", "matmul", "matmul_st")
 
 
 def toeplitz_rows_transposed(x, spec):
@@ -149,9 +151,12 @@ def run_point(jax, jaxbp, in_shape, filters, batch, args) -> dict:
     chunk_args = arguments(jax, spec, m, jnp.float32)
     fns = methods(jax, jaxbp, spec)
     a = jax.random.normal(jax.random.key(1), (1024, 1024), jnp.float32)
-    matmul = jax.jit(lambda a: a @ a, compiler_options=jaxbp.compiler_options())
+    options = jaxbp.compiler_options()
+    matmul = jax.jit(lambda a: a @ a, compiler_options=options)
+    matmul_st = jax.jit(lambda a: a @ a, compiler_options={**options, "xla_cpu_multi_thread_eigen": False})
     calls = {name: (lambda fn=fn: fn(*chunk_args)) for name, fn in fns.items()}
     calls["matmul"] = lambda: matmul(a)
+    calls["matmul_st"] = lambda: matmul_st(a)
     for call in calls.values():
         jax.block_until_ready(call())
     samples = {name: [] for name in calls}
@@ -189,10 +194,11 @@ def markdown(results, info, command) -> str:
         "Median ms per call over the repeats, interleaved. `TN/NN`: the step's dE/df (delta1^T R) "
         "over the same from a transposed copy (R^T delta1); `RT+NN`: that copy's cost plus df_NN, "
         "over df_TN (> 1: the second copy does not pay); GFLOP/s of the forward and of the two dE/df "
-        "dots, each the same multiplies; `mm`: a 1024^3 matmul.",
+        "dots, each the same multiplies; `mm`: a 1024^3 matmul, and with "
+        "xla_cpu_multi_thread_eigen=False.",
         "",
         "| input | K | batch | chunk | R | build_R | build_RT | forward | df_TN | df_NN | df_conv "
-        "| TN/NN | RT+NN / TN | GFLOP/s fwd / TN / NN | mm GFLOP/s |",
+        "| TN/NN | RT+NN / TN | GFLOP/s fwd / TN / NN | mm GFLOP/s, st |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -200,11 +206,11 @@ def markdown(results, info, command) -> str:
         lines.append(
             f"| {'x'.join(map(str, p['input']))} | {p['filters']} | {p['batch']} | {p['chunk']} "
             f"| {r['R_shape'][0]}x{r['R_shape'][1]} "
-            + "".join(f"| {ms(r, k):.3f} " for k in METHODS[:-1])
+            + "".join(f"| {ms(r, k):.3f} " for k in METHODS[:-2])
             + f"| {ms(r, 'df_TN') / ms(r, 'df_NN'):.2f} "
             f"| {(ms(r, 'build_RT') + ms(r, 'df_NN')) / ms(r, 'df_TN'):.2f} "
             + " / ".join(f"{g / ms(r, k) * 1e3:.0f}" for k in ("forward", "df_TN", "df_NN")).join(("| ", " "))
-            + f"| {2 * 1024**3 / ms(r, 'matmul') / 1e6:.0f} |"
+            + f"| {2 * 1024**3 / ms(r, 'matmul') / 1e6:.0f}, {2 * 1024**3 / ms(r, 'matmul_st') / 1e6:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
