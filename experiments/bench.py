@@ -30,7 +30,9 @@ With --variants, also steps that were measured and not adopted:
   autodiff_<option>  the jax.grad step compiled the same way, a baseline that gets them too
                      xla_defaults  XLA's own defaults instead of jaxbp.compiler_options() (in
                                    jaxlib 0.10, YNNPACK's convolutions)
-                     st_eigen      single-threaded Eigen dots and convs
+                     st_eigen      xla_cpu_multi_thread_eigen=False, meant to make Eigen's dots
+                                   and convs single-threaded (jaxlib 0.10.2 does not act on it:
+                                   bench_filter_grad.py's matmul_st)
                      ynn_dots      the dots (not the convs) in XLA's YNNPACK library
                      no_emitters   XLA's older loop emitters instead of its fusion emitters
                      llvm_o1       LLVM's optimization level 1 instead of 2 for XLA's own kernels

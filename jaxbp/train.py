@@ -97,8 +97,8 @@ def make_update_step(
         convolutions instead of YNNPACK's, `jaxbp.compile_options`), for "manual" and
         "autodiff" alike; a dict replaces them: ``{}`` for XLA's own defaults, or e.g.
         ``{**jaxbp.compiler_options(), "xla_cpu_multi_thread_eigen": False}`` to add one
-        (single-threaded Eigen: no consistent gain on the 2-core CPU this was measured on,
-        experiments/results/bench_variants.md).
+        (meant to make Eigen single-threaded; jaxlib 0.10.2 does not act on it: a 1024^3
+        matmul ran at the same speed with it, experiments/results/bench_filter_grad.md).
 
     Returns:
       ``step(params, opt_state, x, y) -> (params, opt_state, E)`` with x (N, H, W, C), y (N, n_out)
