@@ -76,6 +76,15 @@ QUICK = dict(batch=(32, 256), filters=(1, 8, 32), input=((28, 28, 1),), kernel=(
 N_OUT = 10
 LEARNING_RATE = 0.1
 FORMULATION_CHUNKS = (8, 32, 128)  # chunks timed beside the chosen one with --formulations
+FORMULATION_CONV_PARTS = (1, 2, 8)  # and, where the pick's dE/df is XLA's conv, its conv_parts
+
+
+def formulation_name(form) -> str:
+    """forward/filter_grad/chunk, the filter_grad "conv*P" where XLA's conv is split in P parts."""
+    parts = f"*{form.conv_parts}" if form.filter_grad == "conv" and form.conv_parts > 1 else ""
+    return f"{form.forward}/{form.filter_grad}{parts}/{form.chunk or 'all'}"
+
+
 SETTLE_S = 0.25  # pause when the timed process changes (see run_point)
 PEER_RTOL = 1e-10  # float64 check of each peer against jaxbp (the design's float64 tolerance)
 # float32 check of each --variants step's update (new params - params) against the manual step's:
@@ -264,9 +273,13 @@ def jax_methods(jax, jaxbp, spec, chosen=None, batch=None, variants=False, forms
     }
     if chosen is not None:
         # Every pair of forms at the chunk the rule picks, and the rule's forms at other chunks.
+        # XLA's conv for dE/df in the rule's parts wherever it appears (one on other backends).
+        parts = min(batched.CONV_FILTER_GRAD_PARTS, batch) if jax.default_backend() == "cpu" else 1
         pairs = itertools.product(forms or batched.FORMS, forms or batched.FORMS)
-        timed = [batched.Formulation(f, g, chosen.chunk) for f, g in pairs]
+        timed = [batched.Formulation(f, g, chosen.chunk, parts if g == "conv" else 1) for f, g in pairs]
         timed += [chosen._replace(chunk=c) for c in (None, *FORMULATION_CHUNKS) if c != chosen.chunk]
+        if chosen.filter_grad == "conv" and batch > 1:
+            timed += [chosen._replace(conv_parts=p) for p in FORMULATION_CONV_PARTS if p != chosen.conv_parts]
         timed = [f._replace(chunk=None) if (f.chunk or batch) >= batch else f for f in timed]
         for form in dict.fromkeys(timed):
 
@@ -275,7 +288,7 @@ def jax_methods(jax, jaxbp, spec, chosen=None, batch=None, variants=False, forms
                 updates, s = opt.update(g, s, p)
                 return optax.apply_updates(p, updates), s, E
 
-            methods[f"manual[{form.forward}/{form.filter_grad}/{form.chunk or 'all'}]"] = jit(vg)
+            methods[f"manual[{formulation_name(form)}]"] = jit(vg)
     if variants:
         methods.update(variant_methods(jax, jaxbp, spec, batch, opt))
     return methods
@@ -479,7 +492,7 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
     methods = jax_methods(
         jax, jaxbp, spec, chosen if args.formulations else None, batch, args.variants, args.forms
     )
-    result["chosen_formulation"] = f"{chosen.forward}/{chosen.filter_grad}/{chosen.chunk or 'all'}"
+    result["chosen_formulation"] = formulation_name(chosen)
     if batch == 1:
         for name in ("per_ex_manual", "per_ex_autodiff", "per_ex_dW_write", "per_ex_no_df"):
             methods.pop(name)  # per-example gradients of one example are the batch gradient

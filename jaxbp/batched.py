@@ -58,6 +58,7 @@ measurement. Nothing here calls an autodiff transform.
 
 from __future__ import annotations
 
+import functools
 import math
 from fractions import Fraction
 from typing import Literal
@@ -90,11 +91,15 @@ class Formulation(NamedTuple):
         with the R of the forward when both use it) or "conv" (one XLA convolution with the
         batch as the contracted axis).
       chunk: examples per `lax.scan` step; None runs the whole batch at once.
+      conv_parts: with dE/df as XLA's conv, that conv is split into this many convs over
+        consecutive slices of a chunk's examples and summed (at most one part per example):
+        Eigen runs the conv on one core, and XLA's CPU runtime runs independent convs at once.
     """
 
     forward: ConvForm
     filter_grad: ConvForm
     chunk: int | None = None
+    conv_parts: int = 1
 
 
 # Measured on the 2-core CPU in float32, 3x3 and 5x5 kernels, batch 32/256/1024, 1/8/32
@@ -170,12 +175,24 @@ class Formulation(NamedTuple):
 #   at 32x32x3, 5x5, 8 filters conv/patches by 0.10 ms.
 # Off the CPU, XLA's convolutions call the vendor's library (cuDNN on GPU), which the taps and
 # patches do not; that choice is not measured here.
+# * dE/df as XLA's conv runs on one core: with the batch as its contracted axis the output is
+#   only kh kw C K numbers, and Eigen did not share the conv between the 2 cores (at a chunk of
+#   32 examples of 32x32x3, 5x5, 32 filters: 1.39-1.40 ms on two cores against 1.41-1.49 pinned
+#   to one, while the forward's matmul took 1.5-2.0x as long on one; experiments/results/
+#   bench_filter_grad.md and bench_filter_grad_one_core.md). The same sum as conv_parts convs over
+#   slices of the chunk's examples lets XLA's CPU runtime, which runs independent operations of a
+#   program at once, put them on both cores. A standalone timing of the batch gradient over the
+#   18 grid points with batch >= 32 whose dE/df is the conv (one filter, or 5x5 with 32 filters;
+#   not committed) had 4 parts 1.01-1.21x faster than one conv (batch 256, 32x32x3, 5x5, 32
+#   filters: 27.5 against 29.6 ms), 2 parts 0.91-1.26x and 8 parts 0.96-1.28x; the matmuls of
+#   the other dE/df forms, which use both cores already, ran 1.04-2x slower split the same way.
 TAPS_BELOW_CHANNELS_X_FILTERS = 8
 CHUNK_WORKING_SET_BYTES = 16 * 2**20
 MAX_CHUNK = 128
 TOEPLITZ_BLOCK = 4
 TOEPLITZ_MAX_MULTIPLY_RATIO = Fraction(8, 5)
 CONV_FILTER_GRAD_FROM_FILTERS = 32
+CONV_FILTER_GRAD_PARTS = 4
 
 
 def choose_formulation(
@@ -193,14 +210,16 @@ def choose_formulation(
     if backend != "cpu":
         return Formulation("conv", "conv", None)
     chunk = working_set_chunk(spec, batch, itemsize)
+    parts = min(CONV_FILTER_GRAD_PARTS, batch)
     if spec.in_shape[2] * spec.n_filters < TAPS_BELOW_CHANNELS_X_FILTERS:
-        return Formulation("taps", "conv", chunk)
+        return Formulation("taps", "conv", chunk, parts)
     if batch == 1:
         return Formulation("patches", "conv", None)
     if toeplitz_multiply_ratio(spec) > TOEPLITZ_MAX_MULTIPLY_RATIO:
         return Formulation("patches", "patches", chunk)
-    filter_grad: ConvForm = "conv" if spec.n_filters >= CONV_FILTER_GRAD_FROM_FILTERS else "toeplitz"
-    return Formulation("toeplitz", filter_grad, chunk)
+    if spec.n_filters >= CONV_FILTER_GRAD_FROM_FILTERS:
+        return Formulation("toeplitz", "conv", chunk, parts)
+    return Formulation("toeplitz", "toeplitz", chunk)
 
 
 def toeplitz_multiply_ratio(spec: ConvNetSpec) -> Fraction:
@@ -507,14 +526,24 @@ def filter_grad_toeplitz(
     return jnp.einsum("bwj,jkawc->abck", S, G, precision=spec.precision)
 
 
-def filter_grad_conv(x: jax.Array, delta1: jax.Array, spec: ConvNetSpec) -> jax.Array:
-    r"""dE/df as one convolution in which the batch is the contracted feature axis
+def filter_grad_conv(x: jax.Array, delta1: jax.Array, spec: ConvNetSpec, parts: int = 1) -> jax.Array:
+    r"""dE/df as convolutions in which the batch is the contracted feature axis
     (`ops.conv2d_filter_vjp_sum`: x as (C, H, W, N), delta1 as (Ho, Wo, N, K), N contracted).
+
+    dE/df is a sum over the examples, so it is also the sum of the same conv over ``parts``
+    consecutive slices of them (as equal as the count allows, at most one part per example):
+    independent convs, which XLA's CPU runtime runs at once, each on a core of its own
+    (`CONV_FILTER_GRAD_PARTS`).
 
     Returns:
       (kh, kw, C, K) dE/df.
     """
-    return ops.conv2d_filter_vjp_sum(x, delta1, kernel_size=spec.kernel_size, **spec.conv_kwargs)
+    bounds = np.linspace(0, x.shape[0], min(parts, x.shape[0]) + 1).round().astype(int)
+    sums = [
+        ops.conv2d_filter_vjp_sum(x[a:b], delta1[a:b], kernel_size=spec.kernel_size, **spec.conv_kwargs)
+        for a, b in zip(bounds[:-1], bounds[1:])
+    ]
+    return functools.reduce(jnp.add, sums)
 
 
 def check_formulation(formulation) -> Formulation:
@@ -528,6 +557,9 @@ def check_formulation(formulation) -> Formulation:
     chunk = formulation.chunk
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"formulation.chunk must be None or an int >= 1, got {chunk!r}")
+    parts = formulation.conv_parts
+    if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
+        raise ValueError(f"formulation.conv_parts must be an int >= 1, got {parts!r}")
     return formulation
 
 
@@ -579,8 +611,10 @@ def chunk_sums(
     elif form.filter_grad == "toeplitz":
         dE_df = filter_grad_toeplitz(rows, delta1, spec, transposed)
     else:
-        dE_df_of = filter_grad_taps if form.filter_grad == "taps" else filter_grad_conv
-        dE_df = dE_df_of(x, delta1, spec)
+        if form.filter_grad == "taps":
+            dE_df = filter_grad_taps(x, delta1, spec)
+        else:
+            dE_df = filter_grad_conv(x, delta1, spec, form.conv_parts)
         dE_df = filters_first(dE_df) if transposed else dE_df
     return E, Params(f=dE_df, W=dE_dW, b=dE_db)
 

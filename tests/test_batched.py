@@ -22,7 +22,9 @@ from jaxbp.check import tree_relative_error
 # convolutions (sharing R), for the forward alone and for dE/df alone (each form's code is the
 # same whatever the other one is); chunking is independent of the forms, so each form once in
 # chunks of 2 (a batch of 3 or 5 also leaves a remainder chunk, of one example with 3 and 5), the
-# mixed pairs that choose_formulation picks in chunks of 2, and chunks of one example.
+# mixed pairs that choose_formulation picks in chunks of 2, and chunks of one example; dE/df's
+# conv split over the examples (conv_parts) with more parts than a chunk has examples, parts of
+# unequal size, and a remainder chunk.
 PAIRS = [*itertools.product(("taps", "patches", "conv"), repeat=2)]
 PAIRS += [("toeplitz", "toeplitz"), ("toeplitz", "conv"), ("taps", "toeplitz")]
 CHUNKED = [batched.Formulation(form, form, 2) for form in batched.FORMS] + [
@@ -30,6 +32,8 @@ CHUNKED = [batched.Formulation(form, form, 2) for form in batched.FORMS] + [
     batched.Formulation("patches", "conv", 2),
     batched.Formulation("toeplitz", "conv", 2),
     batched.Formulation("taps", "taps", 1),
+    batched.Formulation("taps", "conv", None, 4),
+    batched.Formulation("toeplitz", "conv", 3, 2),
 ]
 FORMULATIONS = [batched.Formulation(*f) for f in PAIRS] + CHUNKED
 
@@ -130,7 +134,7 @@ def test_per_example_grads_equal_vmap_of_the_slides_per_example_backward_float64
 
 def test_choose_formulation_by_backend_channels_filters_and_working_set():
     few = jaxbp.ConvNetSpec(in_shape=(8, 8, 3), n_filters=2, kernel_size=3, n_out=2)
-    assert batched.choose_formulation(few, 4, "cpu") == batched.Formulation("taps", "conv", None)
+    assert batched.choose_formulation(few, 4, "cpu") == batched.Formulation("taps", "conv", None, 4)
     assert batched.choose_formulation(few, 4, "gpu") == batched.Formulation("conv", "conv", None)
     # The taps while C K < 8; from there on the Toeplitz form where its band costs at most 8/5 of
     # the patches' multiplies (nb jb span / (Wo kw), for 16x16 inputs: 5x5 6 4 8 / (12 5) = 1.6;
@@ -143,13 +147,15 @@ def test_choose_formulation_by_backend_channels_filters_and_working_set():
         spec = jaxbp.ConvNetSpec(
             in_shape=(hw, hw, c), n_filters=k, kernel_size=kernel, dilation=dilation, n_out=2
         )
-        expected = batched.Formulation(form, "conv" if form == "taps" else form, None)
+        expected = batched.Formulation(
+            form, "conv" if form == "taps" else form, None, 4 if form == "taps" else 1
+        )
         assert batched.choose_formulation(spec, 4, "cpu") == expected, (hw, c, k, kernel, dilation)
     # The grid's largest point, the chunk sized by the patches' numbers per position for the
     # Toeplitz form too: 784 * (3 * 32 + 75) * 4 bytes = 536 kB per example, so about
     # 16 MB / 536 kB = 31 examples per chunk, rounded to the power of two 32.
     big = jaxbp.ConvNetSpec(in_shape=(32, 32, 3), n_filters=32, kernel_size=5, n_out=10)
-    assert batched.choose_formulation(big, 1024, "cpu") == batched.Formulation("toeplitz", "conv", 32)
+    assert batched.choose_formulation(big, 1024, "cpu") == batched.Formulation("toeplitz", "conv", 32, 4)
     # dE/df by XLA's conv after the Toeplitz forward from 32 filters on, not with the patches.
     for k, kernel, expected in ((31, 5, "toeplitz"), (32, 5, "conv"), (32, 3, "patches")):
         spec = jaxbp.ConvNetSpec(in_shape=(32, 32, 3), n_filters=k, kernel_size=kernel, n_out=10)
@@ -158,9 +164,9 @@ def test_choose_formulation_by_backend_channels_filters_and_working_set():
     assert batched.choose_formulation(big, 32, "cpu").chunk is None  # the whole batch is one chunk
     # Taps: 784 * (3 * 1 + 75) * 4 bytes = 245 kB per example, 68 in 16 MB, rounded to 64.
     one_filter = jaxbp.ConvNetSpec(in_shape=(32, 32, 3), n_filters=1, kernel_size=5, n_out=10)
-    assert batched.choose_formulation(one_filter, 256, "cpu") == batched.Formulation("taps", "conv", 64)
-    # One example: dE/df as XLA's conv, the forward by C K.
-    assert batched.choose_formulation(few, 1, "cpu") == batched.Formulation("taps", "conv", None)
+    assert batched.choose_formulation(one_filter, 256, "cpu") == batched.Formulation("taps", "conv", 64, 4)
+    # One example: dE/df as XLA's conv (one part: there is one example), the forward by C K.
+    assert batched.choose_formulation(few, 1, "cpu") == batched.Formulation("taps", "conv", None, 1)
     assert batched.choose_formulation(big, 1, "cpu") == batched.Formulation("patches", "conv", None)
 
 
@@ -169,7 +175,7 @@ def test_default_chunks_with_a_remainder_equal_autodiff_float64():
     # a remainder of 2, and (per example) lax.map over a remainder too.
     spec = jaxbp.ConvNetSpec(in_shape=(6, 6, 1), n_filters=2, kernel_size=3, n_out=3)
     if jax.default_backend() == "cpu":
-        assert batched.choose_formulation(spec, 130) == batched.Formulation("taps", "conv", 128)
+        assert batched.choose_formulation(spec, 130) == batched.Formulation("taps", "conv", 128, 4)
     params, x, y = problem(spec, 5, 130)
     E_ref, g_ref = jaxbp.autodiff_value_and_grads(params, x, y, spec)
     E, g = batched.value_and_grads(params, x, y, spec)
@@ -196,6 +202,17 @@ def conv_group_counts(fn, *args):
                     yield from walk(inner)
 
     return list(walk(jax.make_jaxpr(fn)(*args).jaxpr))
+
+
+def test_filter_grad_conv_parts_are_separate_convs():
+    # dE/df's conv split into conv_parts convs over slices of the examples (at most one per
+    # example): that many independent convs in the program, for the runtime to run at once.
+    spec = jaxbp.ConvNetSpec(in_shape=(6, 6, 1), n_filters=1, kernel_size=3, n_out=3)
+    for batch, parts, expected in ((8, 4, 4), (3, 4, 3), (8, 1, 1)):
+        params, x, y = problem(spec, 1, batch)
+        form = batched.Formulation("taps", "conv", None, parts)
+        fn = lambda p, x, y, form=form: batched.value_and_grads(p, x, y, spec, formulation=form)  # noqa: E731
+        assert len(conv_group_counts(fn, params, x, y)) == expected, (batch, parts)
 
 
 @pytest.mark.parametrize(
@@ -225,6 +242,10 @@ def test_bad_formulation_and_unbatched_input_raise():
     for chunk in (0, 2.0, True):
         form = batched.Formulation("taps", "taps", chunk)
         with pytest.raises(ValueError, match="formulation.chunk"):
+            batched.value_and_grads(params, x, y, spec, formulation=form)
+    for parts in (0, 2.0, True):
+        form = batched.Formulation("taps", "conv", None, parts)
+        with pytest.raises(ValueError, match="formulation.conv_parts"):
             batched.value_and_grads(params, x, y, spec, formulation=form)
     with pytest.raises(ValueError, match="x must be a batch"):
         batched.value_and_grads(params, x[0], y[0], spec)
