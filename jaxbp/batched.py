@@ -47,8 +47,9 @@ shape of the work XLA sees, and on a CPU that is where the time goes (measured b
 * **Not vmap, and XLA's conv only where it measured faster.** Under vmap the per-example dE/df
   (a conv whose batch axis is C) becomes a grouped conv per example, which XLA's CPU runs
   slowly. The ``conv`` forms (one XLA convolution each, with the batch as the contracted axis
-  of dE/df) serve dE/df after the taps, after the Toeplitz forward from 32 filters on and for a
-  batch of one here, and are the default on other backends, where they call cuDNN and the like.
+  of dE/df) serve dE/df after the taps, from 32 filters on and for a batch of one here (split
+  over the examples in a few convs that run at once: Eigen runs one such conv on one core), and
+  are the default on other backends, where they call cuDNN and the like.
   The measurements assume the steps' `jaxbp.compiler_options()`: with jaxlib 0.10's default
   YNNPACK convolutions the same convs ran up to 10x slower (`jaxbp.compile_options`).
 
@@ -154,7 +155,19 @@ class Formulation(NamedTuple):
 #   bench_formulations_toeplitz_conv_two_step_r.md) and slower at all 6 with 8 filters
 #   (1.07-1.54x).
 #   Between 8 and 32 filters it is not measured. With the patches forward and 32 filters the conv
-#   dE/df was slower at 4 of 6 3x3 points, so the patches keep P^T delta1.
+#   dE/df, as one conv, was slower at 4 of 6 3x3 points.
+# * Since dE/df's conv is split in CONV_FILTER_GRAD_PARTS (see above that list), one formulation
+#   run, 3 repeats (experiments/results/bench_formulations_conv_parts.md, the command of the
+#   two-step R run renamed): with 3x3 and 32 filters, patches/conv was faster than the patches for
+#   both at 5 of 6 points, by 1-15% (batch 1024, 32x32x3: 78.1 against 92.1 ms), and 1% slower at
+#   one, so XLA's conv takes dE/df from 32 filters on after the patches too; with 8 filters it was
+#   faster at 2 and slower at 4 (up to 1.22x), and after the Toeplitz forward with 8 filters slower
+#   at all 6 (1.14-1.26x): the Toeplitz and patches dE/df stay below 32 filters. At the 6 points
+#   whose pick has the conv in parts (5x5, 32 filters), one conv took 0.96-1.30x the time of 4
+#   parts (faster at 1 point, within 3% at 2), 2 parts 0.86-1.07x and 8 parts 0.93-1.13x; with one
+#   filter (bench_formulations_conv_parts_one_filter.md, 12 points) one conv took 0.86-1.48x
+#   the time of 4 parts, less at 6 of them: the parts pay with 32 filters, and with one filter
+#   they are kept for the earlier standalone timing's gain, in this run within the noise.
 # * Before the Toeplitz form, patches/patches from C K = 8 on (bench_formulations.md). The pick
 #   was within 1.10x of the fastest formulation at 21 of 36 points and within 1.2x at 26; the
 #   fastest pair was most often another chunk of the same forms, or XLA's conv for one of the two
@@ -215,11 +228,12 @@ def choose_formulation(
         return Formulation("taps", "conv", chunk, parts)
     if batch == 1:
         return Formulation("patches", "conv", None)
-    if toeplitz_multiply_ratio(spec) > TOEPLITZ_MAX_MULTIPLY_RATIO:
-        return Formulation("patches", "patches", chunk)
+    forward: ConvForm = (
+        "patches" if toeplitz_multiply_ratio(spec) > TOEPLITZ_MAX_MULTIPLY_RATIO else "toeplitz"
+    )
     if spec.n_filters >= CONV_FILTER_GRAD_FROM_FILTERS:
-        return Formulation("toeplitz", "conv", chunk, parts)
-    return Formulation("toeplitz", "toeplitz", chunk)
+        return Formulation(forward, "conv", chunk, parts)
+    return Formulation(forward, forward, chunk)
 
 
 def toeplitz_multiply_ratio(spec: ConvNetSpec) -> Fraction:

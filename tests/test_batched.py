@@ -156,8 +156,8 @@ def test_choose_formulation_by_backend_channels_filters_and_working_set():
     # 16 MB / 536 kB = 31 examples per chunk, rounded to the power of two 32.
     big = jaxbp.ConvNetSpec(in_shape=(32, 32, 3), n_filters=32, kernel_size=5, n_out=10)
     assert batched.choose_formulation(big, 1024, "cpu") == batched.Formulation("toeplitz", "conv", 32, 4)
-    # dE/df by XLA's conv after the Toeplitz forward from 32 filters on, not with the patches.
-    for k, kernel, expected in ((31, 5, "toeplitz"), (32, 5, "conv"), (32, 3, "patches")):
+    # dE/df by XLA's conv (in parts) from 32 filters on, after the Toeplitz forward or the patches.
+    for k, kernel, expected in ((31, 5, "toeplitz"), (32, 5, "conv"), (31, 3, "patches"), (32, 3, "conv")):
         spec = jaxbp.ConvNetSpec(in_shape=(32, 32, 3), n_filters=k, kernel_size=kernel, n_out=10)
         assert batched.choose_formulation(spec, 256, "cpu").filter_grad == expected, (k, kernel)
     assert batched.choose_formulation(big, 1024, "cpu", itemsize=8).chunk == 16
