@@ -11,10 +11,11 @@ kernels. On the 2-core CPU jaxbp was measured on, float32, VALID, the convolutio
 * (256, 28, 28, 1) by (5, 5, 1, 8): 5.8 ms against 4.9.
 
 Over the benchmark grid (experiments/results/bench_variants.md: batch 32-1024, 28x28x1 and
-32x32x3, 3x3 and 5x5, 1-32 filters) jax.grad's step, mostly convolutions, ran up to 4.4x faster
-with these options than with XLA's defaults (median 1.76x; 0.99-1.00x at two points), and
-the manual step 1.0-3.2x (median 1.40x; most where it uses XLA's conv for dE/df). An earlier run,
-before the Toeplitz form, had jax.grad's step 1.04-6.7x faster (median 2.5x).
+32x32x3, 3x3 and 5x5, 1-32 filters) jax.grad's step, mostly convolutions, ran 1.11-4.3x faster
+with these options than with XLA's defaults (median 1.66x), and the manual step 0.88-1.97x
+(median 1.20x; 0.88-0.99x at five points, within the machine's noise). The run before, before
+dE/df's conv was split in parts, had 0.99-4.4x (median 1.76x) and 1.0-3.2x (median 1.40x); one
+before the Toeplitz form had jax.grad's step 1.04-6.7x faster (median 2.5x).
 `choose_formulation` is tuned with them, and both of `make_update_step`'s gradients ("manual"
 and "autodiff") compile with them, so that each is compared at its best.
 
