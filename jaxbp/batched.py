@@ -37,8 +37,8 @@ shape of the work XLA sees, and on a CPU that is where the time goes (measured b
   the multiplies.
 * **Taps (shift-and-add), for few channels times filters.** ``Z1 = sum_ab tap_ab(X) f[a, b]``
   with tap_ab a strided slice of the padded input: XLA fuses the slices, multiply-adds and the
-  sigmoid into one loop, so neither P nor Z1 is written. dE/df is then one XLA conv with the
-  batch as its contracted axis (Eigen's, with `jaxbp.compiler_options()`). With one filter
+  sigmoid into one loop, so neither P nor Z1 is written. dE/df is then XLA's conv with the
+  batch as its contracted axis (Eigen's, with `jaxbp.compiler_options()`; in parts, below). With one filter
   P @ f is a matrix-vector product that only pays for writing P.
 * **Weight-gradient sums written small axis first.** dE/dW = H1^T delta2 and dE/df = P^T delta1
   contract over the examples; written as (n_out, D) and (K, kh kw C) they ran 1.2-3x faster
@@ -46,10 +46,11 @@ shape of the work XLA sees, and on a CPU that is where the time goes (measured b
   transposed back once per step (the whole step 1.1-1.5x faster with 8 and 32 filters).
 * **Not vmap, and XLA's conv only where it measured faster.** Under vmap the per-example dE/df
   (a conv whose batch axis is C) becomes a grouped conv per example, which XLA's CPU runs
-  slowly. The ``conv`` forms (one XLA convolution each, with the batch as the contracted axis
-  of dE/df) serve dE/df after the taps, from 32 filters on and for a batch of one here (split
-  over the examples in a few convs that run at once: Eigen runs one such conv on one core), and
-  are the default on other backends, where they call cuDNN and the like.
+  slowly. The ``conv`` forms (XLA's convolution, with the batch as the contracted axis of
+  dE/df) serve dE/df after the taps, from 32 filters on and for a batch of one here, and are
+  the default on other backends, where they call cuDNN and the like. On the CPU dE/df's conv is
+  split over the examples into a few convs that run at once (``conv_parts``): with 32 filters
+  Eigen ran one such conv on one core.
   The measurements assume the steps' `jaxbp.compiler_options()`: with jaxlib 0.10's default
   YNNPACK convolutions the same convs ran up to 10x slower (`jaxbp.compile_options`).
 
@@ -155,8 +156,20 @@ class Formulation(NamedTuple):
 #   bench_formulations_toeplitz_conv_two_step_r.md) and slower at all 6 with 8 filters
 #   (1.07-1.54x).
 #   Between 8 and 32 filters it is not measured. With the patches forward and 32 filters the conv
-#   dE/df, as one conv, was slower at 4 of 6 3x3 points.
-# * Since dE/df's conv is split in CONV_FILTER_GRAD_PARTS (see above that list), one formulation
+#   dE/df, as one conv, was slower at 4 of 6 3x3 points (bench_formulations_toeplitz.md).
+# * dE/df as XLA's conv ran on one core with 32 filters: with the batch as its contracted axis
+#   the output is only kh kw C K numbers, and Eigen did not share the conv between the 2 cores
+#   (at a chunk of 32 examples of 32x32x3, 5x5, 32 filters: 1.39-1.40 ms on two cores against
+#   1.41-1.49 pinned to one, while the forward's matmul took 1.4-2.0x as long on one; at 28x28x1
+#   with 8 filters the conv did use both, 1.29 against 1.98 ms; experiments/results/
+#   bench_filter_grad.md and bench_filter_grad_one_core.md). The same sum as conv_parts convs over
+#   slices of the chunk's examples lets XLA's CPU runtime, which runs independent operations of a
+#   program at once, put them on both cores. A standalone timing of the batch gradient over the
+#   18 grid points with batch >= 32 whose dE/df is the conv (one filter, or 5x5 with 32 filters;
+#   not committed) had 4 parts 1.01-1.21x faster than one conv (batch 256, 32x32x3, 5x5, 32
+#   filters: 27.5 against 29.6 ms), 2 parts 0.91-1.26x and 8 parts 0.96-1.28x; the matmuls of
+#   the other dE/df forms, which use both cores already, ran 1.04-2x slower split the same way.
+# * Since dE/df's conv is split in CONV_FILTER_GRAD_PARTS (the bullet before), one formulation
 #   run, 3 repeats (experiments/results/bench_formulations_conv_parts.md, the command of the
 #   two-step R run renamed): with 3x3 and 32 filters, patches/conv was faster than the patches for
 #   both at 5 of 6 points, by 1-15% (batch 1024, 32x32x3: 78.1 against 92.1 ms), and 1% slower at
@@ -164,7 +177,7 @@ class Formulation(NamedTuple):
 #   faster at 2 and slower at 4 (up to 1.22x), and after the Toeplitz forward with 8 filters slower
 #   at all 6 (1.14-1.26x): the Toeplitz and patches dE/df stay below 32 filters. At the 6 points
 #   whose pick has the conv in parts (5x5, 32 filters), one conv took 0.96-1.30x the time of 4
-#   parts (faster at 1 point, within 3% at 2), 2 parts 0.86-1.07x and 8 parts 0.93-1.13x; with one
+#   parts (faster at 1 point, within 4% at 2), 2 parts 0.86-1.07x and 8 parts 0.93-1.13x; with one
 #   filter (bench_formulations_conv_parts_one_filter.md, 12 points) one conv took 0.86-1.48x
 #   the time of 4 parts, less at 6 of them: the parts pay with 32 filters, and with one filter
 #   they are kept for the earlier standalone timing's gain, in this run within the noise.
@@ -188,17 +201,6 @@ class Formulation(NamedTuple):
 #   at 32x32x3, 5x5, 8 filters conv/patches by 0.10 ms.
 # Off the CPU, XLA's convolutions call the vendor's library (cuDNN on GPU), which the taps and
 # patches do not; that choice is not measured here.
-# * dE/df as XLA's conv runs on one core: with the batch as its contracted axis the output is
-#   only kh kw C K numbers, and Eigen did not share the conv between the 2 cores (at a chunk of
-#   32 examples of 32x32x3, 5x5, 32 filters: 1.39-1.40 ms on two cores against 1.41-1.49 pinned
-#   to one, while the forward's matmul took 1.5-2.0x as long on one; experiments/results/
-#   bench_filter_grad.md and bench_filter_grad_one_core.md). The same sum as conv_parts convs over
-#   slices of the chunk's examples lets XLA's CPU runtime, which runs independent operations of a
-#   program at once, put them on both cores. A standalone timing of the batch gradient over the
-#   18 grid points with batch >= 32 whose dE/df is the conv (one filter, or 5x5 with 32 filters;
-#   not committed) had 4 parts 1.01-1.21x faster than one conv (batch 256, 32x32x3, 5x5, 32
-#   filters: 27.5 against 29.6 ms), 2 parts 0.91-1.26x and 8 parts 0.96-1.28x; the matmuls of
-#   the other dE/df forms, which use both cores already, ran 1.04-2x slower split the same way.
 TAPS_BELOW_CHANNELS_X_FILTERS = 8
 CHUNK_WORKING_SET_BYTES = 16 * 2**20
 MAX_CHUNK = 128
@@ -561,7 +563,8 @@ def filter_grad_conv(x: jax.Array, delta1: jax.Array, spec: ConvNetSpec, parts: 
 
 
 def check_formulation(formulation) -> Formulation:
-    """Raise unless `formulation` is a Formulation of known forms and a positive int chunk."""
+    """Raise unless `formulation` is a Formulation of known forms, a positive int chunk (or None)
+    and a positive int conv_parts (which only the conv dE/df uses)."""
     if not isinstance(formulation, Formulation):
         raise TypeError(f"formulation must be a jaxbp.batched.Formulation, got {formulation!r}")
     for name in ("forward", "filter_grad"):
@@ -695,6 +698,8 @@ def value_and_grads(
     # The carry starts at zeros typed like the chunks' sums: zeros_like keeps an array's varying
     # mesh axes, so under `jax.shard_map` (`jaxbp.parallel`) the zeros vary over the axes the
     # shard of x and the params vary over, as the sums do (lax.scan requires equal carry types).
+    # That relies on JAX's automatic pcast (jax_auto_pcast, on by default in jax 0.10);
+    # tests/test_mesh.py runs shards over one chunk, and fails if it stops holding.
     zero = jnp.zeros_like(x, shape=())
     zero_sums = Params(f=filters_first(params.f), W=params.W.T, b=params.b)
     zeros = (zero, jax.tree.map(lambda p: jnp.zeros_like(p) + zero, zero_sums))
@@ -716,9 +721,10 @@ def per_example_formulation(spec: ConvNetSpec, batch: int, itemsize: int = 4) ->
 
     Per example, dE/df after the taps forward is one (jb K, Ho nb) x (Ho nb, kh span C) matmul
     per example with the Toeplitz form, against kh*kw dots with the taps. With one filter the
-    per-example gradients took 1.29-2.6x, 1.33-2.5x and 1.57-2.7x the batch gradient in three
-    bench grids (bench.md at 8c4561e, 87b3da5 and now), where the grid of e199a4c, with the taps'
-    dots, had 2.5-4.1x (batch 256, 28x28x1, 5x5: 4.30 ms at 8c4561e, 4.03 now, against 6.07).
+    per-example gradients took 1.29-2.6x, 1.33-2.5x, 1.57-2.7x and 1.34-2.6x the batch gradient
+    in four bench grids (bench.md at 8c4561e, 87b3da5, 540461b and now), where the grid of
+    e199a4c, with the taps' dots, had 2.5-4.1x (batch 256, 28x28x1, 5x5: 4.30 ms at 8c4561e,
+    4.03 at 540461b, 3.66 now, against 6.07).
     A standalone interleaved timing (not committed) also had the patches at 1.9-6.5x, and
     another (not committed) dE/df per example as one contraction over the input rows with a
     row-Toeplitz matrix of delta1 (no R, 7x the multiplies) at 1.45-4.0x against this form's
