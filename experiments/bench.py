@@ -434,6 +434,17 @@ def machine_info(jax, peer_versions) -> dict:
     }
 
 
+def write_results(out, name: str, info: dict, command: str, results: list, table: str) -> None:
+    """Write <out>/<name>.json (command, machine, results) and <out>/<name>.md (`table`), and print
+    the table: the outputs of every benchmark script here."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"command": command, "machine": info, "results": results}
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str))
+    (out / f"{name}.md").write_text(table)
+    print(table)
+
+
 def calibrate(call, min_sample_s: float) -> int:
     """How many calls make one timed sample of at least `min_sample_s`."""
     start = time.perf_counter()
@@ -891,11 +902,7 @@ def main(argv=None) -> None:
     name = args.name or ("bench_quick" if args.quick else "bench") + (
         "_float64" if args.dtype == "float64" else ""
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    payload = {"command": command, "machine": info, "results": results}
-    (args.out / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str))
-    (args.out / f"{name}.md").write_text(markdown(results, info, command))
-    print(markdown(results, info, command))
+    write_results(args.out, name, info, command, results, markdown(results, info, command))
 
 
 if __name__ == "__main__":

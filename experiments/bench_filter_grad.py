@@ -33,7 +33,6 @@ against df_TN in float64 (relative error < 1e-10). Writes experiments/results/<n
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -43,6 +42,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import machine_info  # noqa: E402
 from bench import summarize  # noqa: E402
+from bench import write_results  # noqa: E402
 
 # (input, filters, batch): the headline and the grid's 5x5 Toeplitz points where PyTorch's step
 # was faster (experiments/results/bench.md).
@@ -60,18 +60,14 @@ def toeplitz_rows_transposed(x, spec):
 
     from jaxbp import batched
 
-    x_pad = batched.pad_input(x, spec)
     (kh, _), (sh, sw), (dh, _) = spec.kernel_size, spec.stride, spec.dilation
     ho = spec.h1_shape[0]
     jb, nb, span = batched.toeplitz_blocks(spec)
-    n, hp, wp, c = x_pad.shape
-    g = jb * sw
-    nt = -(-span // g)
-    width = (nb + nt - 1) * g
-    if width > wp:
-        x_pad = jnp.pad(x_pad, ((0, 0), (0, 0), (0, width - wp), (0, 0)))
+    groups = batched.toeplitz_column_groups(x, spec)  # (n, hp, nb + nt - 1, g c)
+    n, hp, q, _ = groups.shape
+    g, c, nt = jb * sw, x.shape[-1], q - nb + 1
     # xg[v, c, n, r, q] = X_pad[n, r, q g + v, c]
-    xg = jnp.transpose(x_pad[:, :, :width].reshape(n, hp, nb + nt - 1, g, c), (3, 4, 0, 1, 2))
+    xg = jnp.transpose(groups.reshape(n, hp, q, g, c), (3, 4, 0, 1, 2))
     # cols[(t, v), c, n, r, s] = X_pad[n, r, (s + t) g + v, c], cut to w = t g + v < span
     cols = jnp.concatenate([xg[None, ..., t : t + nb] for t in range(nt)]).reshape(nt * g, c, n, hp, nb)
     cols = cols[:span]
@@ -247,13 +243,7 @@ def main(argv=None) -> None:
     info["cores_used"] = len(os.sched_getaffinity(0))
     info["load_average"] = [round(v, 2) for v in os.getloadavg()]
     command = "python experiments/bench_filter_grad.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip()
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"{args.name}.json"), "w") as file:
-        json.dump({"machine": info, "command": command, "results": results}, file, indent=1)
-    table = markdown(results, info, command)
-    with open(os.path.join(args.out, f"{args.name}.md"), "w") as file:
-        file.write(table)
-    print(table)
+    write_results(args.out, args.name, info, command, results, markdown(results, info, command))
 
 
 if __name__ == "__main__":

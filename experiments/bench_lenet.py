@@ -13,7 +13,6 @@ ratio jax.grad time / manual time (> 1: manual faster). Writes JSON and a markdo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -24,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import compile_stats  # noqa: E402
 from bench import machine_info  # noqa: E402
 from bench import summarize  # noqa: E402
+from bench import write_results  # noqa: E402
 
 METHODS = ("manual", "autodiff")
 
@@ -128,13 +128,7 @@ def main(argv=None) -> None:
     info = machine_info(jax, {})
     info["load_average"] = [round(v, 2) for v in os.getloadavg()]
     command = "python experiments/bench_lenet.py" + (" --quick" if args.quick else "")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"{args.name}.json"), "w") as file:
-        json.dump({"machine": info, "command": command, "results": results}, file, indent=1)
-    table = markdown(results, info, command)
-    with open(os.path.join(args.out, f"{args.name}.md"), "w") as file:
-        file.write(table)
-    print(table)
+    write_results(args.out, args.name, info, command, results, markdown(results, info, command))
 
 
 if __name__ == "__main__":

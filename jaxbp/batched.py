@@ -38,8 +38,8 @@ shape of the work XLA sees, and on a CPU that is where the time goes (measured b
 * **Taps (shift-and-add), for few channels times filters.** ``Z1 = sum_ab tap_ab(X) f[a, b]``
   with tap_ab a strided slice of the padded input: XLA fuses the slices, multiply-adds and the
   sigmoid into one loop, so neither P nor Z1 is written. dE/df is then XLA's conv with the
-  batch as its contracted axis (Eigen's, with `jaxbp.compiler_options()`; in parts, below). With one filter
-  P @ f is a matrix-vector product that only pays for writing P.
+  batch as its contracted axis (Eigen's, with `jaxbp.compiler_options()`; in parts, below).
+  With one filter P @ f is a matrix-vector product that only pays for writing P.
 * **Weight-gradient sums written small axis first.** dE/dW = H1^T delta2 and dE/df = P^T delta1
   contract over the examples; written as (n_out, D) and (K, kh kw C) they ran 1.2-3x faster
   than in the params' (D, n_out) and (kh kw C, K), so the chunks' sums stay transposed and are
@@ -451,6 +451,25 @@ def toeplitz_selection(spec: ConvNetSpec, dtype) -> jax.Array:
     return jnp.asarray(w == j * sw + b * dw, dtype)
 
 
+def toeplitz_column_groups(x: jax.Array, spec: ConvNetSpec) -> jax.Array:
+    r"""X_pad with its columns grouped g = jb s_w at a time, the step between blocks:
+    ``Xg[n, r, q, (v, c)] = X_pad[n, r, q g + v, c]``.
+
+    Returns:
+      (N, Hp, nb + nt - 1, g C), nt = ceil(span / g) the groups one block's span covers. X_pad
+      is widened with zeros on the right to whole groups; only a padded last block (Wo not a
+      multiple of jb) reads them.
+    """
+    x_pad = pad_input(x, spec)
+    jb, nb, span = toeplitz_blocks(spec)
+    n, hp, _, c = x_pad.shape
+    g = jb * spec.stride[1]
+    width = (nb + -(-span // g) - 1) * g  # every column a block reads lies below (nb - 1) g + span
+    if width > x_pad.shape[2]:
+        x_pad = jnp.pad(x_pad, ((0, 0), (0, 0), (0, width - x_pad.shape[2]), (0, 0)))
+    return x_pad[:, :, :width].reshape(n, hp, width // g, g * c)
+
+
 def toeplitz_rows(x: jax.Array, spec: ConvNetSpec) -> jax.Array:
     r"""R, the row slabs: row (n, i, s) holds the kh input rows under output row i, across the
     span of input columns that block s of jb output columns reads.
@@ -466,23 +485,18 @@ def toeplitz_rows(x: jax.Array, spec: ConvNetSpec) -> jax.Array:
       zeros on the right to whole groups of jb s_w columns; only a padded last block (Wo not a
       multiple of jb) reads them, and its extra outputs are dropped.
     """
-    x_pad = pad_input(x, spec)
-    (kh, _), (sh, sw), (dh, _) = spec.kernel_size, spec.stride, spec.dilation
+    (kh, _), (sh, _), (dh, _) = spec.kernel_size, spec.stride, spec.dilation
     ho, _, _ = spec.h1_shape
-    jb, nb, span = toeplitz_blocks(spec)
-    n, hp, _, c = x_pad.shape
+    _, nb, span = toeplitz_blocks(spec)
     # Built in two steps, as `conv_patches` is: block s starts at input column s g (g = jb s_w),
-    # so with the columns grouped g at a time, Xg[n, r, q, (v, c)] = X_pad[n, r, q g + v, c], its
-    # span columns are groups s .. s + nt - 1 laid side by side, cut to span: nt slices of
-    # contiguous runs of g C numbers, then kh row slices of those. That copied R 2x faster than
-    # stacking the kh row slabs and then the nb blocks (a standalone timing, not committed:
-    # 1.36 against 2.77 ms at 128 examples of 32x32x3, 5x5; 0.39 against 0.90 for 28x28x1).
-    g = jb * sw
-    nt = -(-span // g)
-    width = (nb + nt - 1) * g  # every column a block reads lies below (nb - 1) g + span
-    if width > x_pad.shape[2]:
-        x_pad = jnp.pad(x_pad, ((0, 0), (0, 0), (0, width - x_pad.shape[2]), (0, 0)))
-    xg = x_pad[:, :, :width].reshape(n, hp, nb + nt - 1, g * c)
+    # so its span columns are the column groups s .. s + nt - 1 of `toeplitz_column_groups` laid
+    # side by side, cut to span: nt slices of contiguous runs of g C numbers, then kh row slices
+    # of those. That copied R 2x faster than stacking the kh row slabs and then the nb blocks (a
+    # standalone timing, not committed: 1.36 against 2.77 ms at 128 examples of 32x32x3, 5x5;
+    # 0.39 against 0.90 for 28x28x1).
+    xg = toeplitz_column_groups(x, spec)
+    n, c = x.shape[0], x.shape[-1]
+    nt = xg.shape[2] - nb + 1  # the groups one block's span covers
     # cols[n, r, s, (w, c)] = X_pad[n, r, s g + w, c] for w < span
     cols = jnp.concatenate([xg[:, :, t : t + nb] for t in range(nt)], axis=-1)[..., : span * c]
     # R[n, i, s, (a, w, c)] = cols[n, a dh + i sh, s, (w, c)]
