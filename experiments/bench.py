@@ -18,11 +18,12 @@ it times, interleaved round by round with warm-up excluded:
                    path's forward form) and the per-example dE/dW and dE/db, a tighter floor
   batch_grad       the batch gradient alone (jaxbp.manual_value_and_grads), the reference for
                    per_ex_manual
-  torch            PyTorch CPU autograd of the same network (NCHW) plus the SGD update, in a
-                   process of its own
+  torch            PyTorch autograd of the same network (NCHW) plus the SGD update, in a process
+                   of its own, on the CPU (on CUDA where JAX runs on a GPU: --torch-device)
   numpy            NumPy im2col implementation of the same formulas plus the update, in a process
                    of its own
-  matmul           a 1024^3 float32 matmul, the machine's ceiling for GFLOP/s
+  matmul           a float32 matmul (1024^3 on the CPU, 8192^3 on an accelerator: --matmul-n),
+                   the machine's ceiling for GFLOP/s
 
 With --variants, also steps that were measured and not adopted:
 
@@ -42,6 +43,12 @@ With --variants, also steps that were measured and not adopted:
   manual_unrolled    the manual step with its chunks as a Python loop instead of lax.scan: no
                      loop, one copy of the chunk's program per chunk
 
+On an accelerator, each sample dispatches its calls and waits for the last (JAX and PyTorch
+alike: they run in order on the device), and float32 convs and matmuls run at each library's
+default precision unless --precision names one for both (JAX's default on a recent NVIDIA GPU
+is TF32; PyTorch's is full float32 for matmuls and TF32 for cuDNN's convs). On the CPU both are
+exact float32, and each call is waited for.
+
 Each peer is first checked to compute the same gradients as jaxbp's manual ones in float64
 (relative error < 1e-10 per leaf, on the point's shapes with a batch of 4) and is not timed if not.
 Reports medians and the interquartile spread, compile time and XLA's memory estimate per JAX
@@ -50,6 +57,7 @@ the matmul, the machine and library versions. Writes experiments/results/<name>.
 
     python experiments/bench.py --quick       # headline points, a couple of minutes
     python experiments/bench.py               # the whole grid (11-17 minutes on 2 cores)
+    python experiments/bench.py --quick --precision float32 --name bench_quick_gpu   # on a GPU
 """
 
 from __future__ import annotations
@@ -70,6 +78,8 @@ from pathlib import Path
 
 import numpy as np
 
+PEERS = ("torch", "numpy")
+JAX_PRECISION = {"float32": "float32", "tf32": "tensorfloat32"}  # --precision: jax_default_matmul_precision
 HEADLINE = dict(batch=256, filters=8, input=(28, 28, 1), kernel=5)
 GRID = dict(batch=(1, 32, 256, 1024), filters=(1, 8, 32), input=((28, 28, 1), (32, 32, 3)), kernel=(3, 5))
 QUICK = dict(batch=(32, 256), filters=(1, 8, 32), input=((28, 28, 1),), kernel=(5,))
@@ -146,12 +156,12 @@ def numpy_value_and_grads(f, W, b, x, y):
 class TorchNet:
     """The network in PyTorch (NCHW); W's rows permuted once so H1 flattens in (K, Ho, Wo) order."""
 
-    def __init__(self, torch, f, W, b, x, y):
+    def __init__(self, torch, f, W, b, x, y, device="cpu"):
         self.torch = torch
         kernel, _, c, k = f.shape
         n, h, w, _ = x.shape
         self.ho, self.wo, self.k = h - kernel + 1, w - kernel + 1, k
-        t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
         self.f = t(f.transpose(3, 2, 0, 1)).requires_grad_()
         self.W = t(W.reshape(self.ho, self.wo, k, -1).transpose(2, 0, 1, 3).reshape(W.shape)).requires_grad_()
         self.b = t(b).requires_grad_()
@@ -175,9 +185,26 @@ class TorchNet:
         return E
 
     def grads_in_jaxbp_layout(self):
-        f = self.f.grad.numpy().transpose(2, 3, 1, 0)
-        W = self.W.grad.numpy().reshape(self.k, self.ho, self.wo, -1).transpose(1, 2, 0, 3).reshape(-1, N_OUT)
-        return f, W, self.b.grad.numpy()
+        f, W, b = (p.grad.cpu().numpy() for p in (self.f, self.W, self.b))
+        W = W.reshape(self.k, self.ho, self.wo, -1).transpose(1, 2, 0, 3).reshape(-1, N_OUT)
+        return f.transpose(2, 3, 1, 0), W, b
+
+
+TORCH_TF32 = {"float32": False, "tf32": True}  # --precision: PyTorch's allow_tf32 for matmuls and convs
+
+
+def configure_torch(torch, device: str, precision: str) -> dict:
+    """Set PyTorch's float32 precision for --precision (None leaves its defaults) and say what
+    it runs with: version, threads, device, and where on CUDA, its GPU and TF32 settings."""
+    info = {"torch": torch.__version__, "torch_threads": torch.get_num_threads(), "torch_device": device}
+    if device == "cuda":
+        if precision is not None:
+            torch.backends.cuda.matmul.allow_tf32 = TORCH_TF32[precision]
+            torch.backends.cudnn.allow_tf32 = TORCH_TF32[precision]
+        info["torch_gpu"] = torch.cuda.get_device_name(0)
+        info["torch_matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
+        info["torch_cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
+    return info
 
 
 def peer_worker(conn, peer: str) -> None:
@@ -193,29 +220,33 @@ def peer_worker(conn, peer: str) -> None:
             import torch
         except ImportError:
             pass
-    state = None
+    state, device = None, "cpu"
+
     while True:
         msg, arg = conn.recv()
         if msg == "stop":
             conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
             return
-        if msg == "versions":
+        if msg == "versions":  # arg: (torch's device, --precision)
+            device, precision = arg
             info = {"numpy_peer_numpy": np.__version__} if peer == "numpy" else {}
-            if torch is not None:
-                info = {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+            if torch is not None and device == "cuda" and not torch.cuda.is_available():
+                info, torch = {"torch": torch.__version__, "torch_error": "CUDA not available"}, None
+            elif torch is not None:
+                info = configure_torch(torch, device, precision)
             conn.send((peer == "numpy" or torch is not None, info))
         elif msg == "check":  # float64 gradients, to compare with jaxbp
             f, W, b, x, y = arg
             if peer == "numpy":
                 conn.send(numpy_value_and_grads(f, W, b, x, y)[1])
             else:
-                net = TorchNet(torch, f, W, b, x, y)
+                net = TorchNet(torch, f, W, b, x, y, device)
                 net.value_and_grads()
                 conn.send(net.grads_in_jaxbp_layout())
         elif msg == "setup":
             f, W, b, x, y = arg
             if peer == "torch":
-                state = TorchNet(torch, f, W, b, x, y).step
+                state = TorchNet(torch, f, W, b, x, y, device).step
             else:
 
                 def state(f=f, W=W, b=b, x=x, y=y):  # arrays from the pipe are our own
@@ -229,6 +260,8 @@ def peer_worker(conn, peer: str) -> None:
             start = time.perf_counter()
             for _ in range(arg):
                 state()
+            if device == "cuda":  # the steps were queued on the GPU: wait for the last
+                torch.cuda.synchronize()
             conn.send((time.perf_counter() - start) / arg)
 
 
@@ -427,22 +460,27 @@ def machine_info(jax, peer_versions) -> dict:
         "jax": jax.__version__,
         "jaxlib": jaxlib.__version__,
         "numpy": np.__version__,
+        "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
+        "device_kind": jax.devices()[0].device_kind,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "git_commit": commit,
         **peer_versions,
     }
 
 
-def write_results(out, name: str, info: dict, command: str, results: list, table: str) -> None:
+def write_results(
+    out, name: str, info: dict, command: str, results: list, table: str, echo: bool = True
+) -> None:
     """Write <out>/<name>.json (command, machine, results) and <out>/<name>.md (`table`), and print
-    the table: the outputs of every benchmark script here."""
+    the table (unless not `echo`): the outputs of every benchmark script here."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"command": command, "machine": info, "results": results}
     (out / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str))
     (out / f"{name}.md").write_text(table)
-    print(table)
+    if echo:
+        print(table)
 
 
 def calibrate(call, min_sample_s: float) -> int:
@@ -524,7 +562,11 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
         result["variant_check_rel_error"] = check_variants(jax, compiled, jargs, progress, point)
 
     def jax_call(c):
-        return lambda inner: [jax.block_until_ready(c(*jargs)) for _ in range(inner)]
+        if jax.default_backend() == "cpu":  # wait for each call (as in every CPU run before)
+            return lambda inner: [jax.block_until_ready(c(*jargs)) for _ in range(inner)]
+        # On an accelerator, queue the calls and wait for the last (they run in order), as a
+        # training loop does; waiting for each would time the host's round trip too.
+        return lambda inner: jax.block_until_ready([c(*jargs) for _ in range(inner)][-1])
 
     def peer_call(name):
         def call(inner):
@@ -645,6 +687,29 @@ def targets_summary(results) -> list[str]:
     return lines
 
 
+def torch_label(info: dict) -> str:
+    return "CUDA" if info.get("torch_device") == "cuda" else "CPU"
+
+
+def device_lines(info: dict) -> list[str]:
+    """The accelerator and the float32 precision of a run off the CPU (none for a CPU run)."""
+    if info.get("backend", "cpu") == "cpu":
+        return []
+    torch = (
+        f"; PyTorch on {info.get('torch_gpu', info.get('torch_device'))}, allow_tf32 matmul "
+        f"{info.get('torch_matmul_allow_tf32')}, cuDNN {info.get('torch_cudnn_allow_tf32')}"
+        if info.get("torch_device") == "cuda"
+        else ""
+    )
+    return [
+        "",
+        f"Device: {info['device_kind']} ({info['backend']}, {len(info['devices'])} device(s)); "
+        f"--precision {info.get('precision')}: jax_default_matmul_precision "
+        f"{info.get('jax_default_matmul_precision')}{torch}; matmul {info.get('matmul_n')}^3; each sample "
+        "queues its calls and waits for the last.",
+    ]
+
+
 def markdown(results, info, command) -> str:
     def ms(r, name):
         v = r["times"].get(name)
@@ -659,11 +724,12 @@ def markdown(results, info, command) -> str:
         f"Versions: Python {info['python']}, jax {info['jax']}, jaxlib {info['jaxlib']}, numpy "
         f"{info['numpy']}, torch {info.get('torch')}; git {info['git_commit']}; {info['date_utc']}.  ",
         f"XLA options of every JAX method (jaxbp.compiler_options()): {info.get('compiler_options')}.",
+        *device_lines(info),
         "",
         "Median ms per call (IQR in the JSON); VALID conv, stride 1, 10 outputs. `manual` and `autodiff` "
         "are whole jitted SGD steps (autodiff = jax.grad of the batch-mean loss); `*_vmap` the same step "
         "with vmap of per-example gradients; `per-ex` per-example gradients; `batch` the manual batch "
-        "gradient alone; `torch` PyTorch CPU autograd + SGD; `numpy` NumPy im2col + SGD. "
+        f"gradient alone; `torch` PyTorch {torch_label(info)} autograd + SGD; `numpy` NumPy im2col + SGD. "
         "`ad/m`, `pt/m`: autodiff and torch time over manual (>1: manual faster); `pe/b`: per-example "
         "manual over batch gradient; `dW/b`: writing an array the size of the per-example dE/dW "
         "(and nothing else) over the batch gradient, a floor under `pe/b`; `nodf/b`: the per-example "
@@ -809,7 +875,9 @@ def parse_args(argv=None):
     parser.add_argument(
         "--min-sample-s", type=float, default=0.02, help="each sample runs at least this long"
     )
-    parser.add_argument("--matmul-n", type=int, default=1024, help="size of the reference matmul")
+    parser.add_argument(
+        "--matmul-n", type=int, help="size of the reference matmul (default 1024 on the CPU, else 8192)"
+    )
     parser.add_argument("--formulations", action="store_true", help="also time each manual formulation")
     parser.add_argument(
         "--forms", nargs="+", help="with --formulations, pair only these forms (default: all)"
@@ -817,6 +885,21 @@ def parse_args(argv=None):
     parser.add_argument("--variants", action="store_true", help="also time the variants (above)")
     parser.add_argument("--skip-vmap-steps", action="store_true", help="do not time the two *_vmap steps")
     parser.add_argument("--no-peers", action="store_true", help="skip PyTorch and NumPy")
+    parser.add_argument(
+        "--peers", nargs="+", choices=PEERS, default=list(PEERS), help="the peers to time (default: both)"
+    )
+    parser.add_argument(
+        "--torch-device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="PyTorch's device (auto: cuda where JAX's default backend is a GPU, else cpu)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=list(JAX_PRECISION),
+        help="float32 convs and matmuls of JAX and PyTorch alike: float32 (full) or tf32 "
+        "(TensorFloat-32 on NVIDIA GPUs); default: each library's own",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--name", help="output file stem (default bench, bench_quick, ...)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -837,6 +920,14 @@ def main(argv=None) -> None:
         print(text)
         return
     jax.config.update("jax_enable_x64", True)  # float64 peer checks; timed arrays carry their dtype
+    if args.precision is not None:
+        jax.config.update("jax_default_matmul_precision", JAX_PRECISION[args.precision])
+    backend = jax.default_backend()
+    if args.matmul_n is None:
+        args.matmul_n = 1024 if backend == "cpu" else 8192
+    torch_device = args.torch_device
+    if torch_device == "auto":
+        torch_device = "cuda" if backend == "gpu" else "cpu"
     from tqdm import tqdm
 
     import jaxbp
@@ -857,15 +948,17 @@ def main(argv=None) -> None:
 
     conns, workers = {}, []
     peer_versions = {}
-    for peer in () if args.no_peers else ("torch", "numpy"):
+    for peer in () if args.no_peers else dict.fromkeys(args.peers):
         ctx = mp.get_context("spawn")
         conn, child = ctx.Pipe()
         worker = ctx.Process(target=peer_worker, args=(child, peer), daemon=True)
         worker.start()
         workers.append(worker)
-        conn.send(("versions", None))
+        conn.send(("versions", (torch_device, args.precision)))
         available, versions = conn.recv()
         peer_versions.update(versions)
+        if "torch_error" in versions:
+            print(f"torch is not timed: {versions['torch_error']}", file=sys.stderr)
         if available:
             conns[peer] = conn
 
@@ -881,27 +974,31 @@ def main(argv=None) -> None:
         **machine_info(jax, peer_versions),
         "compiler_options": jaxbp.compiler_options(),
         "dtype": args.dtype,
+        "precision": args.precision,
+        "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
+        "matmul_n": args.matmul_n,
         "load_start": os.getloadavg(),
     }
-    results = []
-    progress = tqdm(points, disable=args.quiet, desc="grid")
-    for point in progress:
-        progress.set_postfix_str(str(point))
-        results.append(run_point(point, args, jax, jaxbp, conns, matmul, progress))
-    info["load_end"] = os.getloadavg()
-    for name, conn in conns.items():
-        conn.send(("stop", None))
-        info[f"{name}_process_max_rss_kb"] = conn.recv()
-    for worker in workers:
-        worker.join(timeout=10)
-    info["max_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
     command = (
         "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]) if argv is None else str(argv)
     )
     name = args.name or ("bench_quick" if args.quick else "bench") + (
         "_float64" if args.dtype == "float64" else ""
     )
+    results = []
+    progress = tqdm(points, disable=args.quiet, desc="grid")
+    for point in progress:
+        progress.set_postfix_str(str(point))
+        results.append(run_point(point, args, jax, jaxbp, conns, matmul, progress))
+        info["load_end"] = os.getloadavg()
+        # The points so far, so that a run cut short (a time limit, a crash) keeps them.
+        write_results(args.out, name, info, command, results, markdown(results, info, command), echo=False)
+    for peer, conn in conns.items():
+        conn.send(("stop", None))
+        info[f"{peer}_process_max_rss_kb"] = conn.recv()
+    for worker in workers:
+        worker.join(timeout=10)
+    info["max_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     write_results(args.out, name, info, command, results, markdown(results, info, command))
 
 

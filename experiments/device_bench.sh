@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The benchmark on a lent GPU machine, in one call of a few minutes. That machine has its own
+# python3 with JAX (CUDA), PyTorch (CUDA), optax, chex, tqdm and pytest, and no network; jaxbp
+# runs from this checkout. The stages run in order of value, each within what is left of
+# DEADLINE_S; bench.py writes its results after every point, so a stage cut short keeps the
+# points it finished. A failed smoke run stops the script at once (little device time lost).
+#
+#   OUT=<dir> DEADLINE_S=540 bash experiments/device_bench.sh
+#
+# Stages: the quick grid in full float32 against PyTorch on CUDA (bench_quick_gpu); every
+# formulation of the manual step at batch 256 (bench_formulations_gpu: is XLA's conv, the rule's
+# pick off the CPU, the fastest there?); the quick grid at TF32 for both libraries
+# (bench_quick_gpu_tf32, JAX's default on this GPU); the float64 and float32 agreement tests on
+# the GPU.
+set -u
+out=${OUT:-experiments/results}
+deadline=${DEADLINE_S:-540}
+py=${PYTHON:-python3}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+
+stage() {  # stage NAME MAX_SECONDS COMMAND...: run COMMAND for at most MAX_SECONDS and what is left
+    local name=$1 max=$2
+    shift 2
+    local t=$((deadline - SECONDS - 5))
+    ((t > max)) && t=$max
+    if ((t < 20)); then
+        echo "== $name: skipped, ${t} s left"
+        return 1
+    fi
+    echo "== $name: at most ${t} s, starting at ${SECONDS} s"
+    timeout "$t" "$@"
+    local rc=$?
+    echo "== $name: exit $rc at ${SECONDS} s"
+    return $rc
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+$py -c "import jax, jaxlib, torch, optax, chex, numpy
+print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices(), 'torch', torch.__version__,
+      'cuda', torch.cuda.is_available(), 'optax', optax.__version__, 'chex', chex.__version__,
+      'numpy', numpy.__version__)" || exit 1
+bench="$py experiments/bench.py --quiet --out $out"
+stage smoke 150 $bench --batches 32 --filters 1 --inputs 28x28x1 --kernels 5 --repeats 1 --peers torch \
+    --precision float32 --out /tmp/smoke || exit 1
+stage quick_float32 240 $bench --quick --precision float32 --peers torch --name bench_quick_gpu
+stage formulations 150 $bench --quick --batches 256 --formulations --no-peers --skip-vmap-steps \
+    --precision float32 --name bench_formulations_gpu
+stage quick_tf32 120 $bench --quick --precision tf32 --peers torch --name bench_quick_gpu_tf32
+# The tests' float32 tolerances were measured in full float32: TF32 off for them.
+JAX_DEFAULT_MATMUL_PRECISION=float32 stage tests 200 $py -m pytest -v --tb=short -p no:cacheprovider \
+    tests/test_backward.py tests/test_train.py
+echo "== done at ${SECONDS} s"
