@@ -47,8 +47,9 @@ shape of the work XLA sees, and on a CPU that is where the time goes (measured b
 * **Not vmap, and XLA's conv only where it measured faster.** Under vmap the per-example dE/df
   (a conv whose batch axis is C) becomes a grouped conv per example, which XLA's CPU runs
   slowly. The ``conv`` forms (XLA's convolution, with the batch as the contracted axis of
-  dE/df) serve dE/df after the taps, from 32 filters on and for a batch of one here, and are
-  the default on other backends, where they call cuDNN and the like. On the CPU dE/df's conv is
+  dE/df) serve dE/df after the taps, from 32 filters on and for a batch of one here, and both
+  convolutions on accelerators other than a GPU (not measured there; on a GPU the patches for
+  both measured fastest, below). On the CPU dE/df's conv is
   split over the examples into a few convs that run at once (``conv_parts``): with 32 filters
   Eigen ran one such conv on one core.
   The measurements assume the steps' `jaxbp.compiler_options()`: with jaxlib 0.10's default
@@ -199,8 +200,15 @@ class Formulation(NamedTuple):
 #   1.2x of the fastest formulation at 9 of 12 points, and 1.26-1.40x at three: with one filter
 #   and 3x3 the patches for dE/df won by 0.02-0.05 ms (32x32x3: 0.115 against 0.161 ms), and
 #   at 32x32x3, 5x5, 8 filters conv/patches by 0.10 ms.
-# Off the CPU, XLA's convolutions call the vendor's library (cuDNN on GPU), which the taps and
-# patches do not; that choice is not measured here.
+# On a GPU (one NVIDIA H200, jax 0.11.2, full float32; experiments/results/
+# bench_formulations_gpu.md, batch 256, 28x28x1, 5x5) the step is a few kernel launches long
+# (0.1-0.4 ms), and XLA's cuDNN convs were the slow part: conv/conv took 0.34, 0.26 and 0.21 ms
+# with 1, 8 and 32 filters, the patches for both 0.094, 0.131 and 0.173 (0.28-0.83x), within
+# 5% of the fastest pair at each point (the Toeplitz form and the taps were as fast, not
+# faster), and faster than jax.grad's step (0.41, 0.27 and 0.28 ms). Chunks only added launches
+# (conv/conv in 128s: 1.5x). So on a GPU the patches for both, the whole batch at once: P holds
+# N Ho Wo kh kw C numbers, 240 MB at batch 1024 of 32x32x3 with 5x5 filters. Other accelerators
+# (TPU) are not measured and keep XLA's conv for both.
 TAPS_BELOW_CHANNELS_X_FILTERS = 8
 CHUNK_WORKING_SET_BYTES = 16 * 2**20
 MAX_CHUNK = 128
@@ -222,6 +230,8 @@ def choose_formulation(
       itemsize: bytes per number (4 for float32, 8 for float64), for the chunk's working set.
     """
     backend = jax.default_backend() if backend is None else backend
+    if backend == "gpu":
+        return Formulation("patches", "patches", None)
     if backend != "cpu":
         return Formulation("conv", "conv", None)
     chunk = working_set_chunk(spec, batch, itemsize)
