@@ -687,6 +687,13 @@ def targets_summary(results) -> list[str]:
     return lines
 
 
+def git_text(info: dict) -> str:
+    """The commit a run reported, and the one its tree was where they differ: the device tool's
+    copy of the checkout carried a stale .git, so those runs name their tree's commit apart."""
+    tree = info.get("tree_commit")
+    return info["git_commit"] if tree is None else f"{tree} (the copy's git said {info['git_commit']})"
+
+
 def torch_label(info: dict) -> str:
     return "CUDA" if info.get("torch_device") == "cuda" else "CPU"
 
@@ -722,7 +729,7 @@ def markdown(results, info, command) -> str:
         f"Machine: {info['cpu']}, {info['cores']} cores, {info['platform']}; load average "
         f"{info['load_start']} at start, {info['load_end']} at end (other jobs shared the cores).  ",
         f"Versions: Python {info['python']}, jax {info['jax']}, jaxlib {info['jaxlib']}, numpy "
-        f"{info['numpy']}, torch {info.get('torch')}; git {info['git_commit']}; {info['date_utc']}.  ",
+        f"{info['numpy']}, torch {info.get('torch')}; git {git_text(info)}; {info['date_utc']}.  ",
         f"XLA options of every JAX method (jaxbp.compiler_options()): {info.get('compiler_options')}.",
         *device_lines(info),
         "",
