@@ -206,12 +206,15 @@ class Formulation(NamedTuple):
 # with 1, 8 and 32 filters, the patches for both 0.094, 0.131 and 0.173 (0.28-0.83x), within
 # 5% of the fastest pair at each point (the Toeplitz form and the taps were as fast, not
 # faster), and faster than jax.grad's step (0.41, 0.27 and 0.28 ms). Chunks only added launches
-# (conv/conv in 128s: 1.5x). So on a GPU the patches for both, the whole batch at once: P holds
-# N Ho Wo kh kw C numbers, 240 MB at batch 1024 of 32x32x3 with 5x5 filters. Other accelerators
-# (TPU) are not measured and keep XLA's conv for both.
+# (conv/conv in 128s: 1.5x). So on a GPU the patches for both, the whole batch at once while its
+# temporaries stay under GPU_WORKING_SET_BYTES (P holds N Ho Wo kh kw C numbers, 240 MB at batch
+# 1024 of 32x32x3 with 5x5 filters); a larger batch runs in chunks of about that size, so that
+# P does not outgrow the device's memory (not timed: kernels that large are far past launch
+# overhead). Other accelerators (TPU) are not measured and keep XLA's conv for both.
 TAPS_BELOW_CHANNELS_X_FILTERS = 8
 CHUNK_WORKING_SET_BYTES = 16 * 2**20
 MAX_CHUNK = 128
+GPU_WORKING_SET_BYTES = 2**30
 TOEPLITZ_BLOCK = 4
 TOEPLITZ_MAX_MULTIPLY_RATIO = Fraction(8, 5)
 CONV_FILTER_GRAD_FROM_FILTERS = 32
@@ -231,7 +234,9 @@ def choose_formulation(
     """
     backend = jax.default_backend() if backend is None else backend
     if backend == "gpu":
-        return Formulation("patches", "patches", None)
+        return Formulation(
+            "patches", "patches", working_set_chunk(spec, batch, itemsize, GPU_WORKING_SET_BYTES, None)
+        )
     if backend != "cpu":
         return Formulation("conv", "conv", None)
     chunk = working_set_chunk(spec, batch, itemsize)
@@ -257,16 +262,20 @@ def toeplitz_multiply_ratio(spec: ConvNetSpec) -> Fraction:
 
 
 def working_set_chunk(
-    spec: ConvNetSpec, batch: int, itemsize: int = 4, working_set: int = CHUNK_WORKING_SET_BYTES
+    spec: ConvNetSpec,
+    batch: int,
+    itemsize: int = 4,
+    working_set: int = CHUNK_WORKING_SET_BYTES,
+    max_chunk: int | None = MAX_CHUNK,
 ) -> int | None:
     """Examples per chunk: the power of two nearest to `working_set` bytes of temporaries, at most
-    MAX_CHUNK; None when that holds the whole batch."""
+    `max_chunk` (None: no cap); None when that holds the whole batch."""
     kh, kw = spec.kernel_size
     ho, wo, k = spec.h1_shape
     # Per example: Z1, H1 and delta1 (Ho Wo K each), and the patches or taps (Ho Wo kh kw C).
     per_example = itemsize * ho * wo * (3 * k + kh * kw * spec.in_shape[2])
     chunk = 1 << max(0, round(math.log2(working_set / per_example)))  # nearest power of 2
-    chunk = min(chunk, MAX_CHUNK)
+    chunk = chunk if max_chunk is None else min(chunk, max_chunk)
     return None if chunk >= batch else chunk
 
 

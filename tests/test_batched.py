@@ -135,10 +135,15 @@ def test_per_example_grads_equal_vmap_of_the_slides_per_example_backward_float64
 def test_choose_formulation_by_backend_channels_filters_and_working_set():
     few = jaxbp.ConvNetSpec(in_shape=(8, 8, 3), n_filters=2, kernel_size=3, n_out=2)
     assert batched.choose_formulation(few, 4, "cpu") == batched.Formulation("taps", "conv", None, 4)
-    # On a GPU the patches for both, the whole batch (bench_formulations_gpu.md); unmeasured
-    # accelerators XLA's conv for both.
+    # On a GPU the patches for both, the whole batch (bench_formulations_gpu.md) up to about 1 GiB
+    # of temporaries; unmeasured accelerators XLA's conv for both.
     assert batched.choose_formulation(few, 4, "gpu") == batched.Formulation("patches", "patches", None)
     assert batched.choose_formulation(few, 4, "tpu") == batched.Formulation("conv", "conv", None)
+    # 32x32x3, 5x5, 32 filters: 784 * (3 * 32 + 75) * 4 bytes = 536 kB per example, 2003 in 1 GiB,
+    # rounded to the power of two 2048 (no cap of 128 as on the CPU).
+    large = jaxbp.ConvNetSpec(in_shape=(32, 32, 3), n_filters=32, kernel_size=5, n_out=10)
+    assert batched.choose_formulation(large, 2048, "gpu").chunk is None
+    assert batched.choose_formulation(large, 4096, "gpu") == batched.Formulation("patches", "patches", 2048)
     # The taps while C K < 8; from there on the Toeplitz form where its band costs at most 8/5 of
     # the patches' multiplies (nb jb span / (Wo kw), for 16x16 inputs: 5x5 6 4 8 / (12 5) = 1.6;
     # 3x3 4 4 6 / (14 3) = 2.29; 5x5 dilated by 2 2 4 12 / (8 5) = 2.4; 7x7 3 4 10 / (10 7) =
