@@ -2,11 +2,13 @@
 its per-example floor against the per-example gradients in float64."""
 
 import importlib.util
+import json
 import pathlib
 
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results"
 _spec = importlib.util.spec_from_file_location("experiments_bench", ROOT / "experiments" / "bench.py")
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
@@ -132,3 +134,29 @@ def test_bench_filter_grad_alternatives_compute_the_steps_filter_grad_float64():
         errors = bench_filter_grad.check(jax, jaxbp, spec)
         assert errors["build_RT"] == 0.0, (spec, errors)
         assert errors["df_NN"] < 1e-10 and errors["df_conv"] < 1e-10, (spec, errors)
+
+
+def test_gpu_runs_render_their_committed_tables():
+    # The H200 runs' tables are bench.markdown of their JSON, device line included: the commit of
+    # the tree that ran (the device copy's git was stale), the GPU, and both libraries' precision.
+    for name in ("bench_quick_gpu", "bench_quick_gpu_conv", "bench_quick_gpu_tf32", "bench_formulations_gpu"):
+        payload = json.loads((RESULTS / f"{name}.json").read_text())
+        text = bench.markdown(payload["results"], payload["machine"], payload["command"])
+        assert text == (RESULTS / f"{name}.md").read_text(), name
+        assert f"git {payload['machine']['tree_commit']} (the copy's git said" in text
+        assert "Device: NVIDIA H200 (gpu, 1 device(s))" in text
+    quick = (RESULTS / "bench_quick_gpu.md").read_text()
+    assert "jax_default_matmul_precision float32; PyTorch on NVIDIA H200, allow_tf32 matmul False" in quick
+    assert "`torch` PyTorch CUDA autograd" in quick
+
+
+def test_device_line_only_off_the_cpu():
+    info = {"backend": "cpu", "git_commit": "abc"}
+    assert bench.device_lines(info) == []
+    assert bench.git_text(info) == "abc"
+    assert bench.torch_label({"torch_device": "cpu"}) == "CPU"
+    gpu = {"backend": "gpu", "device_kind": "Some GPU", "devices": ["cuda:0"], "precision": "tf32"}
+    gpu |= {"jax_default_matmul_precision": "tensorfloat32", "torch_device": "cpu", "matmul_n": 8192}
+    line = bench.device_lines(gpu)[-1]
+    assert line.startswith("Device: Some GPU (gpu, 1 device(s)); --precision tf32: ")
+    assert "PyTorch on" not in line  # PyTorch ran on the CPU: no CUDA settings to name
