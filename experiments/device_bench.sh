@@ -8,10 +8,12 @@
 #   OUT=<dir> DEADLINE_S=540 bash experiments/device_bench.sh
 #
 # Stages: the quick grid in full float32 against PyTorch on CUDA (bench_quick_gpu); every
-# formulation of the manual step at batch 256 (bench_formulations_gpu: is XLA's conv, the rule's
-# pick off the CPU, the fastest there?); the quick grid at TF32 for both libraries
-# (bench_quick_gpu_tf32, JAX's default on this GPU); the float64 and float32 agreement tests on
-# the GPU.
+# formulation of the manual step at batch 256 (bench_formulations_gpu: is the rule's pick on a
+# GPU, the patches for both, still within a few percent of the fastest?); the quick grid at TF32
+# for both libraries (bench_quick_gpu_tf32, JAX's default on this GPU); the float64 and float32
+# agreement tests on the GPU. The first H200 run (2026-11-28, results in experiments/results/)
+# took 174 s to the end of the quick grid, 300 s to the end of the formulations and 396 s to the
+# end of the TF32 grid; the tests had 119 s left and finished 5 of 34.
 set -u
 out=${OUT:-experiments/results}
 deadline=${DEADLINE_S:-540}
