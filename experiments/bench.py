@@ -260,7 +260,7 @@ def peer_worker(conn, peer: str) -> None:
             start = time.perf_counter()
             for _ in range(arg):
                 state()
-            if device == "cuda":  # the steps were queued on the GPU: wait for the last
+            if torch is not None and device == "cuda":  # the steps were queued on the GPU
                 torch.cuda.synchronize()
             conn.send((time.perf_counter() - start) / arg)
 
@@ -477,18 +477,41 @@ def write_results(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"command": command, "machine": info, "results": results}
-    (out / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str))
-    (out / f"{name}.md").write_text(table)
+    # Each file whole or not at all: a run cut short mid-write leaves the previous one.
+    for path, text in (
+        (out / f"{name}.json", json.dumps(payload, indent=1, default=str)),
+        (out / f"{name}.md", table),
+    ):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
     if echo:
         print(table)
 
 
+MAX_INNER = 1 << 16  # calls per sample at most
+
+
 def calibrate(call, min_sample_s: float) -> int:
-    """How many calls make one timed sample of at least `min_sample_s`."""
-    start = time.perf_counter()
-    call(1)
-    once = max(time.perf_counter() - start, 1e-7)
-    return max(1, int(np.ceil(min_sample_s / once)))
+    """How many calls make one timed sample of at least `min_sample_s`, after a warm-up call.
+
+    The first call after compiling can be far slower than the rest: on the H200 every program
+    with a conv at one filter took 20 ms or more, so that, estimated from it, a sample was one
+    call, waited for alone, while others were 8-26 calls queued together (the first GPU runs'
+    JSON, inner_calls). So the first call is excluded, and the count grows until a sample of
+    that many calls, timed as a sample is, lasts `min_sample_s`.
+    """
+    call(1)  # warm-up, excluded
+    inner = 1
+    while True:
+        start = time.perf_counter()
+        call(inner)
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_sample_s or inner >= MAX_INNER:
+            return inner
+        # 20% past the target at this sample's rate; at least twice, at most 100x the calls.
+        wanted = int(np.ceil(1.2 * inner * min_sample_s / max(elapsed, 1e-9)))
+        inner = min(MAX_INNER, max(2 * inner, min(100 * inner, wanted)))
 
 
 def summarize(samples) -> dict:
@@ -564,9 +587,17 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
     def jax_call(c):
         if jax.default_backend() == "cpu":  # wait for each call (as in every CPU run before)
             return lambda inner: [jax.block_until_ready(c(*jargs)) for _ in range(inner)]
+
         # On an accelerator, queue the calls and wait for the last (they run in order), as a
-        # training loop does; waiting for each would time the host's round trip too.
-        return lambda inner: jax.block_until_ready([c(*jargs) for _ in range(inner)][-1])
+        # training loop does; waiting for each would time the host's round trip too. Only the
+        # last output is kept: a per-example gradient can be a GB.
+        def queued(inner):
+            out = None
+            for _ in range(inner):
+                out = c(*jargs)
+            jax.block_until_ready(out)
+
+        return queued
 
     def peer_call(name):
         def call(inner):
@@ -688,8 +719,8 @@ def targets_summary(results) -> list[str]:
 
 
 def git_text(info: dict) -> str:
-    """The commit a run reported, and the one its tree was where they differ: the device tool's
-    copy of the checkout carried a stale .git, so those runs name their tree's commit apart."""
+    """The commit a run reported, and its tree's where that was recorded apart (--tree-commit; the
+    first GPU runs' JSON had it added by hand: the device tool's copy carried a stale .git)."""
     tree = info.get("tree_commit")
     return info["git_commit"] if tree is None else f"{tree} (the copy's git said {info['git_commit']})"
 
@@ -891,8 +922,9 @@ def parse_args(argv=None):
     )
     parser.add_argument("--variants", action="store_true", help="also time the variants (above)")
     parser.add_argument("--skip-vmap-steps", action="store_true", help="do not time the two *_vmap steps")
-    parser.add_argument("--no-peers", action="store_true", help="skip PyTorch and NumPy")
-    parser.add_argument(
+    peers = parser.add_mutually_exclusive_group()
+    peers.add_argument("--no-peers", action="store_true", help="skip PyTorch and NumPy")
+    peers.add_argument(
         "--peers", nargs="+", choices=PEERS, default=list(PEERS), help="the peers to time (default: both)"
     )
     parser.add_argument(
@@ -909,6 +941,11 @@ def parse_args(argv=None):
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--name", help="output file stem (default bench, bench_quick, ...)")
+    parser.add_argument(
+        "--tree-commit",
+        help="the commit of the checked-out tree, recorded beside git's (for a copy whose .git is "
+        "stale, as the device tool's was)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
         "--render", type=Path, metavar="JSON", help="only rewrite the .md beside a results JSON from its data"
@@ -961,7 +998,7 @@ def main(argv=None) -> None:
         worker = ctx.Process(target=peer_worker, args=(child, peer), daemon=True)
         worker.start()
         workers.append(worker)
-        conn.send(("versions", (torch_device, args.precision)))
+        conn.send(("versions", (torch_device if peer == "torch" else "cpu", args.precision)))
         available, versions = conn.recv()
         peer_versions.update(versions)
         if "torch_error" in versions:
@@ -984,6 +1021,7 @@ def main(argv=None) -> None:
         "precision": args.precision,
         "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
         "matmul_n": args.matmul_n,
+        **({"tree_commit": args.tree_commit} if args.tree_commit else {}),
         "load_start": os.getloadavg(),
     }
     command = (
@@ -1000,6 +1038,7 @@ def main(argv=None) -> None:
         info["load_end"] = os.getloadavg()
         # The points so far, so that a run cut short (a time limit, a crash) keeps them.
         write_results(args.out, name, info, command, results, markdown(results, info, command), echo=False)
+    info["load_end"] = os.getloadavg()
     for peer, conn in conns.items():
         conn.send(("stop", None))
         info[f"{peer}_process_max_rss_kb"] = conn.recv()

@@ -5,7 +5,10 @@
 # DEADLINE_S; bench.py writes its results after every point, so a stage cut short keeps the
 # points it finished. A failed smoke run stops the script at once (little device time lost).
 #
-#   OUT=<dir> DEADLINE_S=540 bash experiments/device_bench.sh
+#   OUT=<dir> DEADLINE_S=540 TREE_COMMIT=<hash> bash experiments/device_bench.sh
+#
+# with the hash of HEAD written into the command where it is sent from (git in the device
+# tool's copy of the checkout reported an older commit).
 #
 # Stages: the quick grid in full float32 against PyTorch on CUDA (bench_quick_gpu); every
 # formulation of the manual step at batch 256 (bench_formulations_gpu: is the rule's pick on a
@@ -41,7 +44,8 @@ $py -c "import jax, jaxlib, torch, optax, chex, numpy
 print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices(), 'torch', torch.__version__,
       'cuda', torch.cuda.is_available(), 'optax', optax.__version__, 'chex', chex.__version__,
       'numpy', numpy.__version__)" || exit 1
-bench="$py experiments/bench.py --quiet --out $out"
+# TREE_COMMIT: the commit of this tree, recorded in the results (the device copy's .git was stale).
+bench="$py experiments/bench.py --quiet --out $out ${TREE_COMMIT:+--tree-commit $TREE_COMMIT}"
 stage smoke 150 $bench --batches 32 --filters 1 --inputs 28x28x1 --kernels 5 --repeats 1 --peers torch \
     --precision float32 --out /tmp/smoke || exit 1
 stage quick_float32 240 $bench --quick --precision float32 --peers torch --name bench_quick_gpu

@@ -201,16 +201,21 @@ class Formulation(NamedTuple):
 #   and 3x3 the patches for dE/df won by 0.02-0.05 ms (32x32x3: 0.115 against 0.161 ms), and
 #   at 32x32x3, 5x5, 8 filters conv/patches by 0.10 ms.
 # On a GPU (one NVIDIA H200, jax 0.11.2, full float32; experiments/results/
-# bench_formulations_gpu.md, batch 256, 28x28x1, 5x5) the step is a few kernel launches long
-# (0.1-0.4 ms), and XLA's cuDNN convs were the slow part: conv/conv took 0.34, 0.26 and 0.21 ms
-# with 1, 8 and 32 filters, the patches for both 0.094, 0.131 and 0.173 (0.28-0.83x), within
-# 5% of the fastest pair at each point (the Toeplitz form and the taps were as fast, not
-# faster), and faster than jax.grad's step (0.41, 0.27 and 0.28 ms). Chunks only added launches
-# (conv/conv in 128s: 1.5x). So on a GPU the patches for both, the whole batch at once while its
-# temporaries stay under GPU_WORKING_SET_BYTES (P holds N Ho Wo kh kw C numbers, 240 MB at batch
-# 1024 of 32x32x3 with 5x5 filters); a larger batch runs in chunks of about that size, so that
-# P does not outgrow the device's memory (not timed: kernels that large are far past launch
-# overhead). Other accelerators (TPU) are not measured and keep XLA's conv for both.
+# bench_formulations_gpu.md, batch 256, 28x28x1, 5x5, the only shape compared there) the step is
+# a few kernel launches long (0.1-0.4 ms). At 8 and 32 filters XLA's cuDNN conv for both took
+# 0.256 and 0.210 ms, and the patches for both 0.131 and 0.173 (0.51x and 0.83x). The
+# Toeplitz and taps/Toeplitz pairs were 2-5% faster still, inside the noise, and jax.grad's step
+# took 0.271 and 0.282. In the quick grid the patches made the manual step 1.26-1.50x faster
+# than jax.grad at 8 and 32 filters, where XLA's conv had made it 0.63-0.77x
+# (bench_quick_gpu.md, bench_quick_gpu_conv.md). The one-filter points of those runs timed the
+# conv programs one call per sample (README, Performance: the caveat), so one filter follows
+# the others untested. Chunks of 128 with conv/conv took 1.5-1.8x the whole batch's time; the
+# patches were not timed in chunks.
+# So on a GPU the patches for both, the whole batch at once while its temporaries stay under
+# GPU_WORKING_SET_BYTES. P holds N Ho Wo kh kw C numbers: 240 MB at batch 1024 of 32x32x3
+# with 5x5 filters. A larger batch runs in chunks of about that size, so that P does not
+# outgrow the device's memory. That was not timed: kernels that large are far past launch
+# overhead. Other accelerators (TPU) are not measured and keep XLA's conv for both.
 TAPS_BELOW_CHANNELS_X_FILTERS = 8
 CHUNK_WORKING_SET_BYTES = 16 * 2**20
 MAX_CHUNK = 128

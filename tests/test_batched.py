@@ -139,7 +139,7 @@ def test_choose_formulation_by_backend_channels_filters_and_working_set():
     # of temporaries; unmeasured accelerators XLA's conv for both.
     assert batched.choose_formulation(few, 4, "gpu") == batched.Formulation("patches", "patches", None)
     assert batched.choose_formulation(few, 4, "tpu") == batched.Formulation("conv", "conv", None)
-    # 32x32x3, 5x5, 32 filters: 784 * (3 * 32 + 75) * 4 bytes = 536 kB per example, 2003 in 1 GiB,
+    # 32x32x3, 5x5, 32 filters: 784 * (3 * 32 + 75) * 4 bytes = 536 kB per example, 2002 in 1 GiB,
     # rounded to the power of two 2048 (no cap of 128 as on the CPU).
     large = jaxbp.ConvNetSpec(in_shape=(32, 32, 3), n_filters=32, kernel_size=5, n_out=10)
     assert batched.choose_formulation(large, 2048, "gpu").chunk is None

@@ -3,12 +3,14 @@ its per-example floor against the per-example gradients in float64."""
 
 import importlib.util
 import json
+import multiprocessing
 import pathlib
+import threading
+import time
 
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "experiments" / "results"
 _spec = importlib.util.spec_from_file_location("experiments_bench", ROOT / "experiments" / "bench.py")
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
@@ -136,20 +138,6 @@ def test_bench_filter_grad_alternatives_compute_the_steps_filter_grad_float64():
         assert errors["df_NN"] < 1e-10 and errors["df_conv"] < 1e-10, (spec, errors)
 
 
-def test_gpu_runs_render_their_committed_tables():
-    # The H200 runs' tables are bench.markdown of their JSON, device line included: the commit of
-    # the tree that ran (the device copy's git was stale), the GPU, and both libraries' precision.
-    for name in ("bench_quick_gpu", "bench_quick_gpu_conv", "bench_quick_gpu_tf32", "bench_formulations_gpu"):
-        payload = json.loads((RESULTS / f"{name}.json").read_text())
-        text = bench.markdown(payload["results"], payload["machine"], payload["command"])
-        assert text == (RESULTS / f"{name}.md").read_text(), name
-        assert f"git {payload['machine']['tree_commit']} (the copy's git said" in text
-        assert "Device: NVIDIA H200 (gpu, 1 device(s))" in text
-    quick = (RESULTS / "bench_quick_gpu.md").read_text()
-    assert "jax_default_matmul_precision float32; PyTorch on NVIDIA H200, allow_tf32 matmul False" in quick
-    assert "`torch` PyTorch CUDA autograd" in quick
-
-
 def test_device_line_only_off_the_cpu():
     info = {"backend": "cpu", "git_commit": "abc"}
     assert bench.device_lines(info) == []
@@ -160,3 +148,45 @@ def test_device_line_only_off_the_cpu():
     line = bench.device_lines(gpu)[-1]
     assert line.startswith("Device: Some GPU (gpu, 1 device(s)); --precision tf32: ")
     assert "PyTorch on" not in line  # PyTorch ran on the CPU: no CUDA settings to name
+    gpu |= {"torch_device": "cuda", "torch_gpu": "Some GPU", "torch_matmul_allow_tf32": True}
+    gpu |= {"torch_cudnn_allow_tf32": True, "git_commit": "abc", "tree_commit": "def"}
+    assert "PyTorch on Some GPU, allow_tf32 matmul True, cuDNN True" in bench.device_lines(gpu)[-1]
+    assert bench.torch_label(gpu) == "CUDA"
+    assert bench.git_text(gpu) == "def (the copy's git said abc)"
+
+
+def test_calibrate_excludes_a_slow_first_call():
+    # The first call takes 50 ms, then 1 ms a call: a sample of 20 ms needs 20 calls or more
+    # (estimated from the first call alone, as before, it was one).
+    calls = []
+
+    def call(inner):
+        calls.append(inner)
+        time.sleep(0.05 if len(calls) == 1 else 0.001 * inner)
+
+    inner = bench.calibrate(call, 0.02)
+    assert calls[0] == 1 and 20 <= inner <= 2 * 24, calls
+
+
+def test_numpy_peer_on_a_gpu_run_times_on_the_cpu():
+    # A GPU run hands the numpy peer the CPU (it has no torch to wait for); asked for "cuda"
+    # anyway, it still times without touching torch.
+    parent, child = multiprocessing.Pipe()
+    worker = threading.Thread(target=bench.peer_worker, args=(child, "numpy"))
+    worker.start()
+    rng = np.random.default_rng(0)
+    f, W, b = rng.normal(size=(3, 3, 1, 2)), rng.normal(size=(18, 10)), rng.normal(size=10)
+    x, y = rng.normal(size=(2, 5, 5, 1)), rng.uniform(size=(2, 10))
+    for msg in (("versions", ("cuda", "float32")), ("setup", (f, W, b, x, y)), ("time", 2), ("stop", None)):
+        parent.send(msg)
+        assert parent.poll(10), f"no reply to {msg[0]}: the worker died"
+        reply = parent.recv()
+    worker.join(timeout=10)
+    assert not worker.is_alive() and reply > 0  # the last reply: the worker's max RSS
+
+
+def test_an_empty_grid_writes_its_table(tmp_path):
+    # A 7x7 kernel on a 5x5 input leaves no grid point.
+    bench.main(["--no-peers", "--inputs", "5x5x1", "--kernels", "7", "--out", str(tmp_path), "--quiet"])
+    assert "No grid points ran." in (tmp_path / "bench.md").read_text()
+    assert json.loads((tmp_path / "bench.json").read_text())["results"] == []
