@@ -49,9 +49,8 @@ shape of the work XLA sees, and on a CPU that is where the time goes (measured b
   slowly. The ``conv`` forms (XLA's convolution, with the batch as the contracted axis of
   dE/df) serve dE/df after the taps, from 32 filters on and for a batch of one here, and both
   convolutions on accelerators other than a GPU (not measured there; on a GPU the patches for
-  both measured fastest, below). On the CPU dE/df's conv is
-  split over the examples into a few convs that run at once (``conv_parts``): with 32 filters
-  Eigen ran one such conv on one core.
+  both measured fastest, below). On the CPU dE/df's conv is split over the examples into a few
+  convs that run at once (``conv_parts``): with 32 filters Eigen ran one such conv on one core.
   The measurements assume the steps' `jaxbp.compiler_options()`: with jaxlib 0.10's default
   YNNPACK convolutions the same convs ran up to 10x slower (`jaxbp.compile_options`).
 

@@ -11,9 +11,17 @@ import time
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("experiments_bench", ROOT / "experiments" / "bench.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+
+
+def load_experiment(name: str):
+    """experiments/<name>.py as a module (experiments/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"experiments_{name}", ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load_experiment("bench")
 
 
 def point(times_ms, compile_s, autodiff_compile_s, chosen):
@@ -106,11 +114,7 @@ def test_per_example_without_filter_grad_is_the_per_example_dW_and_db_float64():
         np.testing.assert_allclose(db, grads.b, rtol=1e-10, atol=1e-15)
 
 
-_fg_spec = importlib.util.spec_from_file_location(
-    "experiments_bench_filter_grad", ROOT / "experiments" / "bench_filter_grad.py"
-)
-bench_filter_grad = importlib.util.module_from_spec(_fg_spec)
-_fg_spec.loader.exec_module(bench_filter_grad)
+bench_filter_grad = load_experiment("bench_filter_grad")
 
 
 def test_bench_filter_grad_alternatives_compute_the_steps_filter_grad_float64():
