@@ -3,11 +3,14 @@
 For each point (input shape, pooling, batch), both jitted steps (`jaxbp.make_update_step` on
 `jaxbp.lenet5`, grads "manual" and "autodiff", optax adam) are compiled, checked to compute the same
 gradients (float32), then timed interleaved: each repeat times one sample of each method in turn, a
-sample being as many calls as fill --sample-s. Medians and quartiles over the repeats, and the
-ratio jax.grad time / manual time (> 1: manual faster). Writes JSON and a markdown table.
+sample being as many calls as fill --sample-s (found by bench.calibrate after a warm-up call). A
+sample queues its calls and waits for the last, so on an accelerator it times the device's work.
+Medians and quartiles over the repeats, and the ratio jax.grad time / manual time (> 1: manual
+faster). Writes JSON and a markdown table.
 
     python experiments/bench_lenet.py                      # 8x8x1 and 28x28x1, avg and max, batch 32 and 128
     python experiments/bench_lenet.py --quick
+    JAX_DEFAULT_MATMUL_PRECISION=float32 python experiments/bench_lenet.py --name bench_lenet_gpu  # on a GPU
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import calibrate  # noqa: E402
 from bench import compile_stats  # noqa: E402
 from bench import machine_info  # noqa: E402
 from bench import summarize  # noqa: E402
@@ -53,23 +57,28 @@ def run_point(jax, jaxbp, optax, in_shape, pooling, batch, args) -> dict:
     if not agreement < 1e-4:
         raise RuntimeError(f"manual and autodiff gradients differ: relative {agreement:.2e}")
 
-    def timed(fn, calls):
-        start = time.perf_counter()
-        for _ in range(calls):
-            out = fn(params, state, x, y)
-        jax.block_until_ready(out)
-        return (time.perf_counter() - start) / calls
+    def sampler(fn):
+        def sample(calls):  # seconds per call; only the last output is kept alive
+            start = time.perf_counter()
+            for _ in range(calls):
+                out = fn(params, state, x, y)
+            jax.block_until_ready(out)
+            return (time.perf_counter() - start) / calls
 
-    calls = {m: max(1, int(args.sample_s / max(timed(compiled[m], 1), 1e-6))) for m in METHODS}
+        return sample
+
+    sample = {m: sampler(compiled[m]) for m in METHODS}
+    calls = {m: calibrate(sample[m], args.sample_s) for m in METHODS}
     samples = {m: [] for m in METHODS}
     for _ in range(args.repeats):
         for m in METHODS:
-            samples[m].append(timed(compiled[m], calls[m]))
+            samples[m].append(sample[m](calls[m]))
     result = {
         "in_shape": list(in_shape),
         "pooling": pooling,
         "batch": batch,
         "grad_rel_diff": agreement,
+        "calls_per_sample": calls,
         **{m: {**summarize(samples[m]), **stats[m]} for m in METHODS},
     }
     result["speedup"] = result["autodiff"]["median_ms"] / result["manual"]["median_ms"]
@@ -81,7 +90,17 @@ def markdown(results, info, command) -> str:
         "# LeNet-5 update step: hand-written layer VJPs vs jax.grad",
         "",
         f"`{command}` on {info['cpu']} ({info['cores']} cores), jax {info['jax']}, "
-        f"{info['date_utc']}, load average {info['load_average']}.",
+        f"{info['date_utc']}, load average {info['load_average']}"
+        + (f", tree {info['tree_commit']}" if info.get("tree_commit") else "")
+        + ".",
+        *(
+            [
+                f"Device: {info['device_kind']} ({info['backend']}); jax_default_matmul_precision "
+                f"{info['jax_default_matmul_precision']}."
+            ]
+            if info.get("backend", "cpu") != "cpu"
+            else []
+        ),
         "float32, optax adam; medians [quartiles] over interleaved repeats; speedup = jax.grad / manual.",
         "",
         "| input | pooling | batch | manual ms | jax.grad ms | speedup | compile manual / jax.grad s |",
@@ -107,6 +126,9 @@ def main(argv=None) -> None:
     parser.add_argument("--sample-s", type=float, default=0.2, help="seconds per sample (default 0.2)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"), help="folder")
     parser.add_argument("--name", default="bench_lenet", help="file stem of the outputs")
+    parser.add_argument(
+        "--tree-commit", help="the commit of this tree, recorded (where the checkout's git is stale)"
+    )
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.sample_s <= 0:
         parser.error("--repeats must be >= 1 and --sample-s > 0")
@@ -127,7 +149,13 @@ def main(argv=None) -> None:
     results = [run_point(jax, jaxbp, optax, *p, args) for p in tqdm(points, desc="lenet bench", unit="point")]
     info = machine_info(jax, {})
     info["load_average"] = [round(v, 2) for v in os.getloadavg()]
-    command = "python experiments/bench_lenet.py" + (" --quick" if args.quick else "")
+    # JAX's float32 precision on an accelerator (JAX_DEFAULT_MATMUL_PRECISION sets it).
+    info["jax_default_matmul_precision"] = jax.config.jax_default_matmul_precision
+    if args.tree_commit:
+        info["tree_commit"] = args.tree_commit
+    command = "python " + " ".join(
+        [os.path.relpath(os.path.abspath(__file__))] + (sys.argv[1:] if argv is None else list(argv))
+    )
     write_results(args.out, args.name, info, command, results, markdown(results, info, command))
 
 

@@ -12,9 +12,10 @@
 #
 # Stages: the quick grid in full float32 against PyTorch on CUDA (bench_quick_gpu); every
 # formulation of the manual step at batch 256 (bench_formulations_gpu: is the rule's pick on a
-# GPU, the patches for both, still within a few percent of the fastest?); the quick grid at TF32
-# for both libraries (bench_quick_gpu_tf32, JAX's default on this GPU); the float64 and float32
-# agreement tests on the GPU. The first H200 run (2026-11-28, results in experiments/results/)
+# GPU, the patches for both, still within a few percent of the fastest?); the LeNet-5 step of
+# jaxbp.layers against jax.grad (bench_lenet_gpu); the quick grid at TF32 for both libraries
+# (bench_quick_gpu_tf32, JAX's default on this GPU); the float64 and float32 agreement tests on
+# the GPU. The first H200 run (2026-11-28, results in experiments/results/)
 # took 174 s to the end of the quick grid, 300 s to the end of the formulations and 396 s to the
 # end of the TF32 grid; the tests had 119 s left and finished 5 of 34.
 set -u
@@ -48,10 +49,13 @@ print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices(), 'torc
 bench="$py experiments/bench.py --quiet --out $out ${TREE_COMMIT:+--tree-commit $TREE_COMMIT}"
 stage smoke 150 $bench --batches 32 --filters 1 --inputs 28x28x1 --kernels 5 --repeats 1 --peers torch \
     --precision float32 --out /tmp/smoke || exit 1
-stage quick_float32 240 $bench --quick --precision float32 --peers torch --name bench_quick_gpu
-stage formulations 150 $bench --quick --batches 256 --formulations --no-peers --skip-vmap-steps \
+stage quick_float32 260 $bench --quick --precision float32 --peers torch --name bench_quick_gpu
+stage formulations 170 $bench --quick --batches 256 --formulations --no-peers --skip-vmap-steps \
     --precision float32 --name bench_formulations_gpu
-stage quick_tf32 120 $bench --quick --precision tf32 --peers torch --name bench_quick_gpu_tf32
+# LeNet-5 through jaxbp.layers, in full float32 (its check of manual against jax.grad is float32's).
+JAX_DEFAULT_MATMUL_PRECISION=float32 stage lenet 100 $py experiments/bench_lenet.py --sample-s 0.05 \
+    --out $out --name bench_lenet_gpu ${TREE_COMMIT:+--tree-commit $TREE_COMMIT}
+stage quick_tf32 150 $bench --quick --precision tf32 --peers torch --name bench_quick_gpu_tf32
 # The tests' float32 tolerances were measured in full float32: TF32 off for them.
 JAX_DEFAULT_MATMUL_PRECISION=float32 stage tests 200 $py -m pytest -v --tb=short -p no:cacheprovider \
     tests/test_backward.py tests/test_train.py

@@ -159,6 +159,24 @@ def test_device_line_only_off_the_cpu():
     assert bench.git_text(gpu) == "def (the copy's git said abc)"
 
 
+bench_lenet = load_experiment("bench_lenet")
+
+
+def test_lenet_table_names_the_device_and_tree_only_off_the_cpu():
+    timing = {"median_ms": 1.0, "q1_ms": 0.9, "q3_ms": 1.1, "compile_s": 0.5}
+    row = {"in_shape": [8, 8, 1], "pooling": "avg", "batch": 32, "speedup": 1.0}
+    row |= {"manual": timing, "autodiff": timing}
+    info = {"cpu": "x", "cores": 2, "jax": "0", "date_utc": "d", "load_average": [0.0], "backend": "cpu"}
+    table = bench_lenet.markdown([row], info, "cmd")
+    assert "Device:" not in table and ", tree " not in table
+    info |= {"backend": "gpu", "device_kind": "Some GPU", "jax_default_matmul_precision": "float32"}
+    info |= {"tree_commit": "def"}
+    table = bench_lenet.markdown([row], info, "cmd")
+    assert "Device: Some GPU (gpu); jax_default_matmul_precision float32." in table
+    assert ", tree def." in table
+    assert "| 8x8x1 | avg | 32 | 1.00 [0.90, 1.10] | 1.00 [0.90, 1.10] | 1.00 | 0.50 / 0.50 |" in table
+
+
 def test_calibrate_excludes_a_slow_first_call():
     # The first call takes 50 ms, then 1 ms a call: a sample of 20 ms needs 20 calls or more
     # (estimated from the first call alone, as before, it was one).
