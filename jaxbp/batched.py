@@ -201,15 +201,12 @@ class Formulation(NamedTuple):
 #   at 32x32x3, 5x5, 8 filters conv/patches by 0.10 ms.
 # On a GPU (one NVIDIA H200, jax 0.11.2, full float32; experiments/results/
 # bench_formulations_gpu.md, batch 256, 28x28x1, 5x5, the only shape compared there) the step is
-# a few kernel launches long (0.1-0.4 ms). At 8 and 32 filters XLA's cuDNN conv for both took
-# 0.256 and 0.210 ms, and the patches for both 0.131 and 0.173 (0.51x and 0.83x). The
-# Toeplitz and taps/Toeplitz pairs were 2-5% faster still, inside the noise, and jax.grad's step
-# took 0.271 and 0.282. In the quick grid the patches made the manual step 1.26-1.50x faster
-# than jax.grad at 8 and 32 filters, where XLA's conv had made it 0.63-0.77x
-# (bench_quick_gpu.md, bench_quick_gpu_conv.md). The one-filter points of those runs timed the
-# conv programs one call per sample (README, Performance: the caveat), so one filter follows
-# the others untested. Chunks of 128 with conv/conv took 1.5-1.8x the whole batch's time; the
-# patches were not timed in chunks.
+# a few kernel launches long (0.06-0.16 ms). The patches for both were the fastest pair at 1
+# and 32 filters (0.065 and 0.109 ms); at 8 taps/Toeplitz was 7% faster (0.060 against 0.064
+# ms). XLA's cuDNN conv for both took 1.43-2.04x the patches' time, and chunks of 8-128
+# examples 1.41-10.9x the whole batch's. In the quick grid the patches made the manual step
+# 1.48-2.14x faster than jax.grad at all 6 points (bench_quick_gpu.md; the first session's
+# runs, with the calls per sample mis-estimated, are in git at 77c2a18).
 # So on a GPU the patches for both, the whole batch at once while its temporaries stay under
 # GPU_WORKING_SET_BYTES. P holds N Ho Wo kh kw C numbers: 240 MB at batch 1024 of 32x32x3
 # with 5x5 filters. A larger batch runs in chunks of about that size, so that P does not
