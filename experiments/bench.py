@@ -807,7 +807,7 @@ def markdown(results, info, command) -> str:
         ]
         for r in results:
             p = r["point"]
-            forms = {k[7:-1]: v["median_ms"] for k, v in r["times"].items() if k.startswith("manual[")}
+            forms = formulation_stats(r, "times", "median_ms")
             base = forms.get(r.get("chosen_formulation"), float("nan"))
             by_time = sorted(forms.items(), key=lambda kv: kv[1])
             cells = ", ".join(f"{k} {v:.3g} ({v / base:.2f})" for k, v in by_time)
@@ -819,6 +819,17 @@ def markdown(results, info, command) -> str:
     if any(variant_names(r["times"]) for r in results):
         lines += variants_table(results)
     return "\n".join(lines) + "\n"
+
+
+def formulation_stats(result: dict, table: str, field: str) -> dict:
+    """formulation name -> `field` of its `manual[...]` method in result[table] ("times" or
+    "compile"). The pick is the `manual` step itself: where --forms left its pair out of the
+    timed pairs, the `manual` method stands for it."""
+    stats = {k[7:-1]: v[field] for k, v in result.get(table, {}).items() if k.startswith("manual[")}
+    chosen = result.get("chosen_formulation")
+    if stats and chosen is not None and chosen not in stats and "manual" in result.get(table, {}):
+        stats[chosen] = result[table]["manual"][field]
+    return stats
 
 
 def variants_table(results: list) -> list[str]:
@@ -880,8 +891,8 @@ def formulation_compile_table(results: list) -> list[str]:
     ]
     for r in results:
         p, compile_s = r["point"], r.get("compile", {})
-        times = {k[7:-1]: v["median_ms"] for k, v in r["times"].items() if k.startswith("manual[")}
-        comp = {k[7:-1]: v["compile_s"] for k, v in compile_s.items() if k[7:-1] in times}
+        times = formulation_stats(r, "times", "median_ms")
+        comp = {k: v for k, v in formulation_stats(r, "compile", "compile_s").items() if k in times}
         if not comp or "autodiff" not in compile_s:
             continue
         autodiff = compile_s["autodiff"]["compile_s"]

@@ -199,6 +199,20 @@ class Formulation(NamedTuple):
 #   1.2x of the fastest formulation at 9 of 12 points, and 1.26-1.40x at three: with one filter
 #   and 3x3 the patches for dE/df won by 0.02-0.05 ms (32x32x3: 0.115 against 0.161 ms), and
 #   at 32x32x3, 5x5, 8 filters conv/patches by 0.10 ms.
+# * The taps with 9 terms or fewer (kh kw C <= 9: a 3x3 filter on one channel) run the whole
+#   batch while x, Z1, H1 and delta1 stay under CHUNK_WORKING_SET_BYTES. Under the chunks'
+#   lax.scan XLA fused the loop's dynamic slice of x into the 9-term taps loop, which then ran
+#   about 4x slower than over the whole batch (a standalone timing of the taps forward at
+#   batch 1024 of 28x28x1, not committed: 4.3-5.1 ms in chunks of 128 against 1.1-1.5 whole);
+#   with 25 terms (5x5) it copied the slice out first, and the chunked forward took about 1.6x
+#   the whole one. The step at 28x28x1, 3x3, one filter, whole against chunks of 128, in four
+#   runs: batch 1024 4.8 against 7.2 ms (bench_formulations.md), 4.24 against 8.69
+#   (bench_formulations_one_filter_toeplitz.md), 4.01 against 8.01 (the batch gradient alone,
+#   standalone, not committed) and 4.58 against 8.55 (bench_taps_unchunked.md, with this
+#   rule); batch 256 0.91-1.44 against 1.23-1.69. At the other one-filter points of the grid
+#   (5x5, or 32x32x3) the chunks were as fast or faster (batch 1024, 32x32x3, 3x3: 10.1 ms in
+#   128 against 14.6 whole, standalone). Batches past 16 MB keep the chunks, not measured with
+#   this rule.
 # On a GPU (one NVIDIA H200, jax 0.11.2, full float32; experiments/results/
 # bench_formulations_gpu.md, batch 256, 28x28x1, 5x5, the only shape compared there) the step is
 # a few kernel launches long (0.06-0.16 ms). The patches for both were the fastest pair at 1
@@ -213,6 +227,7 @@ class Formulation(NamedTuple):
 # outgrow the device's memory. That was not timed: kernels that large are far past launch
 # overhead. Other accelerators (TPU) are not measured and keep XLA's conv for both.
 TAPS_BELOW_CHANNELS_X_FILTERS = 8
+TAPS_UNCHUNKED_MAX_TERMS = 9
 CHUNK_WORKING_SET_BYTES = 16 * 2**20
 MAX_CHUNK = 128
 GPU_WORKING_SET_BYTES = 2**30
@@ -243,6 +258,10 @@ def choose_formulation(
     chunk = working_set_chunk(spec, batch, itemsize)
     parts = min(CONV_FILTER_GRAD_PARTS, batch)
     if spec.in_shape[2] * spec.n_filters < TAPS_BELOW_CHANNELS_X_FILTERS:
+        if taps_terms(spec) <= TAPS_UNCHUNKED_MAX_TERMS and (
+            batch * taps_bytes_per_example(spec, itemsize) <= CHUNK_WORKING_SET_BYTES
+        ):
+            chunk = None
         return Formulation("taps", "conv", chunk, parts)
     if batch == 1:
         return Formulation("patches", "conv", None)
@@ -252,6 +271,19 @@ def choose_formulation(
     if spec.n_filters >= CONV_FILTER_GRAD_FROM_FILTERS:
         return Formulation(forward, "conv", chunk, parts)
     return Formulation(forward, forward, chunk)
+
+
+def taps_terms(spec: ConvNetSpec) -> int:
+    """kh kw C: the taps forward's multiply-adds per output position and filter."""
+    kh, kw = spec.kernel_size
+    return kh * kw * spec.in_shape[2]
+
+
+def taps_bytes_per_example(spec: ConvNetSpec, itemsize: int = 4) -> int:
+    """Bytes per example of the taps step's arrays: x, and Z1, H1 and delta1 (no patches)."""
+    h, w, c = spec.in_shape
+    ho, wo, k = spec.h1_shape
+    return itemsize * (h * w * c + 3 * ho * wo * k)
 
 
 def toeplitz_multiply_ratio(spec: ConvNetSpec) -> Fraction:

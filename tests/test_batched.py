@@ -164,6 +164,20 @@ def test_choose_formulation_by_backend_channels_filters_and_working_set():
     # 16 MB / 536 kB = 31 examples per chunk, rounded to the power of two 32.
     big = jaxbp.ConvNetSpec(in_shape=(32, 32, 3), n_filters=32, kernel_size=5, n_out=10)
     assert batched.choose_formulation(big, 1024, "cpu") == batched.Formulation("toeplitz", "conv", 32, 4)
+
+    # The taps with at most 9 terms (3x3 on one channel) run the whole batch while x, Z1, H1 and
+    # delta1 fit 16 MB: 28x28x1, one filter, (784 + 3 * 676) * 4 = 11248 bytes per example, so
+    # 1491 examples; other taps (5x5, or 3 channels) keep the working-set chunks of 128.
+    def single_filter(hw, c, kernel):
+        return jaxbp.ConvNetSpec(in_shape=(hw, hw, c), n_filters=1, kernel_size=kernel, n_out=10)
+
+    assert batched.choose_formulation(single_filter(28, 1, 3), 1024, "cpu") == batched.Formulation(
+        "taps", "conv", None, 4
+    )
+    assert batched.choose_formulation(single_filter(28, 1, 3), 1491, "cpu").chunk is None
+    assert batched.choose_formulation(single_filter(28, 1, 3), 1492, "cpu").chunk == 128
+    assert batched.choose_formulation(single_filter(28, 1, 5), 1024, "cpu").chunk == 128
+    assert batched.choose_formulation(single_filter(32, 3, 3), 1024, "cpu").chunk == 128
     # dE/df by XLA's conv (in parts) from 32 filters on, after the Toeplitz forward or the patches.
     for k, kernel, expected in ((31, 5, "toeplitz"), (32, 5, "conv"), (31, 3, "patches"), (32, 3, "conv")):
         spec = jaxbp.ConvNetSpec(in_shape=(32, 32, 3), n_filters=k, kernel_size=kernel, n_out=10)
@@ -180,8 +194,9 @@ def test_choose_formulation_by_backend_channels_filters_and_working_set():
 
 def test_default_chunks_with_a_remainder_equal_autodiff_float64():
     # A small spec gets the largest chunk (128), so a batch of 130 runs one chunk under lax.scan,
-    # a remainder of 2, and (per example) lax.map over a remainder too.
-    spec = jaxbp.ConvNetSpec(in_shape=(6, 6, 1), n_filters=2, kernel_size=3, n_out=3)
+    # a remainder of 2, and (per example) lax.map over a remainder too. Two input channels: 18
+    # taps terms, past the 9 up to which the taps run the whole batch.
+    spec = jaxbp.ConvNetSpec(in_shape=(6, 6, 2), n_filters=2, kernel_size=3, n_out=3)
     if jax.default_backend() == "cpu":
         assert batched.choose_formulation(spec, 130) == batched.Formulation("taps", "conv", 128, 4)
     params, x, y = problem(spec, 5, 130)
