@@ -45,6 +45,20 @@ def test_formulation_compile_table_names_the_tradeoff():
     assert row.endswith("| c/c/64 0.20 (4.00) | none |")
 
 
+def test_formulation_tables_take_the_manual_step_for_a_pick_left_out_of_the_pairs():
+    # --forms taps toeplitz leaves the pick's pair (taps/conv) out of the timed formulations; the
+    # `manual` step is the pick, so it stands for it (the ratios were nan before).
+    r = point({"taps/toeplitz/128": 12.0}, {"taps/toeplitz/128": 0.5}, 0.35, "taps/conv*4/128")
+    r["times"]["manual"] = {"median_ms": 10.0}
+    r["compile"]["manual"] = {"compile_s": 0.4}
+    assert bench.formulation_stats(r, "times", "median_ms") == {
+        "taps/toeplitz/128": 12.0,
+        "taps/conv*4/128": 10.0,
+    }
+    row = bench.formulation_compile_table([r])[-1]
+    assert row == "| 256 | 28x28x1 | 5 | 8 | 0.35 | 0.40 | taps/conv*4/128 0.40 (1.00) | none |"
+
+
 def test_formulation_compile_table_skips_points_without_formulations():
     plain = point({}, {}, 0.3, None)
     assert len(bench.formulation_compile_table([plain])) == 7  # the header only
