@@ -310,6 +310,7 @@ def jax_methods(jax, jaxbp, spec, chosen=None, batch=None, variants=False, forms
         parts = min(batched.CONV_FILTER_GRAD_PARTS, batch) if jax.default_backend() == "cpu" else 1
         pairs = itertools.product(forms or batched.FORMS, forms or batched.FORMS)
         timed = [batched.Formulation(f, g, chosen.chunk, parts if g == "conv" else 1) for f, g in pairs]
+        timed.append(chosen)  # the pick itself, also where --forms leaves its pair out
         timed += [chosen._replace(chunk=c) for c in (None, *FORMULATION_CHUNKS) if c != chosen.chunk]
         if chosen.filter_grad == "conv" and batch > 1:
             timed += [chosen._replace(conv_parts=p) for p in FORMULATION_CONV_PARTS if p != chosen.conv_parts]
@@ -498,8 +499,8 @@ def calibrate(call, min_sample_s: float) -> int:
     The first call after compiling can be far slower than the rest: on the H200 every program
     with a conv at one filter took 20 ms or more, so that, estimated from it, a sample was one
     call, waited for alone, while others were 8-26 calls queued together (the first GPU runs'
-    JSON, inner_calls). So the first call is excluded, and the count grows until a sample of
-    that many calls, timed as a sample is, lasts `min_sample_s`.
+    JSON, inner_calls, in git at 77c2a18). So the first call is excluded, and the count grows
+    until a sample of that many calls, timed as a sample is, lasts `min_sample_s`.
     """
     call(1)  # warm-up, excluded
     inner = 1
@@ -720,7 +721,8 @@ def targets_summary(results) -> list[str]:
 
 def git_text(info: dict) -> str:
     """The commit a run reported, and its tree's where that was recorded apart (--tree-commit; the
-    first GPU runs' JSON had it added by hand: the device tool's copy carried a stale .git)."""
+    first GPU runs' JSON, in git at 77c2a18, had it added by hand: the device tool's copy carried a
+    stale .git)."""
     tree = info.get("tree_commit")
     return info["git_commit"] if tree is None else f"{tree} (the copy's git said {info['git_commit']})"
 

@@ -10,13 +10,15 @@ faster). Writes JSON and a markdown table.
 
     python experiments/bench_lenet.py                      # 8x8x1 and 28x28x1, avg and max, batch 32 and 128
     python experiments/bench_lenet.py --quick
-    JAX_DEFAULT_MATMUL_PRECISION=float32 python experiments/bench_lenet.py --name bench_lenet_gpu  # on a GPU
+    # on a GPU, in full float32 (JAX_DEFAULT_MATMUL_PRECISION=float32 in the environment):
+    python experiments/bench_lenet.py --sample-s 0.05 --name bench_lenet_gpu
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 
@@ -146,17 +148,22 @@ def main(argv=None) -> None:
         for pooling in ("avg", "max")
         for batch in ([128] if args.quick else [32, 128])
     ]
-    results = [run_point(jax, jaxbp, optax, *p, args) for p in tqdm(points, desc="lenet bench", unit="point")]
     info = machine_info(jax, {})
-    info["load_average"] = [round(v, 2) for v in os.getloadavg()]
     # JAX's float32 precision on an accelerator (JAX_DEFAULT_MATMUL_PRECISION sets it).
     info["jax_default_matmul_precision"] = jax.config.jax_default_matmul_precision
     if args.tree_commit:
         info["tree_commit"] = args.tree_commit
-    command = "python " + " ".join(
+    command = "python " + shlex.join(
         [os.path.relpath(os.path.abspath(__file__))] + (sys.argv[1:] if argv is None else list(argv))
     )
-    write_results(args.out, args.name, info, command, results, markdown(results, info, command))
+    results = []
+    for p in tqdm(points, desc="lenet bench", unit="point"):
+        results.append(run_point(jax, jaxbp, optax, *p, args))
+        info["load_average"] = [round(v, 2) for v in os.getloadavg()]
+        # The points so far, so that a run cut short (a time limit) keeps them.
+        last = len(results) == len(points)
+        table = markdown(results, info, command)
+        write_results(args.out, args.name, info, command, results, table, echo=last)
 
 
 if __name__ == "__main__":

@@ -200,27 +200,35 @@ class Formulation(NamedTuple):
 #   and 3x3 the patches for dE/df won by 0.02-0.05 ms (32x32x3: 0.115 against 0.161 ms), and
 #   at 32x32x3, 5x5, 8 filters conv/patches by 0.10 ms.
 # * The taps with 9 terms or fewer (kh kw C <= 9: a 3x3 filter on one channel) run the whole
-#   batch while x, Z1, H1 and delta1 stay under CHUNK_WORKING_SET_BYTES. Under the chunks'
-#   lax.scan XLA fused the loop's dynamic slice of x into the 9-term taps loop, which then ran
-#   about 4x slower than over the whole batch (a standalone timing of the taps forward at
-#   batch 1024 of 28x28x1, not committed: 4.3-5.1 ms in chunks of 128 against 1.1-1.5 whole);
-#   with 25 terms (5x5) it copied the slice out first, and the chunked forward took about 1.6x
-#   the whole one. The step at 28x28x1, 3x3, one filter, whole against chunks of 128, in four
-#   runs: batch 1024 4.8 against 7.2 ms (bench_formulations.md), 4.24 against 8.69
+#   batch while x, Z1, H1 and delta1 stay under TAPS_UNCHUNKED_WORKING_SET_BYTES. Under the
+#   chunks' lax.scan XLA fused the loop's dynamic slice of x into the 9-term taps loop, which
+#   then ran about 4x slower than over the whole batch (a standalone timing of the taps forward
+#   at batch 1024 of 28x28x1, not committed: 4.3-5.1 ms in chunks of 128 against 1.1-1.5
+#   whole); with 25 terms (5x5) it copied the slice out first, and the chunked forward took
+#   about 1.6x the whole one. The step at 28x28x1, 3x3, one filter, whole against chunks of
+#   128, in four runs: batch 1024 4.8 against 7.2 ms (bench_formulations.md), 4.24 against 8.69
 #   (bench_formulations_one_filter_toeplitz.md), 4.01 against 8.01 (the batch gradient alone,
-#   standalone, not committed) and 4.58 against 8.55 (bench_taps_unchunked.md, with this
-#   rule); batch 256 0.91-1.44 against 1.23-1.69. At the other one-filter points of the grid
-#   (5x5, or 32x32x3) the chunks were as fast or faster (batch 1024, 32x32x3, 3x3: 10.1 ms in
-#   128 against 14.6 whole, standalone). Batches past 16 MB keep the chunks, not measured with
-#   this rule.
+#   standalone, not committed) and 4.58 against 8.55 (bench_taps_unchunked.md); batch 256
+#   0.91-1.44 against 1.23-1.69. At the other one-filter points of the grid (5x5, or 32x32x3)
+#   the chunks were as fast or faster in the two latest runs (batch 1024, 32x32x3, 3x3: 10.1 ms
+#   in 128 against 14.6 whole, standalone); at 28x28x1, 5x5, batch 256 the margin moved between
+#   runs (bench_formulations.md: 1.51 ms whole against 1.91 in chunks).
+#   How large a batch: a standalone timing of the batch gradient at 28x28x1, 3x3 (not
+#   committed; x, Z1, H1 and delta1 in MiB in brackets) had the whole batch ahead with one
+#   filter at batch 2048 [22] (7.6 ms against 12.6 in 128 and 10.3 in 1024) and 4096 [44] (22.1
+#   against 27.2, 25.6 in 1024), with 2 and 4 filters at 1024 [19, 35] (9.4 against 14.0; 17.6
+#   against 20.1), and behind with 7 filters at 1024 [59] (47.3 against 38.1). The limit, 48
+#   MiB, lies between the largest win and the loss; strides, dilations, and kernels of at most
+#   9 terms other than 3x3 (1x1, 2x2) follow by extrapolation.
 # On a GPU (one NVIDIA H200, jax 0.11.2, full float32; experiments/results/
-# bench_formulations_gpu.md, batch 256, 28x28x1, 5x5, the only shape compared there) the step is
-# a few kernel launches long (0.06-0.16 ms). The patches for both were the fastest pair at 1
-# and 32 filters (0.065 and 0.109 ms); at 8 taps/Toeplitz was 7% faster (0.060 against 0.064
-# ms). XLA's cuDNN conv for both took 1.43-2.04x the patches' time, and chunks of 8-128
-# examples 1.41-10.9x the whole batch's. In the quick grid the patches made the manual step
-# 1.48-2.14x faster than jax.grad at all 6 points (bench_quick_gpu.md; the first session's
-# runs, with the calls per sample mis-estimated, are in git at 77c2a18).
+# bench_formulations_gpu.md, batch 256, 28x28x1, 5x5, the only shape compared there) the step
+# is a few kernel launches long (the manual step 0.06-0.11 ms in the quick grid). The patches
+# for both were the fastest pair at 1 and 32 filters (0.065 and 0.109 ms); at 8 taps/Toeplitz
+# was 7% faster (0.060 against 0.064 ms). XLA's cuDNN conv for both took 1.43-2.04x the
+# patches' time, and chunks of 8-128 examples 1.41-10.9x the whole batch's. In the quick grid
+# the patches made the manual step 1.48-2.14x faster than jax.grad at all 6 points
+# (bench_quick_gpu.md; the first session's runs, with the calls per sample mis-estimated, are
+# in git at 77c2a18).
 # So on a GPU the patches for both, the whole batch at once while its temporaries stay under
 # GPU_WORKING_SET_BYTES. P holds N Ho Wo kh kw C numbers: 240 MB at batch 1024 of 32x32x3
 # with 5x5 filters. A larger batch runs in chunks of about that size, so that P does not
@@ -228,6 +236,7 @@ class Formulation(NamedTuple):
 # overhead. Other accelerators (TPU) are not measured and keep XLA's conv for both.
 TAPS_BELOW_CHANNELS_X_FILTERS = 8
 TAPS_UNCHUNKED_MAX_TERMS = 9
+TAPS_UNCHUNKED_WORKING_SET_BYTES = 48 * 2**20
 CHUNK_WORKING_SET_BYTES = 16 * 2**20
 MAX_CHUNK = 128
 GPU_WORKING_SET_BYTES = 2**30
@@ -259,7 +268,7 @@ def choose_formulation(
     parts = min(CONV_FILTER_GRAD_PARTS, batch)
     if spec.in_shape[2] * spec.n_filters < TAPS_BELOW_CHANNELS_X_FILTERS:
         if taps_terms(spec) <= TAPS_UNCHUNKED_MAX_TERMS and (
-            batch * taps_bytes_per_example(spec, itemsize) <= CHUNK_WORKING_SET_BYTES
+            batch * taps_bytes_per_example(spec, itemsize) <= TAPS_UNCHUNKED_WORKING_SET_BYTES
         ):
             chunk = None
         return Formulation("taps", "conv", chunk, parts)
@@ -787,10 +796,12 @@ def per_example_formulation(spec: ConvNetSpec, batch: int, itemsize: int = 4) ->
 
     Per example, dE/df after the taps forward is one (jb K, Ho nb) x (Ho nb, kh span C) matmul
     per example with the Toeplitz form, against kh*kw dots with the taps. With one filter the
-    per-example gradients took 1.29-2.6x, 1.33-2.5x, 1.57-2.7x and 1.34-2.6x the batch gradient
-    in four bench grids (bench.md at 8c4561e, 87b3da5, 540461b and now), where the grid of
-    e199a4c, with the taps' dots, had 2.5-4.1x (batch 256, 28x28x1, 5x5: 4.30 ms at 8c4561e,
-    4.03 at 540461b, 3.66 now, against 6.07).
+    per-example gradients took 1.29-2.6x, 1.33-2.5x, 1.57-2.7x, 1.34-2.6x and 1.48-3.7x the
+    batch gradient in five bench grids (bench.md at 8c4561e, 87b3da5, 540461b, 7377a9d and
+    82cbba1, the last with the taps' whole batch at 3x3, which sped up the batch gradient more
+    than the per-example one), where the grid of e199a4c, with the taps' dots, had 2.5-4.1x
+    (batch 256, 28x28x1, 5x5: 4.30 ms at 8c4561e, 4.03 at 540461b, 3.66 at 7377a9d, 3.52 at
+    82cbba1, against 6.07).
     A standalone interleaved timing (not committed) also had the patches at 1.9-6.5x, and
     another (not committed) dE/df per example as one contraction over the input rows with a
     row-Toeplitz matrix of delta1 (no R, 7x the multiplies) at 1.45-4.0x against this form's

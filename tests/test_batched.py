@@ -166,16 +166,22 @@ def test_choose_formulation_by_backend_channels_filters_and_working_set():
     assert batched.choose_formulation(big, 1024, "cpu") == batched.Formulation("toeplitz", "conv", 32, 4)
 
     # The taps with at most 9 terms (3x3 on one channel) run the whole batch while x, Z1, H1 and
-    # delta1 fit 16 MB: 28x28x1, one filter, (784 + 3 * 676) * 4 = 11248 bytes per example, so
-    # 1491 examples; other taps (5x5, or 3 channels) keep the working-set chunks of 128.
+    # delta1 fit 48 MB: 28x28x1, one filter, (784 + 3 * 676) * 4 = 11248 bytes per example, so
+    # 4474 examples (half as many in float64); with 7 filters 59920 bytes, 839 examples. Other
+    # taps (5x5, or 3 channels) keep the working-set chunks of 128.
     def single_filter(hw, c, kernel):
         return jaxbp.ConvNetSpec(in_shape=(hw, hw, c), n_filters=1, kernel_size=kernel, n_out=10)
 
     assert batched.choose_formulation(single_filter(28, 1, 3), 1024, "cpu") == batched.Formulation(
         "taps", "conv", None, 4
     )
-    assert batched.choose_formulation(single_filter(28, 1, 3), 1491, "cpu").chunk is None
-    assert batched.choose_formulation(single_filter(28, 1, 3), 1492, "cpu").chunk == 128
+    assert batched.choose_formulation(single_filter(28, 1, 3), 4474, "cpu").chunk is None
+    assert batched.choose_formulation(single_filter(28, 1, 3), 4475, "cpu").chunk == 128
+    assert batched.choose_formulation(single_filter(28, 1, 3), 2237, "cpu", itemsize=8).chunk is None
+    assert batched.choose_formulation(single_filter(28, 1, 3), 2238, "cpu", itemsize=8).chunk == 128
+    seven = jaxbp.ConvNetSpec(in_shape=(28, 28, 1), n_filters=7, kernel_size=3, n_out=10)
+    assert batched.choose_formulation(seven, 839, "cpu").chunk is None
+    assert batched.choose_formulation(seven, 1024, "cpu") == batched.Formulation("taps", "conv", 128, 4)
     assert batched.choose_formulation(single_filter(28, 1, 5), 1024, "cpu").chunk == 128
     assert batched.choose_formulation(single_filter(32, 3, 3), 1024, "cpu").chunk == 128
     # dE/df by XLA's conv (in parts) from 32 filters on, after the Toeplitz forward or the patches.
