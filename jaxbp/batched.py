@@ -24,7 +24,7 @@ shape of the work XLA sees, and on a CPU that is where the time goes (measured b
   at batch 1024, and on this CPU writing and page-faulting those cost more than the arithmetic
   (at the largest grid point the patches of the whole batch are 240 MB; the step took 165 ms
   in chunks of 32 against 422 ms unchunked, experiments/results/bench_formulations.md, and
-  jax.grad's step 305-320 ms in the bench.md runs).
+  jax.grad's step 290-321 ms in the bench.md runs).
 * **Patches (im2col), built once, used twice.** ``P`` (M x kh kw C, M = N Ho Wo) holds every
   receptive field; then Z1 = P @ f and dE/df = P^T @ delta1 are two plain matmuls, the only form
   in which XLA's CPU reaches matmul speed for more than a few filters.
@@ -797,11 +797,11 @@ def per_example_formulation(spec: ConvNetSpec, batch: int, itemsize: int = 4) ->
     Per example, dE/df after the taps forward is one (jb K, Ho nb) x (Ho nb, kh span C) matmul
     per example with the Toeplitz form, against kh*kw dots with the taps. With one filter the
     per-example gradients took 1.29-2.6x, 1.33-2.5x, 1.57-2.7x, 1.34-2.6x and 1.48-3.7x the
-    batch gradient in five bench grids (bench.md at 8c4561e, 87b3da5, 540461b, 7377a9d and
-    82cbba1, the last with the taps' whole batch at 3x3, which sped up the batch gradient more
-    than the per-example one), where the grid of e199a4c, with the taps' dots, had 2.5-4.1x
-    (batch 256, 28x28x1, 5x5: 4.30 ms at 8c4561e, 4.03 at 540461b, 3.66 at 7377a9d, 3.52 at
-    82cbba1, against 6.07).
+    batch gradient in five bench grids (bench.md as committed in 8c4561e and 87b3da5, and with
+    git 540461b, 7377a9d and 82cbba1 in its header, the last with the taps' whole batch at 3x3,
+    which sped up the batch gradient more than the per-example one), where the grid of e199a4c,
+    with the taps' dots, had 2.5-4.1x (batch 256, 28x28x1, 5x5: 4.30 ms at 8c4561e, 4.03 at
+    540461b, 3.66 at 7377a9d, 3.52 at 82cbba1, against 6.07).
     A standalone interleaved timing (not committed) also had the patches at 1.9-6.5x, and
     another (not committed) dE/df per example as one contraction over the input rows with a
     row-Toeplitz matrix of delta1 (no R, 7x the multiplies) at 1.45-4.0x against this form's
