@@ -825,8 +825,9 @@ def markdown(results, info, command) -> str:
 
 def formulation_stats(result: dict, table: str, field: str) -> dict:
     """formulation name -> `field` of its `manual[...]` method in result[table] ("times" or
-    "compile"). The pick is the `manual` step itself: where --forms left its pair out of the
-    timed pairs, the `manual` method stands for it."""
+    "compile"). `jax_methods` now always times the pick; in results written before that, where
+    --forms left the pick's pair out (bench_formulations_one_filter_toeplitz.json), the `manual`
+    method, which is the pick's step, stands for it."""
     stats = {k[7:-1]: v[field] for k, v in result.get(table, {}).items() if k.startswith("manual[")}
     chosen = result.get("chosen_formulation")
     if stats and chosen is not None and chosen not in stats and "manual" in result.get(table, {}):
