@@ -244,6 +244,7 @@ TOEPLITZ_BLOCK = 4
 TOEPLITZ_MAX_MULTIPLY_RATIO = Fraction(8, 5)
 CONV_FILTER_GRAD_FROM_FILTERS = 32
 CONV_FILTER_GRAD_PARTS = 4
+PER_EXAMPLE_WHOLE_BATCH_BYTES = 64 * 2**20
 
 
 def choose_formulation(
@@ -838,33 +839,61 @@ def value_and_grads_example(
 def per_example_grads(params: Params, x: jax.Array, y: jax.Array, spec: ConvNetSpec) -> Params:
     """Per-example gradients of a batch: `jax.vmap` of `value_and_grads_example`.
 
-    The forms are `per_example_formulation`'s. With the taps forward (C K < 8) the vmapped function
-    runs on chunks of the batch under `lax.map` (``batch_size`` = `working_set_chunk`'s 16 MB),
-    with the patches or the Toeplitz form on the whole batch at once; each measured the faster in
-    a standalone script with the taps' dots and the patches (batch 1024, 5x5, one filter,
-    28x28x1: 21-24 ms in chunks of 32-128 against 46 whole; 32x32x3: 96-102 against 196; batch
-    256, 28x28x1, 8 filters, patches: 30 ms whole against 46 in chunks). With the Toeplitz dE/df
-    after the taps, a later standalone timing (not committed) had the chunks 1.56x faster at
-    batch 256, 32x32x3, 5x5, one filter (27.0 against 42.2 ms) and the two within 1.2x at three
-    28x28x1 points. Most of the time with many filters goes into writing the output: the
-    per-example dE/dW alone is N x D x n_out numbers (experiments/bench.py times that write
-    alone as ``per_ex_dW_write``).
+    The forms are `per_example_formulation`'s. The vmapped function runs on the whole batch at
+    once, except with the taps forward (C K < 8) once the batch's `per_example_bytes` pass
+    `PER_EXAMPLE_WHOLE_BATCH_BYTES` (64 MiB), when it runs under `lax.map` in chunks of
+    `working_set_chunk` (`per_example_chunk`). With the taps' Toeplitz dE/df, one filter, the
+    whole batch was faster up to 55 MiB and slower from 108 MiB (a standalone timing, before the
+    rule, when the taps always ran in chunks: batch 1024 of 28x28x1, 3x3 [50 MiB] 15.1 ms whole
+    against 17.9-26.7 in chunks of 32-512, 5x5 [55 MiB] 12.0 against 15.4-21.3; batch 256 of
+    32x32x3 [27 and 36 MiB] 7.4 against 8.2-10.3 and 8.3 against 9.7-10.4; batch 1024 of 32x32x3
+    [108 and 144 MiB] 66.0 against 38.9-51.6 and 82.4 against 47.8-73.5);
+    experiments/bench_per_example.py times the rule's pick against both. The batch step's taps
+    showed the same pattern (`TAPS_UNCHUNKED_MAX_TERMS`); here the cause is not traced.
+    Earlier, with the taps' dots for dE/df, the chunks had measured faster (batch 1024, 5x5, one
+    filter, 28x28x1: 21-24 ms in chunks of 32-128 against 46 whole; 32x32x3: 96-102 against 196),
+    and with the patches the whole batch (batch 256, 28x28x1, 8 filters: 30 ms whole against 46 in
+    chunks). Most of the time with many filters goes into writing the output: the per-example
+    dE/dW alone is N x D x n_out numbers (experiments/bench.py times that write alone as
+    ``per_ex_dW_write``).
     """
-    # Chunks of the batch step's 16 MB working set (`over_examples`); 4 MB measured no faster here
-    # (batch 1024, 32x32x3, one filter: 82 ms in chunks of 16 against 72-74 in 32-64, with XLA's
-    # default options).
+    # The chunks are the batch step's 16 MB working set (`working_set_chunk`); 4 MB measured no
+    # faster (batch 1024, 32x32x3, one filter: 82 ms in chunks of 16 against 72-74 in 32-64, with
+    # XLA's default options), and 32-256 examples were within the noise of each other in the
+    # standalone timing above.
     form = per_example_formulation(spec, x.shape[0], itemsize=x.dtype.itemsize)
     return over_examples(
         lambda xy: value_and_grads_example(params, *xy, spec, formulation=form)[1], x, y, spec
     )
 
 
+def per_example_bytes(spec: ConvNetSpec, itemsize: int = 4) -> int:
+    """Bytes per example of the per-example path's arrays after the taps forward: x; Z1, H1 and
+    delta1; the example's dE/dW (D n_out numbers); and its Toeplitz row slabs R (Ho nb rows of
+    kh span C), which dE/df per example contracts with delta1."""
+    h, w, c = spec.in_shape
+    ho, wo, k = spec.h1_shape
+    _, nb, span = toeplitz_blocks(spec)
+    return itemsize * (
+        h * w * c + 3 * ho * wo * k + ho * wo * k * spec.n_out + ho * nb * spec.kernel_size[0] * span * c
+    )
+
+
+def per_example_chunk(spec: ConvNetSpec, batch: int, itemsize: int = 4) -> int | None:
+    """Examples per `lax.map` chunk of the per-example path, None for one vmap of the whole batch:
+    `working_set_chunk` after the taps forward once the batch's `per_example_bytes` pass
+    `PER_EXAMPLE_WHOLE_BATCH_BYTES`, else None (`per_example_grads` has the measurements)."""
+    if per_example_formulation(spec, batch, itemsize=itemsize).forward != "taps":
+        return None
+    if batch * per_example_bytes(spec, itemsize) <= PER_EXAMPLE_WHOLE_BATCH_BYTES:
+        return None
+    return working_set_chunk(spec, batch, itemsize)
+
+
 def over_examples(fn, x: jax.Array, y: jax.Array, spec: ConvNetSpec):
-    """`fn` of each (x[n], y[n]) pair, stacked over n, batched as `per_example_grads` measured
-    fastest: under `lax.map` in chunks of `working_set_chunk` after the taps forward, else one
-    `jax.vmap` over the whole batch (`per_example_formulation` names the forward)."""
-    n, itemsize = x.shape[0], x.dtype.itemsize
-    chunk = working_set_chunk(spec, n, itemsize)
-    if chunk is not None and per_example_formulation(spec, n, itemsize=itemsize).forward == "taps":
+    """`fn` of each (x[n], y[n]) pair, stacked over n: under `lax.map` in chunks of
+    `per_example_chunk` examples, or one `jax.vmap` over the whole batch where that is None."""
+    chunk = per_example_chunk(spec, x.shape[0], x.dtype.itemsize)
+    if chunk is not None:
         return lax.map(fn, (x, y), batch_size=chunk)
     return jax.vmap(fn)((x, y))

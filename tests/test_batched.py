@@ -218,19 +218,27 @@ def test_default_chunks_with_a_remainder_equal_autodiff_float64():
     chex.assert_trees_all_close(per_example, slides(params, x, y, spec)[1], rtol=1e-10, atol=1e-13)
 
 
-def conv_group_counts(fn, *args):
-    """feature_group_count of every convolution in the jaxpr of fn(*args), nested ones too."""
+def primitives(fn, *args):
+    """Every equation in the jaxpr of fn(*args), nested ones too."""
 
     def walk(jaxpr):
         for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "conv_general_dilated":
-                yield eqn.params["feature_group_count"]
+            yield eqn
             for value in eqn.params.values():
                 inner = getattr(value, "jaxpr", value)
                 if hasattr(inner, "eqns"):
                     yield from walk(inner)
 
     return list(walk(jax.make_jaxpr(fn)(*args).jaxpr))
+
+
+def conv_group_counts(fn, *args):
+    """feature_group_count of every convolution in the jaxpr of fn(*args), nested ones too."""
+    return [
+        e.params["feature_group_count"]
+        for e in primitives(fn, *args)
+        if e.primitive.name == "conv_general_dilated"
+    ]
 
 
 def test_filter_grad_conv_parts_are_separate_convs():
@@ -245,13 +253,25 @@ def test_filter_grad_conv_parts_are_separate_convs():
 
 
 @pytest.mark.parametrize(
-    "channels, filters, kernel, batch",
-    [(3, 2, 3, 5), (3, 2, 3, 300), (1, 8, 3, 5), (3, 8, 3, 1), (1, 8, 5, 5)],
+    "channels, filters, kernel, batch, whole_batch_bytes",
+    [
+        (3, 2, 3, 5, None),
+        (3, 2, 3, 300, None),
+        (3, 2, 3, 300, 0),
+        (1, 8, 3, 5, None),
+        (3, 8, 3, 1, None),
+        (1, 8, 5, 5, None),
+    ],
 )
-def test_per_example_grads_never_group_a_conv_and_equal_the_slides_float64(channels, filters, kernel, batch):
-    # Few filters with several channels (taps, dE/df as XLA's conv for a batch), with and without
-    # lax.map chunks, the patches (8 filters, 3x3) and the Toeplitz form's pick (5x5): per example
-    # there must be no grouped conv, which is what vmapping the conv dE/df would give.
+def test_per_example_grads_never_group_a_conv_and_equal_the_slides_float64(
+    channels, filters, kernel, batch, whole_batch_bytes, monkeypatch
+):
+    # Few filters with several channels (taps, dE/df as XLA's conv for a batch), over the whole
+    # batch and (whole_batch_bytes 0) in lax.map chunks, the patches (8 filters, 3x3) and the
+    # Toeplitz form's pick (5x5): per example there must be no grouped conv, which is what
+    # vmapping the conv dE/df would give.
+    if whole_batch_bytes is not None:
+        monkeypatch.setattr(batched, "PER_EXAMPLE_WHOLE_BATCH_BYTES", whole_batch_bytes)
     spec = jaxbp.ConvNetSpec(in_shape=(6, 6, channels), n_filters=filters, kernel_size=kernel, n_out=3)
     params, x, y = problem(spec, 7, batch)
     groups = conv_group_counts(lambda p, x, y: jaxbp.per_example_manual_grads(p, x, y, spec), params, x, y)
@@ -259,6 +279,32 @@ def test_per_example_grads_never_group_a_conv_and_equal_the_slides_float64(chann
     slides = jax.vmap(jaxbp.backward.value_and_manual_grads_example, in_axes=(None, 0, 0, None))
     per_example = jaxbp.per_example_manual_grads(params, x, y, spec)
     chex.assert_trees_all_close(per_example, slides(params, x, y, spec)[1], rtol=1e-10, atol=1e-13)
+
+
+def test_per_example_path_runs_the_whole_batch_up_to_its_working_set(monkeypatch):
+    # After the taps forward, one vmap over the whole batch while the batch's per_example_bytes
+    # stay under PER_EXAMPLE_WHOLE_BATCH_BYTES, then lax.map (a scan) in working_set_chunk's
+    # chunks; with other forwards always the whole batch.
+    taps = jaxbp.ConvNetSpec(in_shape=(28, 28, 1), n_filters=1, kernel_size=5, n_out=10)
+    assert batched.per_example_formulation(taps, 1024).forward == "taps"
+    # x 784, Z1/H1/delta1 3 x 576, dE/dW 576 x 10, R 24 rows x 6 blocks x 5 x 8 columns
+    assert batched.per_example_bytes(taps, 4) == 4 * (784 + 3 * 576 + 5760 + 24 * 6 * 5 * 8)
+    assert batched.per_example_chunk(taps, 1024, 4) is None  # 55 MiB
+    assert batched.per_example_chunk(taps, 2048, 4) == batched.working_set_chunk(taps, 2048, 4) == 128
+    patches = jaxbp.ConvNetSpec(in_shape=(28, 28, 1), n_filters=8, kernel_size=3, n_out=10)
+    assert batched.per_example_chunk(patches, 8192, 4) is None
+
+    spec = jaxbp.ConvNetSpec(in_shape=(6, 6, 1), n_filters=1, kernel_size=3, n_out=3)
+    params, x, y = problem(spec, 3, 300)
+
+    def scans():  # a new function each time: make_jaxpr caches its traces by the function
+        fn = lambda p, x, y: jaxbp.per_example_manual_grads(p, x, y, spec)  # noqa: E731
+        return [e for e in primitives(fn, params, x, y) if e.primitive.name == "scan"]
+
+    assert batched.per_example_chunk(spec, 300, 8) is None and not scans()
+    limit = 300 * batched.per_example_bytes(spec, 8) - 1
+    monkeypatch.setattr(batched, "PER_EXAMPLE_WHOLE_BATCH_BYTES", limit)
+    assert batched.per_example_chunk(spec, 300, 8) == 128 and scans()
 
 
 def test_bad_formulation_and_unbatched_input_raise():

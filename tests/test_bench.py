@@ -10,6 +10,9 @@ import time
 
 import numpy as np
 
+import jaxbp
+from jaxbp import batched
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -242,3 +245,28 @@ def test_an_empty_grid_writes_its_table(tmp_path):
     bench.main(["--no-peers", "--inputs", "5x5x1", "--kernels", "7", "--out", str(tmp_path), "--quiet"])
     assert "No grid points ran." in (tmp_path / "bench.md").read_text()
     assert json.loads((tmp_path / "bench.json").read_text())["results"] == []
+
+
+bench_per_example = load_experiment("bench_per_example")
+
+
+def test_per_example_bench_runs_end_to_end_and_names_the_rules_pick(tmp_path, monkeypatch):
+    # Two small taps points, one sample each; the limit set between them, so that the smaller
+    # batch is timed as the whole batch's pick and the larger as the chunks'. The script checks
+    # whole and chunks against the shipped per-example gradients before timing.
+    spec = jaxbp.ConvNetSpec(in_shape=(8, 8, 1), n_filters=1, kernel_size=3, n_out=10)
+    limit = 200 * batched.per_example_bytes(spec, 4)
+    monkeypatch.setattr(batched, "PER_EXAMPLE_WHOLE_BATCH_BYTES", limit)
+    args = ["--batches", "150", "250", "--inputs", "8x8x1", "--kernels", "3", "--filters", "1"]
+    args += ["--repeats", "1", "--min-sample-s", "0.001", "--out", str(tmp_path)]
+    bench_per_example.main(args)
+    payload = json.loads((tmp_path / "bench_per_example.json").read_text())
+    assert payload["command"].endswith("--min-sample-s 0.001 --out " + str(tmp_path))
+    results = payload["results"]
+    assert [(r["point"]["batch"], r["pick"], r["chunk"]) for r in results] == [
+        (150, "whole", 128),
+        (250, "chunks", 128),
+    ]
+    for r in results:
+        assert set(r["times"]) == {"batch_grad", "per_ex", "whole", "chunks"} and r["check_rel_error"] < 1e-10
+    assert "| 8x8x1 | 3 | 1 | 250 | 128 |" in (tmp_path / "bench_per_example.md").read_text()

@@ -1,0 +1,195 @@
+"""Per-example gradients after the taps forward: the whole batch in one vmap, or lax.map chunks.
+
+`jaxbp.per_example_manual_grads` vmaps the manual backward of one example. With the taps forward
+(C K < 8, `jaxbp.batched.per_example_formulation`) it can run that vmap over the whole batch, or
+under `lax.map` over chunks of `jaxbp.batched.working_set_chunk` examples; `over_examples` picks by
+the arrays' size (`per_example_chunk`: the batch times `per_example_bytes` against
+`PER_EXAMPLE_WHOLE_BATCH_BYTES`).
+This script times, for each point (float32, VALID, 10 outputs), interleaved round by round:
+
+  batch_grad   the batch gradient alone (jaxbp.manual_value_and_grads), the reference
+  per_ex       jaxbp.per_example_manual_grads as shipped (the rule's pick)
+  whole        the per-example gradients as one vmap over the whole batch
+  chunks       the same under lax.map in chunks of working_set_chunk examples
+
+Each sample is as many calls as fill --min-sample-s (bench.calibrate, after a warm-up call), each
+call waited for. Before timing, whole and chunks are checked against per_ex in float64 on a batch
+of 3 (relative error < 1e-10). Writes experiments/results/<name>.json and .md.
+
+    python experiments/bench_per_example.py         # batch 256 and 1024, 1 and 2 filters, 3x3 and 5x5
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import shlex
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import calibrate  # noqa: E402
+from bench import machine_info  # noqa: E402
+from bench import summarize  # noqa: E402
+from bench import write_results  # noqa: E402
+
+METHODS = ("batch_grad", "per_ex", "whole", "chunks")
+
+
+def methods(jax, jaxbp, spec, batch, itemsize):
+    """The timed functions of (params, x, y), each jitted with jaxbp's options."""
+    from jax import lax
+
+    from jaxbp import batched
+
+    jit = lambda fn: jax.jit(fn, compiler_options=jaxbp.compiler_options())  # noqa: E731
+    form = batched.per_example_formulation(spec, batch, itemsize=itemsize)
+    chunk = batched.working_set_chunk(spec, batch, itemsize) or batch
+
+    def example(p):
+        return lambda xy: batched.value_and_grads_example(p, *xy, spec, formulation=form)[1]
+
+    return {
+        "batch_grad": jit(lambda p, x, y: jaxbp.manual_value_and_grads(p, x, y, spec)),
+        "per_ex": jit(lambda p, x, y: jaxbp.per_example_manual_grads(p, x, y, spec)),
+        "whole": jit(lambda p, x, y: jax.vmap(example(p))((x, y))),
+        "chunks": jit(lambda p, x, y: lax.map(example(p), (x, y), batch_size=chunk)),
+    }
+
+
+def problem(jax, jaxbp, spec, batch, dtype):
+    rng = np.random.default_rng(0)
+    params = jaxbp.init_params(jax.random.key(0), spec, dtype)
+    x = jax.numpy.asarray(rng.normal(size=(batch, *spec.in_shape)).astype(dtype))
+    y = jax.numpy.asarray(rng.uniform(size=(batch, spec.n_out)).astype(dtype))
+    return params, x, y
+
+
+def check(jax, jaxbp, spec) -> float:
+    """The largest relative error of whole and chunks against per_ex, float64, batch 3."""
+    with jax.enable_x64(True):
+        args = problem(jax, jaxbp, spec, 3, np.float64)
+        fns = methods(jax, jaxbp, spec, 3, 8)
+        ref = jax.tree.leaves(fns["per_ex"](*args))
+        return max(
+            float(np.abs(np.asarray(a) - np.asarray(r)).max() / np.abs(np.asarray(r)).max())
+            for name in ("whole", "chunks")
+            for a, r in zip(jax.tree.leaves(fns[name](*args)), ref)
+        )
+
+
+def run_point(jax, jaxbp, in_shape, kernel, filters, batch, args) -> dict:
+    from jaxbp import batched
+
+    spec = jaxbp.ConvNetSpec(in_shape=in_shape, n_filters=filters, kernel_size=kernel, n_out=10)
+    form = batched.per_example_formulation(spec, batch)
+    if form.forward != "taps":
+        raise SystemExit(
+            f"{in_shape}, {kernel}x{kernel}, {filters} filters: the forward is {form.forward}, not taps"
+        )
+    error = check(jax, jaxbp, spec)
+    if error > 1e-10:
+        raise SystemExit(f"{in_shape}, {filters} filters: whole or chunks disagree with per_ex: {error:.2e}")
+    jargs = problem(jax, jaxbp, spec, batch, np.float32)
+    fns = methods(jax, jaxbp, spec, batch, 4)
+    calls = {
+        name: (lambda inner, fn=fn: [jax.block_until_ready(fn(*jargs)) for _ in range(inner)])
+        for name, fn in fns.items()
+    }
+    inner = {name: calibrate(call, args.min_sample_s) for name, call in calls.items()}
+    samples = {name: [] for name in calls}
+    for round_ in range(args.repeats):  # each round starts one method later
+        order = list(calls)[round_ % len(calls) :] + list(calls)[: round_ % len(calls)]
+        for name in order:
+            start = time.perf_counter()
+            calls[name](inner[name])
+            samples[name].append((time.perf_counter() - start) / inner[name])
+    chunk = batched.working_set_chunk(spec, batch, 4)
+    return {
+        "point": {"input": list(in_shape), "kernel": kernel, "filters": filters, "batch": batch},
+        "chunk": chunk,
+        "working_set_mib": batch * batched.per_example_bytes(spec, 4) / 2**20,
+        "pick": "whole" if batched.per_example_chunk(spec, batch, 4) is None else "chunks",
+        "check_rel_error": error,
+        "inner_calls": inner,
+        "times": {name: summarize(s) for name, s in samples.items()},
+    }
+
+
+def markdown(results, info, command) -> str:
+    ms = lambda r, k: r["times"][k]["median_ms"]  # noqa: E731
+    limit = info["limit_mib"]
+    lines = [
+        "# Per-example gradients after the taps forward: whole batch or lax.map chunks",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {info['cpu']}, {info['cores']} cores; load average {info['load_average']} at the "
+        f"end. jax {info['jax']}, jaxlib {info['jaxlib']}; git {info['git_commit']}; {info['date_utc']}.",
+        "",
+        "Median ms per call over the repeats, interleaved (IQR in the JSON). `MiB`: the batch times "
+        f"`per_example_bytes`; the rule runs the whole batch up to {limit:.0f} MiB, else chunks "
+        "(`pick`). `/b`: over the batch gradient alone; `chunks/whole` > 1: the whole batch faster.",
+        "",
+        "| input | k | K | batch | chunk | MiB | pick | batch_grad | per_ex | whole | chunks "
+        "| per_ex/b | whole/b | chunks/b | chunks/whole |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        p = r["point"]
+        b = ms(r, "batch_grad")
+        lines.append(
+            f"| {'x'.join(map(str, p['input']))} | {p['kernel']} | {p['filters']} | {p['batch']} "
+            f"| {r['chunk'] or 'all'} | {r['working_set_mib']:.0f} | {r['pick']} "
+            + "".join(f"| {ms(r, k):.3g} " for k in METHODS)
+            + "".join(f"| {ms(r, k) / b:.2f} " for k in METHODS[1:])
+            + f"| {ms(r, 'chunks') / ms(r, 'whole'):.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    try:
+        h, w, c = (int(v) for v in text.split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an input shape is HxWxC, e.g. 28x28x1; got {text!r}") from None
+    return h, w, c
+
+
+def main(argv=None) -> None:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--batches", type=int, nargs="+", default=[256, 1024])
+    parser.add_argument("--inputs", type=parse_shape, nargs="+", default=[(28, 28, 1), (32, 32, 3)])
+    parser.add_argument("--kernels", type=int, nargs="+", default=[3, 5])
+    parser.add_argument("--filters", type=int, nargs="+", default=[1, 2], help="C K must stay under 8")
+    parser.add_argument("--repeats", type=int, default=7, help="timed samples per method (default 7)")
+    parser.add_argument("--min-sample-s", type=float, default=0.02, help="each sample at least this long")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"), help="folder")
+    parser.add_argument("--name", default="bench_per_example", help="file stem of the outputs")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.min_sample_s <= 0:
+        parser.error("--repeats must be >= 1 and --min-sample-s > 0")
+    import jax
+
+    import jaxbp
+
+    results = []
+    for in_shape, kernel, filters, batch in itertools.product(
+        args.inputs, args.kernels, args.filters, args.batches
+    ):
+        results.append(run_point(jax, jaxbp, in_shape, kernel, filters, batch, args))
+        print(f"done {in_shape} {kernel} {filters} {batch}", file=sys.stderr, flush=True)
+    info = machine_info(jax, {})
+    info["load_average"] = [round(v, 2) for v in os.getloadavg()]
+    info["limit_mib"] = jaxbp.batched.PER_EXAMPLE_WHOLE_BATCH_BYTES / 2**20
+    command = shlex.join(
+        ["python", "experiments/bench_per_example.py", *(sys.argv[1:] if argv is None else argv)]
+    )
+    write_results(args.out, args.name, info, command, results, markdown(results, info, command))
+
+
+if __name__ == "__main__":
+    main()
