@@ -244,7 +244,7 @@ TOEPLITZ_BLOCK = 4
 TOEPLITZ_MAX_MULTIPLY_RATIO = Fraction(8, 5)
 CONV_FILTER_GRAD_FROM_FILTERS = 32
 CONV_FILTER_GRAD_PARTS = 4
-PER_EXAMPLE_WHOLE_BATCH_BYTES = 64 * 2**20
+PER_EXAMPLE_WHOLE_BATCH_BYTES = 96 * 2**20
 
 
 def choose_formulation(
@@ -841,14 +841,19 @@ def per_example_grads(params: Params, x: jax.Array, y: jax.Array, spec: ConvNetS
 
     The forms are `per_example_formulation`'s. The vmapped function runs on the whole batch at
     once, except with the taps forward (C K < 8) once the batch's `per_example_bytes` pass
-    `PER_EXAMPLE_WHOLE_BATCH_BYTES` (64 MiB), when it runs under `lax.map` in chunks of
-    `working_set_chunk` (`per_example_chunk`). With the taps' Toeplitz dE/df, one filter, the
-    whole batch was faster up to 55 MiB and slower from 108 MiB (a standalone timing, before the
-    rule, when the taps always ran in chunks: batch 1024 of 28x28x1, 3x3 [50 MiB] 15.1 ms whole
+    `PER_EXAMPLE_WHOLE_BATCH_BYTES` (96 MiB), when it runs under `lax.map` in chunks of
+    `working_set_chunk` (`per_example_chunk`). With the taps' Toeplitz dE/df, one filter, a
+    standalone timing (before the rule, when the taps always ran in chunks) had the whole batch
+    faster up to 55 MiB and slower from 108 MiB: batch 1024 of 28x28x1, 3x3 [50 MiB] 15.1 ms whole
     against 17.9-26.7 in chunks of 32-512, 5x5 [55 MiB] 12.0 against 15.4-21.3; batch 256 of
     32x32x3 [27 and 36 MiB] 7.4 against 8.2-10.3 and 8.3 against 9.7-10.4; batch 1024 of 32x32x3
-    [108 and 144 MiB] 66.0 against 38.9-51.6 and 82.4 against 47.8-73.5);
-    experiments/bench_per_example.py times the rule's pick against both. The batch step's taps
+    [108 and 144 MiB] 66.0 against 38.9-51.6 and 82.4 against 47.8-73.5. The first run of
+    experiments/bench_per_example.py (1 and 2 filters, batch 256 and 1024, with a limit of 64 MiB;
+    experiments/results/bench_per_example_64mib.md) had the whole batch faster at 11 of the 12
+    points up to 85 MiB (1.03-1.55x; batch 1024, 28x28x1, 3x3, 2 filters [85 MiB]: 30.5 against
+    47.4 ms), level at the 12th (batch 256, 32x32x3, 5x5, one filter [36 MiB]: 10.6 against 10.4),
+    and slower at all 4 from 108 MiB (0.58-0.89x): the limit lies between 85 and 108 MiB.
+    bench_per_example.md is the run with it. The batch step's taps
     showed the same pattern (`TAPS_UNCHUNKED_MAX_TERMS`); here the cause is not traced.
     Earlier, with the taps' dots for dE/df, the chunks had measured faster (batch 1024, 5x5, one
     filter, 28x28x1: 21-24 ms in chunks of 32-128 against 46 whole; 32x32x3: 96-102 against 196),
