@@ -852,8 +852,10 @@ def per_example_grads(params: Params, x: jax.Array, y: jax.Array, spec: ConvNetS
     experiments/results/bench_per_example_64mib.md) had the whole batch faster at 11 of the 12
     points up to 85 MiB (1.03-1.55x; batch 1024, 28x28x1, 3x3, 2 filters [85 MiB]: 30.5 against
     47.4 ms), level at the 12th (batch 256, 32x32x3, 5x5, one filter [36 MiB]: 10.6 against 10.4),
-    and slower at all 4 from 108 MiB (0.58-0.89x): the limit lies between 85 and 108 MiB.
-    bench_per_example.md is the run with it. The batch step's taps
+    and slower at all 4 from 108 MiB (0.58-0.89x): the limit lies between 85 and 108 MiB. The
+    run with it (bench_per_example.md) had the whole batch faster at all 6 3x3 points up to 85 MiB
+    (1.08-1.61x), at 3 of the 6 5x5 ones (0.93-1.18x; 0.99-1.36x in the first run), and slower
+    at all 4 from 108 MiB (0.68-0.88x). The batch step's taps
     showed the same pattern (`TAPS_UNCHUNKED_MAX_TERMS`); here the cause is not traced.
     Earlier, with the taps' dots for dE/df, the chunks had measured faster (batch 1024, 5x5, one
     filter, 28x28x1: 21-24 ms in chunks of 32-128 against 46 whole; 32x32x3: 96-102 against 196),
