@@ -70,6 +70,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -405,12 +406,24 @@ def check_variants(jax, compiled, jargs, progress, point) -> dict:
     return errors
 
 
+def generated_kernels(hlo_text: str) -> int:
+    """The fusions in an optimized HLO module's text: the kernels XLA generates code for (on the
+    CPU, LLVM compiles each; dots and convolutions are library calls, and copies and loops run in
+    the runtime, so they generate none)."""
+    return sum(1 for line in hlo_text.splitlines() if re.search(r"= \S+ fusion\(", line))
+
+
 def compile_stats(fn, args) -> dict:
-    """Compile time (s) of lower + compile, and XLA's memory analysis (bytes) of the executable."""
+    """Compile time (s) of lower + compile, the generated kernels, and XLA's memory analysis
+    (bytes) of the executable."""
     start = time.perf_counter()
     compiled = fn.lower(*args).compile()
     seconds = time.perf_counter() - start
     out = {"compile_s": seconds}
+    try:
+        out["kernels"] = generated_kernels(compiled.as_text())
+    except Exception as err:  # not every backend gives the optimized module's text
+        out["kernels_error"] = repr(err)
     try:
         mem = compiled.memory_analysis()
         out["temp_bytes"] = int(mem.temp_size_in_bytes)
@@ -711,10 +724,47 @@ def targets_summary(results) -> list[str]:
         ("manual compile time at most jax.grad's", "compile_manual_over_autodiff", lambda v: v <= 1),
     )
     lines += [f"- {text}: {count(key, ok)}" for text, key, ok in checks]
+    lines += compile_by_kernels(results)
     lines.append(
         f"- largest point ({lp['batch']}, {'x'.join(map(str, lp['input']))}, k {lp['kernel']}, "
         f"K {lp['filters']}): {ld['manual_gflops']:.1f} GFLOP/s, "
         f"{100 * ld['manual_fraction_of_matmul']:.0f}% of the matmul (target 25%)"
+    )
+    return lines
+
+
+def compile_by_kernels(results) -> list[str]:
+    """The compile-time target split by whether the manual step generates more kernels than
+    jax.grad's (markdown lines; none for results without kernel counts)."""
+    pairs = [
+        (
+            r["compile"]["manual"]["kernels"],
+            r["compile"]["autodiff"]["kernels"],
+            r["derived"]["compile_manual_over_autodiff"],
+        )
+        for r in results
+        if "kernels" in r["compile"]["manual"] and "kernels" in r["compile"].get("autodiff", {})
+    ]
+    if not pairs:
+        return []
+    lines = []
+    for label, keep in (
+        ("at most as many kernels as", lambda m, a: m <= a),
+        ("more kernels than", lambda m, a: m > a),
+    ):
+        ratios = [c for m, a, c in pairs if keep(m, a)]
+        met = f"{sum(c <= 1 for c in ratios)} of {len(ratios)}"
+        spread = (
+            f" (median {np.median(ratios):.2f}, range {min(ratios):.2f}-{max(ratios):.2f})" if ratios else ""
+        )
+        lines.append(
+            f"- manual compile time at most jax.grad's where the manual step generates {label} "
+            f"jax.grad's: {met}{spread}"
+        )
+    kernel_ratio = [m / a for m, a, _ in pairs]
+    lines.append(
+        f"- generated kernels, manual over jax.grad: median {np.median(kernel_ratio):.2f}, "
+        f"range {min(kernel_ratio):.2f}-{max(kernel_ratio):.2f}"
     )
     return lines
 
@@ -775,12 +825,13 @@ def markdown(results, info, command) -> str:
         "(and nothing else) over the batch gradient, a floor under `pe/b`; `nodf/b`: the per-example "
         "forward, dE/dW and dE/db without dE/df over the batch gradient, a tighter floor; "
         "`%mm`: manual GFLOP/s over the matmul's in the same run; "
-        "compile in seconds; mem: XLA's peak estimate for the manual step.",
+        "compile in seconds; kernels: the fusions XLA generates code for in each step; "
+        "mem: XLA's peak estimate for the manual step.",
         "",
         "| batch | input | k | K | manual | autodiff | manual_vmap | autodiff_vmap | torch | numpy "
         "| per-ex manual | per-ex autodiff | batch | ad/m | pt/m | pe/b | dW/b | nodf/b | GFLOP/s "
-        "| %mm | compile m/ad | mem MB |",
-        "|" + "---|" * 22,
+        "| %mm | compile m/ad | kernels m/ad | mem MB |",
+        "|" + "---|" * 23,
     ]
     for r in results:
         p, d, c = r["point"], r["derived"], r["compile"]
@@ -795,6 +846,7 @@ def markdown(results, info, command) -> str:
             f"| {ratio('per_ex_no_df_over_batch_grad')} | {d['manual_gflops']:.1f} "
             f"| {100 * d['manual_fraction_of_matmul']:.0f}% "
             f"| {c['manual']['compile_s']:.2f}/{c['autodiff']['compile_s']:.2f} "
+            f"| {c['manual'].get('kernels', '-')}/{c['autodiff'].get('kernels', '-')} "
             f"| {'-' if mem is None else f'{mem / 2**20:.0f}'} |"
         )
     lines += targets_summary(results)

@@ -8,6 +8,8 @@ import pathlib
 import threading
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 import jaxbp
@@ -270,3 +272,39 @@ def test_per_example_bench_runs_end_to_end_and_names_the_rules_pick(tmp_path, mo
     for r in results:
         assert set(r["times"]) == {"batch_grad", "per_ex", "whole", "chunks"} and r["check_rel_error"] < 1e-10
     assert "| 8x8x1 | 3 | 1 | 250 | 128 |" in (tmp_path / "bench_per_example.md").read_text()
+
+
+def test_generated_kernels_count_the_fusions_not_library_calls_or_copies():
+    text = "\n".join(
+        [
+            "  %dot.1 = f32[2,2]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}",
+            "  %add_fusion = f32[2,2]{1,0} fusion(%dot.1), kind=kLoop, calls=%fused_computation",
+            "  %wrapped_broadcast = f32[10]{0} fusion(), kind=kLoop, calls=%wrapped_broadcast_computation",
+            "  %conv = f32[1,2,2,1]{3,2,1,0} convolution(%x, %f), dim_labels=b01f_01io->b01f",
+            "  %copy.1 = f32[] copy(%p)",
+            "  ROOT %tuple = (f32[2,2]{1,0}) tuple(%add_fusion)",
+        ]
+    )
+    assert bench.generated_kernels(text) == 2
+    # A compiled step: the count is what XLA's optimized module holds, at least one kernel.
+    spec = jaxbp.ConvNetSpec(in_shape=(6, 6, 1), n_filters=2, kernel_size=3, n_out=3)
+    params = jaxbp.init_params(jax.random.key(0), spec)
+    x, y = jnp.zeros((4, 6, 6, 1), jnp.float32), jnp.zeros((4, 3), jnp.float32)
+    fn = jax.jit(lambda p, x, y: jaxbp.manual_value_and_grads(p, x, y, spec))
+    stats, compiled = bench.compile_stats(fn, (params, x, y))
+    assert stats["kernels"] == bench.generated_kernels(compiled.as_text()) >= 1
+
+
+def test_compile_target_is_split_by_the_kernels_each_step_generates():
+    def result(manual_kernels, autodiff_kernels, ratio):
+        compile_ = {"manual": {"compile_s": ratio, "kernels": manual_kernels}}
+        compile_["autodiff"] = {"compile_s": 1.0, "kernels": autodiff_kernels}
+        return {"compile": compile_, "derived": {"compile_manual_over_autodiff": ratio}}
+
+    results = [result(10, 13, 0.9), result(12, 13, 1.1), result(26, 13, 2.0), result(20, 10, 1.5)]
+    lines = bench.compile_by_kernels(results)
+    assert lines[0].endswith("at most as many kernels as jax.grad's: 1 of 2 (median 1.00, range 0.90-1.10)")
+    assert lines[1].endswith("more kernels than jax.grad's: 0 of 2 (median 1.75, range 1.50-2.00)")
+    assert lines[2].endswith("median 1.46, range 0.77-2.00")
+    # Results from before the kernels were counted (--render of an old JSON) give no lines.
+    assert bench.compile_by_kernels([{"compile": {"manual": {"compile_s": 1.0}}}]) == []
