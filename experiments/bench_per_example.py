@@ -1,11 +1,10 @@
 """Per-example gradients after the taps forward: the whole batch in one vmap, or lax.map chunks.
 
 `jaxbp.per_example_manual_grads` vmaps the manual backward of one example. With the taps forward
-(C K < 8, `jaxbp.batched.per_example_formulation`) it can run that vmap over the whole batch, or
-under `lax.map` over chunks of `jaxbp.batched.working_set_chunk` examples; `over_examples` picks by
-the arrays' size (`per_example_chunk`: the batch times `per_example_bytes` against
-`PER_EXAMPLE_WHOLE_BATCH_BYTES`).
-This script times, for each point (float32, VALID, 10 outputs), interleaved round by round:
+(one filter on fewer than 8 channels, `jaxbp.batched.per_example_formulation`) it can run that
+vmap over the whole batch, or under `lax.map` over chunks of `jaxbp.batched.working_set_chunk`
+examples; `over_examples` picks by the arrays' size (`per_example_chunk`: the batch times
+`per_example_bytes` against `PER_EXAMPLE_WHOLE_BATCH_BYTES`). This script times, for each point (float32, VALID, 10 outputs), interleaved round by round:
 
   batch_grad   the batch gradient alone (jaxbp.manual_value_and_grads), the reference
   per_ex       jaxbp.per_example_manual_grads as shipped (the rule's pick)
@@ -16,7 +15,11 @@ Each sample is as many calls as fill --min-sample-s (bench.calibrate, after a wa
 call waited for. Before timing, whole and chunks are checked against per_ex in float64 on a batch
 of 3 (relative error < 1e-10). Writes experiments/results/<name>.json and .md.
 
-    python experiments/bench_per_example.py         # batch 256 and 1024, 1 and 2 filters, 3x3 and 5x5
+    python experiments/bench_per_example.py         # batch 256 and 1024, one filter, 3x3 and 5x5
+
+The committed runs (experiments/results/bench_per_example*.md) also timed 2 filters (--filters 1
+2), which had the taps forward then (with C K < 8); from 2 filters on it is the Toeplitz form now,
+which this script refuses.
 """
 
 from __future__ import annotations
@@ -164,7 +167,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--inputs", type=parse_shape, nargs="+", default=[(28, 28, 1), (32, 32, 3)])
     parser.add_argument("--kernels", type=int, nargs="+", default=[3, 5])
-    parser.add_argument("--filters", type=int, nargs="+", default=[1, 2], help="C K must stay under 8")
+    parser.add_argument("--filters", type=int, nargs="+", default=[1], help="the taps' 1 (default)")
     parser.add_argument("--repeats", type=int, default=7, help="timed samples per method (default 7)")
     parser.add_argument("--min-sample-s", type=float, default=0.02, help="each sample at least this long")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"), help="folder")

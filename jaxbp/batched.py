@@ -220,6 +220,20 @@ class Formulation(NamedTuple):
 #   against 20.1), and behind with 7 filters at 1024 [59] (47.3 against 38.1). The limit, 48
 #   MiB, lies between the largest win and the loss; strides, dilations, and kernels of at most
 #   9 terms other than 3x3 (1x1, 2x2) follow by extrapolation.
+# * 2 to 7 filters (C K from 2 to 21), measured after the rules above were set from 1, 8 and 32
+#   filters, in two runs of 3 repeats (experiments/results/bench_formulations_filters_2_4.md:
+#   batch 256, 2 and 4 filters; bench_formulations_filters_2_6.md: batch 256 and 1024, 2 and 6
+#   filters; 28x28x1 and 32x32x3, 3x3 and 5x5): the Toeplitz form for both was faster than the
+#   pick of the rules before at every point where that pick was another form, 21 of 21 point-runs:
+#   than the taps (C K < 8) by 1.09-4.8x (batch 256, 32x32x3, 5x5, 2 filters: 6.70 against 31.7
+#   ms in one run, 7.40 against 35.8 in the other; 28x28x1, 3x3, 2 filters: 2.40 against 3.12 and
+#   2.54 against 3.06), and than the patches (3x3 with C K >= 8) by 1.06-1.20x. With one filter
+#   the taps stay ahead: toeplitz/toeplitz took 1.02-1.82x the time of the fastest taps pair at
+#   all 8 one-filter points of bench_formulations_one_filter_toeplitz.md. Where the taps' time
+#   goes from 2 filters on is not traced; the band's matmul is jb K columns wide, and it won even
+#   where it does twice the patches' multiplies (3x3). So the taps for one filter only, and the
+#   Toeplitz form for both below 8 filters whatever its multiply ratio (5 and 7 filters, between
+#   the measured 4, 6 and 8, by extrapolation).
 # On a GPU (one NVIDIA H200, jax 0.11.2, full float32; experiments/results/
 # bench_formulations_gpu.md, batch 256, 28x28x1, 5x5, the only shape compared there) the step
 # is a few kernel launches long (the manual step 0.06-0.11 ms in the quick grid). The patches
@@ -235,6 +249,8 @@ class Formulation(NamedTuple):
 # outgrow the device's memory. That was not timed: kernels that large are far past launch
 # overhead. Other accelerators (TPU) are not measured and keep XLA's conv for both.
 TAPS_BELOW_CHANNELS_X_FILTERS = 8
+TAPS_MAX_FILTERS = 1
+TOEPLITZ_BELOW_FILTERS = 8
 TAPS_UNCHUNKED_MAX_TERMS = 9
 TAPS_UNCHUNKED_WORKING_SET_BYTES = 48 * 2**20
 CHUNK_WORKING_SET_BYTES = 16 * 2**20
@@ -267,7 +283,8 @@ def choose_formulation(
         return Formulation("conv", "conv", None)
     chunk = working_set_chunk(spec, batch, itemsize)
     parts = min(CONV_FILTER_GRAD_PARTS, batch)
-    if spec.in_shape[2] * spec.n_filters < TAPS_BELOW_CHANNELS_X_FILTERS:
+    c, k = spec.in_shape[2], spec.n_filters
+    if k <= TAPS_MAX_FILTERS and c * k < TAPS_BELOW_CHANNELS_X_FILTERS:
         if taps_terms(spec) <= TAPS_UNCHUNKED_MAX_TERMS and (
             batch * taps_bytes_per_example(spec, itemsize) <= TAPS_UNCHUNKED_WORKING_SET_BYTES
         ):
@@ -275,10 +292,9 @@ def choose_formulation(
         return Formulation("taps", "conv", chunk, parts)
     if batch == 1:
         return Formulation("patches", "conv", None)
-    forward: ConvForm = (
-        "patches" if toeplitz_multiply_ratio(spec) > TOEPLITZ_MAX_MULTIPLY_RATIO else "toeplitz"
-    )
-    if spec.n_filters >= CONV_FILTER_GRAD_FROM_FILTERS:
+    wide_band = toeplitz_multiply_ratio(spec) > TOEPLITZ_MAX_MULTIPLY_RATIO
+    forward: ConvForm = "patches" if wide_band and k >= TOEPLITZ_BELOW_FILTERS else "toeplitz"
+    if k >= CONV_FILTER_GRAD_FROM_FILTERS:
         return Formulation(forward, "conv", chunk, parts)
     return Formulation(forward, forward, chunk)
 
@@ -840,7 +856,7 @@ def per_example_grads(params: Params, x: jax.Array, y: jax.Array, spec: ConvNetS
     """Per-example gradients of a batch: `jax.vmap` of `value_and_grads_example`.
 
     The forms are `per_example_formulation`'s. The vmapped function runs on the whole batch at
-    once, except with the taps forward (C K < 8) once the batch's `per_example_bytes` pass
+    once, except with the taps forward (one filter) once the batch's `per_example_bytes` pass
     `PER_EXAMPLE_WHOLE_BATCH_BYTES` (96 MiB), when it runs under `lax.map` in chunks of
     `working_set_chunk` (`per_example_chunk`). With the taps' Toeplitz dE/df, one filter, a
     standalone timing (before the rule, when the taps always ran in chunks) had the whole batch
@@ -848,7 +864,8 @@ def per_example_grads(params: Params, x: jax.Array, y: jax.Array, spec: ConvNetS
     against 17.9-26.7 in chunks of 32-512, 5x5 [55 MiB] 12.0 against 15.4-21.3; batch 256 of
     32x32x3 [27 and 36 MiB] 7.4 against 8.2-10.3 and 8.3 against 9.7-10.4; batch 1024 of 32x32x3
     [108 and 144 MiB] 66.0 against 38.9-51.6 and 82.4 against 47.8-73.5. The first run of
-    experiments/bench_per_example.py (1 and 2 filters, batch 256 and 1024, with a limit of 64 MiB;
+    experiments/bench_per_example.py (1 and 2 filters, batch 256 and 1024, with a limit of 64 MiB,
+    when 2 filters with C K < 8 had the taps forward too;
     experiments/results/bench_per_example_64mib.md) had the whole batch faster at 11 of the 12
     points up to 85 MiB (1.03-1.55x; batch 1024, 28x28x1, 3x3, 2 filters [85 MiB]: 30.5 against
     47.4 ms), level at the 12th (batch 256, 32x32x3, 5x5, one filter [36 MiB]: 10.6 against 10.4),

@@ -133,7 +133,7 @@ def test_per_example_grads_equal_vmap_of_the_slides_per_example_backward_float64
 
 
 def test_choose_formulation_by_backend_channels_filters_and_working_set():
-    few = jaxbp.ConvNetSpec(in_shape=(8, 8, 3), n_filters=2, kernel_size=3, n_out=2)
+    few = jaxbp.ConvNetSpec(in_shape=(8, 8, 3), n_filters=1, kernel_size=3, n_out=2)
     assert batched.choose_formulation(few, 4, "cpu") == batched.Formulation("taps", "conv", None, 4)
     # On a GPU the patches for both, the whole batch (bench_formulations_gpu.md) up to about 1 GiB
     # of temporaries; unmeasured accelerators XLA's conv for both.
@@ -144,12 +144,14 @@ def test_choose_formulation_by_backend_channels_filters_and_working_set():
     large = jaxbp.ConvNetSpec(in_shape=(32, 32, 3), n_filters=32, kernel_size=5, n_out=10)
     assert batched.choose_formulation(large, 2048, "gpu").chunk is None
     assert batched.choose_formulation(large, 4096, "gpu") == batched.Formulation("patches", "patches", 2048)
-    # The taps while C K < 8; from there on the Toeplitz form where its band costs at most 8/5 of
-    # the patches' multiplies (nb jb span / (Wo kw), for 16x16 inputs: 5x5 6 4 8 / (12 5) = 1.6;
-    # 3x3 4 4 6 / (14 3) = 2.29; 5x5 dilated by 2 2 4 12 / (8 5) = 2.4; 7x7 3 4 10 / (10 7) =
-    # 1.71, the padded last block included; 7x7 on 18x18, 3 4 10 / (12 7) = 1.43), else the patches.
-    cases = [(16, 1, 7, 3, 1, "taps"), (16, 3, 2, 5, 1, "taps"), (16, 1, 8, 3, 1, "patches")]
-    cases += [(16, 3, 3, 3, 1, "patches"), (16, 8, 1, 5, 1, "toeplitz"), (16, 1, 8, 5, 1, "toeplitz")]
+    # The taps for one filter while C < 8; else the Toeplitz form below 8 filters, and from 8 on
+    # where its band costs at most 8/5 of the patches' multiplies (nb jb span / (Wo kw), for 16x16
+    # inputs: 5x5 6 4 8 / (12 5) = 1.6; 3x3 4 4 6 / (14 3) = 2.29; 5x5 dilated by 2 2 4 12 / (8 5)
+    # = 2.4; 7x7 3 4 10 / (10 7) = 1.71, the padded last block included; 7x7 on 18x18, 3 4 10 /
+    # (12 7) = 1.43), else the patches.
+    cases = [(16, 1, 1, 3, 1, "taps"), (16, 7, 1, 5, 1, "taps"), (16, 1, 7, 3, 1, "toeplitz")]
+    cases += [(16, 3, 2, 5, 1, "toeplitz"), (16, 3, 3, 3, 1, "toeplitz"), (16, 1, 8, 3, 1, "patches")]
+    cases += [(16, 3, 8, 3, 1, "patches"), (16, 8, 1, 5, 1, "toeplitz"), (16, 1, 8, 5, 1, "toeplitz")]
     cases += [(16, 1, 8, 5, 2, "patches"), (16, 1, 8, 7, 1, "patches"), (18, 1, 8, 7, 1, "toeplitz")]
     for hw, c, k, kernel, dilation, form in cases:
         spec = jaxbp.ConvNetSpec(
@@ -167,8 +169,9 @@ def test_choose_formulation_by_backend_channels_filters_and_working_set():
 
     # The taps with at most 9 terms (3x3 on one channel) run the whole batch while x, Z1, H1 and
     # delta1 fit 48 MB: 28x28x1, one filter, (784 + 3 * 676) * 4 = 11248 bytes per example, so
-    # 4474 examples (half as many in float64); with 7 filters 59920 bytes, 839 examples. Other
-    # taps (5x5, or 3 channels) keep the working-set chunks of 128.
+    # 4474 examples (half as many in float64). Other taps (5x5, or 3 channels) keep the
+    # working-set chunks of 128, as does the Toeplitz form with 7 filters (81120 bytes of
+    # temporaries per example: 207 in 16 MB, 256, capped at 128).
     def single_filter(hw, c, kernel):
         return jaxbp.ConvNetSpec(in_shape=(hw, hw, c), n_filters=1, kernel_size=kernel, n_out=10)
 
@@ -180,8 +183,7 @@ def test_choose_formulation_by_backend_channels_filters_and_working_set():
     assert batched.choose_formulation(single_filter(28, 1, 3), 2237, "cpu", itemsize=8).chunk is None
     assert batched.choose_formulation(single_filter(28, 1, 3), 2238, "cpu", itemsize=8).chunk == 128
     seven = jaxbp.ConvNetSpec(in_shape=(28, 28, 1), n_filters=7, kernel_size=3, n_out=10)
-    assert batched.choose_formulation(seven, 839, "cpu").chunk is None
-    assert batched.choose_formulation(seven, 1024, "cpu") == batched.Formulation("taps", "conv", 128, 4)
+    assert batched.choose_formulation(seven, 1024, "cpu") == batched.Formulation("toeplitz", "toeplitz", 128)
     assert batched.choose_formulation(single_filter(28, 1, 5), 1024, "cpu").chunk == 128
     assert batched.choose_formulation(single_filter(32, 3, 3), 1024, "cpu").chunk == 128
     # dE/df by XLA's conv (in parts) from 32 filters on, after the Toeplitz forward or the patches.
@@ -193,8 +195,10 @@ def test_choose_formulation_by_backend_channels_filters_and_working_set():
     # Taps: 784 * (3 * 1 + 75) * 4 bytes = 245 kB per example, 68 in 16 MB, rounded to 64.
     one_filter = jaxbp.ConvNetSpec(in_shape=(32, 32, 3), n_filters=1, kernel_size=5, n_out=10)
     assert batched.choose_formulation(one_filter, 256, "cpu") == batched.Formulation("taps", "conv", 64, 4)
-    # One example: dE/df as XLA's conv (one part: there is one example), the forward by C K.
+    # One example: dE/df as XLA's conv (one part: there is one example), the forward the taps for
+    # one filter, else the patches.
     assert batched.choose_formulation(few, 1, "cpu") == batched.Formulation("taps", "conv", None, 1)
+    assert batched.choose_formulation(seven, 1, "cpu") == batched.Formulation("patches", "conv", None)
     assert batched.choose_formulation(big, 1, "cpu") == batched.Formulation("patches", "conv", None)
 
 
@@ -202,7 +206,7 @@ def test_default_chunks_with_a_remainder_equal_autodiff_float64():
     # A small spec gets the largest chunk (128), so a batch of 130 runs one chunk under lax.scan,
     # a remainder of 2, and (per example) lax.map over a remainder too. Two input channels: 18
     # taps terms, past the 9 up to which the taps run the whole batch.
-    spec = jaxbp.ConvNetSpec(in_shape=(6, 6, 2), n_filters=2, kernel_size=3, n_out=3)
+    spec = jaxbp.ConvNetSpec(in_shape=(6, 6, 2), n_filters=1, kernel_size=3, n_out=3)
     if jax.default_backend() == "cpu":
         assert batched.choose_formulation(spec, 130) == batched.Formulation("taps", "conv", 128, 4)
     params, x, y = problem(spec, 5, 130)
@@ -255,9 +259,10 @@ def test_filter_grad_conv_parts_are_separate_convs():
 @pytest.mark.parametrize(
     "channels, filters, kernel, batch, whole_batch_bytes",
     [
+        (3, 1, 3, 5, None),
+        (3, 1, 3, 300, None),
+        (3, 1, 3, 300, 0),
         (3, 2, 3, 5, None),
-        (3, 2, 3, 300, None),
-        (3, 2, 3, 300, 0),
         (1, 8, 3, 5, None),
         (3, 8, 3, 1, None),
         (1, 8, 5, 5, None),
@@ -266,10 +271,10 @@ def test_filter_grad_conv_parts_are_separate_convs():
 def test_per_example_grads_never_group_a_conv_and_equal_the_slides_float64(
     channels, filters, kernel, batch, whole_batch_bytes, monkeypatch
 ):
-    # Few filters with several channels (taps, dE/df as XLA's conv for a batch), over the whole
-    # batch and (whole_batch_bytes 0) in lax.map chunks, the patches (8 filters, 3x3) and the
-    # Toeplitz form's pick (5x5): per example there must be no grouped conv, which is what
-    # vmapping the conv dE/df would give.
+    # One filter on several channels (taps, dE/df as XLA's conv for a batch), over the whole
+    # batch and (whole_batch_bytes 0) in lax.map chunks, the Toeplitz form's picks (2 filters;
+    # 8 filters, 5x5) and the patches (8 filters, 3x3): per example there must be no grouped
+    # conv, which is what vmapping the conv dE/df would give.
     if whole_batch_bytes is not None:
         monkeypatch.setattr(batched, "PER_EXAMPLE_WHOLE_BATCH_BYTES", whole_batch_bytes)
     spec = jaxbp.ConvNetSpec(in_shape=(6, 6, channels), n_filters=filters, kernel_size=kernel, n_out=3)
