@@ -232,8 +232,12 @@ class Formulation(NamedTuple):
 #   all 8 one-filter points of bench_formulations_one_filter_toeplitz.md. Where the taps' time
 #   goes from 2 filters on is not traced; the band's matmul is jb K columns wide, and it won even
 #   where it does twice the patches' multiplies (3x3). So the taps for one filter only, and the
-#   Toeplitz form for both below 8 filters whatever its multiply ratio (5 and 7 filters, between
-#   the measured 4, 6 and 8, by extrapolation).
+#   Toeplitz form for both below 8 filters whatever its multiply ratio. A run with that rule at
+#   3, 5 and 7 filters (bench_formulations_filters_3_5_7.md, batch 256, 3 repeats) had the
+#   Toeplitz pair, at one of its chunks, the fastest formulation at 9 of 12 points and within
+#   5% of it at the other 3 (28x28x1, 5x5, 3 filters: taps/toeplitz 2.55 against 2.62 ms;
+#   32x32x3, 3x3, 5 filters: taps/conv and the patches 7.11 and 7.12 against 7.49); the taps
+#   pairs took 0.92-1.81x and the patches 0.95-2.90x the pick's time.
 # On a GPU (one NVIDIA H200, jax 0.11.2, full float32; experiments/results/
 # bench_formulations_gpu.md, batch 256, 28x28x1, 5x5, the only shape compared there) the step
 # is a few kernel launches long (the manual step 0.06-0.11 ms in the quick grid). The patches
