@@ -733,6 +733,47 @@ def targets_summary(results) -> list[str]:
     return lines
 
 
+def compile_points(results) -> dict:
+    """ "manual" and "autodiff" -> (generated kernels, compile s) of every point that counted them."""
+    return {
+        name: [
+            (r["compile"][name]["kernels"], r["compile"][name]["compile_s"])
+            for r in results
+            if "kernels" in r["compile"].get(name, {})
+        ]
+        for name in ("manual", "autodiff")
+    }
+
+
+def compile_fit(results) -> dict | None:
+    """Least squares of compile time on generated kernels over the manual and jax.grad steps of
+    every point that counted them (None with fewer than 3 such compiles, or one kernel count)."""
+    points = [p for pairs in compile_points(results).values() for p in pairs]
+    if len(points) < 3 or len({k for k, _ in points}) < 2:
+        return None
+    kernels, seconds = np.array(points, dtype=float).T
+    slope, intercept = np.polyfit(kernels, seconds, 1)
+    r = float(np.corrcoef(kernels, seconds)[0, 1])
+    return {"n": len(points), "slope_s": float(slope), "intercept_s": float(intercept), "r": r}
+
+
+def plot_compile(stem: Path, results) -> None:
+    """<stem>_compile.png: compile time against generated kernels (experiments/plots.py), where
+    matplotlib is installed (the experiments extra) and the results counted kernels."""
+    fit = compile_fit(results)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    if fit is not None:
+        here = str(Path(__file__).resolve().parent)
+        if here not in sys.path:
+            sys.path.insert(0, here)
+        import plots
+
+        plots.compile_kernels(f"{stem}_compile.png", compile_points(results), fit)
+
+
 def compile_by_kernels(results) -> list[str]:
     """The compile-time target split by whether the manual step generates more kernels than
     jax.grad's (markdown lines; none for results without kernel counts)."""
@@ -766,6 +807,13 @@ def compile_by_kernels(results) -> list[str]:
         f"- generated kernels, manual over jax.grad: median {np.median(kernel_ratio):.2f}, "
         f"range {min(kernel_ratio):.2f}-{max(kernel_ratio):.2f}"
     )
+    fit = compile_fit(results)
+    if fit is not None:
+        lines.append(
+            f"- compile time against generated kernels, least squares over both steps' {fit['n']} "
+            f"compiles: {fit['intercept_s']:.3f} s + {1e3 * fit['slope_s']:.1f} ms per kernel "
+            f"(correlation {fit['r']:.2f})"
+        )
     return lines
 
 
@@ -1027,6 +1075,7 @@ def main(argv=None) -> None:
         payload = json.loads(args.render.read_text())
         text = markdown(payload["results"], payload["machine"], payload["command"])
         args.render.with_suffix(".md").write_text(text)
+        plot_compile(args.render.with_suffix(""), payload["results"])
         print(text)
         return
     jax.config.update("jax_enable_x64", True)  # float64 peer checks; timed arrays carry their dtype
@@ -1112,6 +1161,7 @@ def main(argv=None) -> None:
         worker.join(timeout=10)
     info["max_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     write_results(args.out, name, info, command, results, markdown(results, info, command))
+    plot_compile(Path(args.out) / name, results)
 
 
 if __name__ == "__main__":

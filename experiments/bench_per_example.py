@@ -4,7 +4,8 @@
 (one filter on fewer than 8 channels, `jaxbp.batched.per_example_formulation`) it can run that
 vmap over the whole batch, or under `lax.map` over chunks of `jaxbp.batched.working_set_chunk`
 examples; `over_examples` picks by the arrays' size (`per_example_chunk`: the batch times
-`per_example_bytes` against `PER_EXAMPLE_WHOLE_BATCH_BYTES`). This script times, for each point (float32, VALID, 10 outputs), interleaved round by round:
+`per_example_bytes` against `PER_EXAMPLE_WHOLE_BATCH_BYTES`). This script times, for each point
+(float32, VALID, 10 outputs), interleaved round by round:
 
   batch_grad   the batch gradient alone (jaxbp.manual_value_and_grads), the reference
   per_ex       jaxbp.per_example_manual_grads as shipped (the rule's pick)

@@ -1,4 +1,5 @@
-"""PNG plots of a training run (matplotlib, Agg backend): curves, filters, agreement, predictions."""
+"""PNG plots of the experiments (matplotlib, Agg backend): a training run's curves, filters,
+agreement and predictions; the benchmark's compile time against the kernels XLA generates."""
 
 from __future__ import annotations
 
@@ -99,5 +100,27 @@ def predictions(
         ax.set_title(title, fontsize=8, color="black" if ok else "red")
     fig.suptitle(f"test digits: prediction (true); {len(wrong)} of {len(x)} wrong, in red", fontsize=10)
     fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.88, hspace=0.5)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def compile_kernels(path: str, points: dict, fit: dict) -> None:
+    """experiments/bench.py's compile times against the kernels XLA generated: `points` maps
+    "manual" and "autodiff" to (kernels, seconds) pairs, `fit` is bench.compile_fit's line."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, marker in (("manual", "o"), ("autodiff", "s")):
+        k, s = np.array(points[name], dtype=float).reshape(-1, 2).T
+        label = "manual step" if name == "manual" else "jax.grad step"
+        ax.scatter(k, s, marker=marker, s=22, alpha=0.7, color=STYLES[name]["color"], label=label)
+    k = np.linspace(*ax.get_xlim(), 2)
+    fitted = fit["intercept_s"] + fit["slope_s"] * k
+    text = f"{fit['intercept_s']:.2f} s + {1e3 * fit['slope_s']:.0f} ms per kernel (r = {fit['r']:.2f})"
+    ax.plot(k, fitted, color="gray", lw=1, linestyle=":", label=text)
+    ax.set_xlabel("kernels XLA generates code for (fusions in the optimized program)")
+    ax.set_ylabel("compile time, s (lower + compile)")
+    ax.set_title(f"compile time against generated kernels, {fit['n']} compiles", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

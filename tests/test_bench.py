@@ -308,3 +308,25 @@ def test_compile_target_is_split_by_the_kernels_each_step_generates():
     assert lines[2].endswith("median 1.46, range 0.77-2.00")
     # Results from before the kernels were counted (--render of an old JSON) give no lines.
     assert bench.compile_by_kernels([{"compile": {"manual": {"compile_s": 1.0}}}]) == []
+
+
+def test_compile_fit_is_the_least_squares_line_over_both_steps_and_is_plotted(tmp_path):
+    # Compile times exactly 0.1 s + 20 ms per kernel: the fit recovers the line, r = 1.
+    def result(manual_kernels, autodiff_kernels):
+        compile_ = {
+            name: {"kernels": k, "compile_s": 0.1 + 0.02 * k}
+            for name, k in (("manual", manual_kernels), ("autodiff", autodiff_kernels))
+        }
+        return {"compile": compile_, "derived": {"compile_manual_over_autodiff": 1.0}}
+
+    results = [result(26, 13), result(10, 10), result(18, 13)]
+    fit = bench.compile_fit(results)
+    assert fit["n"] == 6 and abs(fit["slope_s"] - 0.02) < 1e-12 and abs(fit["intercept_s"] - 0.1) < 1e-12
+    assert abs(fit["r"] - 1) < 1e-12
+    assert bench.compile_by_kernels(results)[-1].endswith("0.100 s + 20.0 ms per kernel (correlation 1.00)")
+    bench.plot_compile(tmp_path / "grid", results)
+    assert (tmp_path / "grid_compile.png").read_bytes()[:4] == b"\x89PNG"
+    # One kernel count only: no line to fit, and no plot.
+    assert bench.compile_fit([result(10, 10)]) is None
+    bench.plot_compile(tmp_path / "flat", [result(10, 10)])
+    assert not (tmp_path / "flat_compile.png").exists()
