@@ -119,7 +119,8 @@ class Formulation(NamedTuple):
 #   4.7 against 4.0; 1024: 37.2 against 20.3; in the run before 1.35x and 2.15x). So the taps
 #   only below C K = 8; 32x32x3 with 8 filters (C K = 24) had the patches ahead at batch 256
 #   and 1024 with 5x5 (14.1 against 19.9, 67.5 against 68.3) and the taps ahead at batch 32.
-# * From C K = 8 on, for 5x5 filters the Toeplitz row slabs for both convolutions, for 3x3 the
+# * (Below 8 filters superseded by the bullet on 2 to 7 filters further down.)
+#   From C K = 8 on, for 5x5 filters the Toeplitz row slabs for both convolutions, for 3x3 the
 #   patches. Two runs of the patches against the Toeplitz form at the same chunk, 12 points each
 #   with 5x5 and 3x3, 8 and 32 filters (experiments/results/bench_formulations_toeplitz.md, and
 #   bench_formulations_toeplitz_5x5.md with 5 repeats; both run before the form was committed):
@@ -223,21 +224,26 @@ class Formulation(NamedTuple):
 # * 2 to 7 filters (C K from 2 to 21), measured after the rules above were set from 1, 8 and 32
 #   filters, in two runs of 3 repeats (experiments/results/bench_formulations_filters_2_4.md:
 #   batch 256, 2 and 4 filters; bench_formulations_filters_2_6.md: batch 256 and 1024, 2 and 6
-#   filters; 28x28x1 and 32x32x3, 3x3 and 5x5): the Toeplitz form for both was faster than the
-#   pick of the rules before at every point where that pick was another form, 21 of 21 point-runs:
-#   than the taps (C K < 8) by 1.09-4.8x (batch 256, 32x32x3, 5x5, 2 filters: 6.70 against 31.7
-#   ms in one run, 7.40 against 35.8 in the other; 28x28x1, 3x3, 2 filters: 2.40 against 3.12 and
-#   2.54 against 3.06), and than the patches (3x3 with C K >= 8) by 1.06-1.20x. With one filter
-#   the taps stay ahead: toeplitz/toeplitz took 1.02-1.82x the time of the fastest taps pair at
-#   all 8 one-filter points of bench_formulations_one_filter_toeplitz.md. Where the taps' time
+#   filters; 28x28x1 and 32x32x3, 3x3 and 5x5): the Toeplitz form for both, at its fastest chunk,
+#   was faster than the pick of the rules before (both timed as formulations in the same run) at
+#   every point where that pick was another form, 21 of 21 point-runs: than the taps (C K < 8)
+#   by 1.01-4.7x (batch 256, 32x32x3, 5x5, 2 filters: 6.70 against 31.6 ms in one run, 7.40
+#   against 32.8 in the other; 28x28x1, 3x3, 2 filters: 2.40 against 3.17 and 2.54 against
+#   2.57), and than the patches (3x3 with C K >= 8) by 1.09-1.17x. At 2 of the 21 the taps
+#   forward with the Toeplitz dE/df was faster still (the second run, batch 256, 28x28x1, 2
+#   filters: 2.43 against 2.54 ms with 3x3, 1.79 against 2.16 with 5x5), and slower than the
+#   Toeplitz pair at the other 19 (including the first run's same two points: 2.78 against 2.40,
+#   2.56 against 2.27). With one filter the taps stay ahead: toeplitz/toeplitz took 1.09-1.82x
+#   the time of the fastest taps pair at all 8 one-filter points of
+#   bench_formulations_one_filter_toeplitz.md. Where the taps' time
 #   goes from 2 filters on is not traced; the band's matmul is jb K columns wide, and it won even
 #   where it does twice the patches' multiplies (3x3). So the taps for one filter only, and the
 #   Toeplitz form for both below 8 filters whatever its multiply ratio. A run with that rule at
-#   3, 5 and 7 filters (bench_formulations_filters_3_5_7.md, batch 256, 3 repeats) had the
-#   Toeplitz pair, at one of its chunks, the fastest formulation at 9 of 12 points and within
-#   5% of it at the other 3 (28x28x1, 5x5, 3 filters: taps/toeplitz 2.55 against 2.62 ms;
-#   32x32x3, 3x3, 5 filters: taps/conv and the patches 7.11 and 7.12 against 7.49); the taps
-#   pairs took 0.92-1.81x and the patches 0.95-2.90x the pick's time.
+#   3, 5 and 7 filters (bench_formulations_filters_3_5_7.md, batch 256, 3 repeats; each form at
+#   its fastest chunk) had the Toeplitz pair the fastest formulation at 10 of 12 points, and 3%
+#   and 5.2% behind at the other 2 (28x28x1, 5x5, 3 filters: taps/toeplitz 2.55 against 2.62 ms;
+#   32x32x3, 3x3, 5 filters: taps/conv and the patches 7.11 and 7.12 against 7.49); the fastest
+#   taps pair took 0.95-1.85x and the patches 0.95-3.11x the Toeplitz pair's time.
 # On a GPU (one NVIDIA H200, jax 0.11.2, full float32; experiments/results/
 # bench_formulations_gpu.md, batch 256, 28x28x1, 5x5, the only shape compared there) the step
 # is a few kernel launches long (the manual step 0.06-0.11 ms in the quick grid). The patches
@@ -817,7 +823,8 @@ def per_example_formulation(spec: ConvNetSpec, batch: int, itemsize: int = 4) ->
 
     Per example, dE/df after the taps forward is one (jb K, Ho nb) x (Ho nb, kh span C) matmul
     per example with the Toeplitz form, against kh*kw dots with the taps. With one filter the
-    per-example gradients took 1.29-2.6x, 1.33-2.5x, 1.57-2.7x, 1.34-2.6x and 1.48-3.7x the
+    per-example gradients took 1.29-2.6x, 1.33-2.5x, 1.57-2.7x, 1.34-2.6x, 1.48-3.7x and
+    (with the whole batch, `per_example_chunk`, git 6b78109) 1.32-2.9x the
     batch gradient in five bench grids (bench.md as committed in 8c4561e and 87b3da5, and with
     git 540461b, 7377a9d and 82cbba1 in its header, the last with the taps' whole batch at 3x3,
     which sped up the batch gradient more than the per-example one), where the grid of e199a4c,
