@@ -75,11 +75,13 @@ import resource
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
 
-PEERS = ("torch", "numpy")
+PEERS = ("torch", "numpy", "torch_compile")
+DEFAULT_PEERS = ("torch", "numpy")  # torch_compile compiles for tens of seconds a point: on request
 JAX_PRECISION = {"float32": "float32", "tf32": "tensorfloat32"}  # --precision: jax_default_matmul_precision
 HEADLINE = dict(batch=256, filters=8, input=(28, 28, 1), kernel=5)
 GRID = dict(batch=(1, 32, 256, 1024), filters=(1, 8, 32), input=((28, 28, 1), (32, 32, 3)), kernel=(3, 5))
@@ -155,10 +157,18 @@ def numpy_value_and_grads(f, W, b, x, y):
 
 
 class TorchNet:
-    """The network in PyTorch (NCHW); W's rows permuted once so H1 flattens in (K, Ho, Wo) order."""
+    """The network in PyTorch (NCHW); W's rows permuted once so H1 flattens in (K, Ho, Wo) order.
 
-    def __init__(self, torch, f, W, b, x, y, device="cpu"):
+    With `compile_mode` (a `torch.compile` mode) the loss and the SGD update are compiled: the
+    forward and its backward by TorchInductor (AOTAutograd), and with "reduce-overhead" replayed
+    as CUDA graphs on a GPU, which removes the launch overhead that bounds the eager step there.
+    """
+
+    def __init__(self, torch, f, W, b, x, y, device="cpu", compile_mode=None):
         self.torch = torch
+        compiled = lambda fn: torch.compile(fn, mode=compile_mode, dynamic=False)  # noqa: E731
+        self.loss = self.eager_loss if compile_mode is None else compiled(self.eager_loss)
+        self.update = self.eager_update if compile_mode is None else compiled(self.eager_update)
         kernel, _, c, k = f.shape
         n, h, w, _ = x.shape
         self.ho, self.wo, self.k = h - kernel + 1, w - kernel + 1, k
@@ -168,21 +178,28 @@ class TorchNet:
         self.b = t(b).requires_grad_()
         self.x, self.y = t(x.transpose(0, 3, 1, 2)), t(y)
 
-    def value_and_grads(self):
+    def eager_loss(self, f, W, b, x, y):
         torch = self.torch
+        H1 = torch.sigmoid(torch.nn.functional.conv2d(x, f))
+        O = torch.sigmoid(H1.reshape(H1.shape[0], -1) @ W + b)
+        return 0.5 * ((O - y) ** 2).sum() / x.shape[0]
+
+    def eager_update(self, params, grads):
+        with self.torch.no_grad():
+            for p, g in zip(params, grads):
+                p.sub_(LEARNING_RATE * g)
+
+    def value_and_grads(self):
         for p in (self.f, self.W, self.b):
             p.grad = None
-        H1 = torch.sigmoid(torch.nn.functional.conv2d(self.x, self.f))
-        O = torch.sigmoid(H1.reshape(H1.shape[0], -1) @ self.W + self.b)
-        E = 0.5 * ((O - self.y) ** 2).sum() / self.x.shape[0]
+        E = self.loss(self.f, self.W, self.b, self.x, self.y)
         E.backward()
         return E
 
     def step(self):
         E = self.value_and_grads()
-        with self.torch.no_grad():
-            for p in (self.f, self.W, self.b):
-                p.sub_(LEARNING_RATE * p.grad)
+        params = (self.f, self.W, self.b)
+        self.update(params, tuple(p.grad for p in params))
         return E
 
     def grads_in_jaxbp_layout(self):
@@ -209,19 +226,26 @@ def configure_torch(torch, device: str, precision: str) -> dict:
 
 
 def peer_worker(conn, peer: str) -> None:
-    """Serve one peer ("torch" or "numpy") over a pipe: versions / check / setup / time / stop.
+    """Serve one peer ("torch", "torch_compile" or "numpy") over a pipe: versions / check / setup /
+    time / stop. torch_compile is PyTorch with the loss and update under `torch.compile`
+    ("reduce-overhead", CUDA graphs, on a GPU; the default mode on the CPU).
 
     Each peer has a process of its own: PyTorch's OpenMP threads and NumPy's BLAS threads spin
     after each call, and in one process on 2 cores they slowed each other down 16x (measured:
     NumPy's 256-batch, 32-filter step took 2.7 s beside torch, 0.17 s alone).
     """
     torch = None
-    if peer == "torch":
+    if peer in ("torch", "torch_compile"):
         try:
             import torch
         except ImportError:
             pass
     state, device = None, "cpu"
+
+    def compile_mode():  # None: eager
+        if peer != "torch_compile":
+            return None
+        return "reduce-overhead" if device == "cuda" else "default"
 
     while True:
         msg, arg = conn.recv()
@@ -235,19 +259,30 @@ def peer_worker(conn, peer: str) -> None:
                 info, torch = {"torch": torch.__version__, "torch_error": "CUDA not available"}, None
             elif torch is not None:
                 info = configure_torch(torch, device, precision)
+                if peer == "torch_compile":
+                    info = {"torch_compile_mode": compile_mode()}
+                    # One compiled graph per shape and dtype (each point, and its float64 check),
+                    # never a dynamic-shape one, and no fallback to eager after 8 of them.
+                    for limit in ("cache_size_limit", "recompile_limit"):
+                        if hasattr(torch._dynamo.config, limit):
+                            setattr(torch._dynamo.config, limit, 1024)
             conn.send((peer == "numpy" or torch is not None, info))
         elif msg == "check":  # float64 gradients, to compare with jaxbp
             f, W, b, x, y = arg
             if peer == "numpy":
                 conn.send(numpy_value_and_grads(f, W, b, x, y)[1])
             else:
-                net = TorchNet(torch, f, W, b, x, y, device)
-                net.value_and_grads()
-                conn.send(net.grads_in_jaxbp_layout())
+                try:
+                    net = TorchNet(torch, f, W, b, x, y, device, compile_mode())
+                    net.value_and_grads()
+                    conn.send(net.grads_in_jaxbp_layout())
+                except Exception:  # e.g. torch.compile without a compiler: this peer is not timed
+                    traceback.print_exc()
+                    conn.send(None)
         elif msg == "setup":
             f, W, b, x, y = arg
-            if peer == "torch":
-                state = TorchNet(torch, f, W, b, x, y, device).step
+            if peer != "numpy":
+                state = TorchNet(torch, f, W, b, x, y, device, compile_mode()).step
             else:
 
                 def state(f=f, W=W, b=b, x=x, y=y):  # arrays from the pipe are our own
@@ -565,14 +600,16 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
         result["peer_check_rel_error"] = {}
         for name, conn in conns.items():
             conn.send(("check", (*p64, x64, y64)))
-            err = max(rel_error(g, r) for g, r in zip(conn.recv(), ref))
+            grads = conn.recv()  # None: the peer failed (its traceback is on stderr)
+            err = float("inf") if grads is None else max(rel_error(g, r) for g, r in zip(grads, ref))
             result["peer_check_rel_error"][name] = err
             if err < PEER_RTOL:
                 peers.append(name)
                 conn.send(("setup", (*(np.asarray(a) for a in params), x, y)))
                 conn.recv()
             else:
-                progress.write(f"{name} disagrees with jaxbp at {point}: rel error {err:.2e}; not timed")
+                what = "failed" if grads is None else f"disagrees with jaxbp (rel error {err:.2e})"
+                progress.write(f"{name} {what} at {point}; not timed")
 
     chosen = jaxbp.choose_formulation(spec, batch, itemsize=dtype.itemsize)
     methods = jax_methods(
@@ -661,6 +698,7 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
         **({"best_autodiff_over_manual": min(autodiffs) / t["manual"]} if len(autodiffs) > 1 else {}),
         **({"torch_over_manual": t["torch"] / t["manual"]} if "torch" in t else {}),
         **({"numpy_over_manual": t["numpy"] / t["manual"]} if "numpy" in t else {}),
+        **({"torch_compile_over_manual": t["torch_compile"] / t["manual"]} if "torch_compile" in t else {}),
         **(
             {
                 "per_ex_manual_over_batch_grad": t["per_ex_manual"] / t["batch_grad"],
@@ -730,6 +768,35 @@ def targets_summary(results) -> list[str]:
         f"K {lp['filters']}): {ld['manual_gflops']:.1f} GFLOP/s, "
         f"{100 * ld['manual_fraction_of_matmul']:.0f}% of the matmul (target 25%)"
     )
+    return lines
+
+
+def torch_compile_table(results, info) -> list[str]:
+    """Markdown lines for the torch_compile peer (--peers ... torch_compile), where it ran."""
+    timed = [r for r in results if "torch_compile" in r["times"]]
+    if not timed:
+        return []
+    ms = lambda r, name: f"{r['times'][name]['median_ms']:.3g}" if name in r["times"] else "-"  # noqa: E731
+    ratios = [r["derived"]["torch_compile_over_manual"] for r in timed]
+    lines = [
+        "",
+        f"PyTorch with `torch.compile` (mode {info.get('torch_compile_mode')!r}: the loss, its "
+        "backward and the SGD update compiled by TorchInductor; the same check against jaxbp in "
+        "float64 first), median ms; `ptc/m` its time over the manual step's (>1: manual faster). "
+        f"Manual faster at {sum(v > 1 for v in ratios)} of {len(ratios)} points "
+        f"(median {np.median(ratios):.2f}, range {min(ratios):.2f}-{max(ratios):.2f}).",
+        "",
+        "| batch | input | k | K | manual | torch | torch.compile | pt/m | ptc/m |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in timed:
+        p, d = r["point"], r["derived"]
+        pt = f"{d['torch_over_manual']:.2f}" if "torch_over_manual" in d else "-"
+        lines.append(
+            f"| {p['batch']} | {'x'.join(map(str, p['input']))} | {p['kernel']} | {p['filters']} "
+            f"| {ms(r, 'manual')} | {ms(r, 'torch')} | {ms(r, 'torch_compile')} | {pt} "
+            f"| {d['torch_compile_over_manual']:.2f} |"
+        )
     return lines
 
 
@@ -898,6 +965,7 @@ def markdown(results, info, command) -> str:
             f"| {'-' if mem is None else f'{mem / 2**20:.0f}'} |"
         )
     lines += targets_summary(results)
+    lines += torch_compile_table(results, info)
     if any(k.startswith("manual[") for r in results for k in r["times"]):
         lines += [
             "",
@@ -1039,7 +1107,11 @@ def parse_args(argv=None):
     peers = parser.add_mutually_exclusive_group()
     peers.add_argument("--no-peers", action="store_true", help="skip PyTorch and NumPy")
     peers.add_argument(
-        "--peers", nargs="+", choices=PEERS, default=list(PEERS), help="the peers to time (default: both)"
+        "--peers",
+        nargs="+",
+        choices=PEERS,
+        default=list(DEFAULT_PEERS),
+        help="the peers to time (default: torch and numpy; torch_compile on request)",
     )
     parser.add_argument(
         "--torch-device",
@@ -1113,7 +1185,7 @@ def main(argv=None) -> None:
         worker = ctx.Process(target=peer_worker, args=(child, peer), daemon=True)
         worker.start()
         workers.append(worker)
-        conn.send(("versions", (torch_device if peer == "torch" else "cpu", args.precision)))
+        conn.send(("versions", (torch_device if peer != "numpy" else "cpu", args.precision)))
         available, versions = conn.recv()
         peer_versions.update(versions)
         if "torch_error" in versions:

@@ -11,6 +11,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import jaxbp
 from jaxbp import batched
@@ -330,3 +331,81 @@ def test_compile_fit_is_the_least_squares_line_over_both_steps_and_is_plotted(tm
     assert bench.compile_fit([result(10, 10)]) is None
     bench.plot_compile(tmp_path / "flat", [result(10, 10)])
     assert not (tmp_path / "flat_compile.png").exists()
+
+
+def test_torch_peers_compute_the_manual_gradients_eager_and_compiled_float64():
+    # The eager and the torch.compile'd PyTorch step (TorchInductor on the CPU) give jaxbp's
+    # manual gradients in float64 (the check bench.py runs before timing a peer), and the
+    # compiled step times. Skipped without PyTorch (the bench extra).
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    spec = jaxbp.ConvNetSpec(in_shape=(5, 5, 1), n_filters=2, kernel_size=3, n_out=10)
+    f, W, b = rng.normal(size=(3, 3, 1, 2)), rng.normal(size=(18, 10)), rng.normal(size=10)
+    x, y = rng.normal(size=(2, 5, 5, 1)), rng.uniform(size=(2, 10))
+    params = jaxbp.Params(*(jnp.asarray(a) for a in (f, W, b)))
+    ref = jaxbp.manual_grads(params, jnp.asarray(x), jnp.asarray(y), spec)
+    for peer in ("torch", "torch_compile"):
+        parent, child = multiprocessing.Pipe()
+        worker = threading.Thread(target=bench.peer_worker, args=(child, peer))
+        worker.start()
+        replies = []
+        for msg in (("versions", ("cpu", None)), ("check", (f, W, b, x, y)), ("setup", (f, W, b, x, y))):
+            parent.send(msg)
+            assert parent.poll(300), f"{peer}: no reply to {msg[0]}"
+            replies.append(parent.recv())
+        parent.send(("time", 2))
+        assert parent.poll(300) and parent.recv() > 0
+        parent.send(("stop", None))
+        parent.recv()
+        worker.join(timeout=10)
+        available, info = replies[0]
+        assert available and info.get("torch_compile_mode") == (
+            "default" if peer == "torch_compile" else None
+        )
+        assert max(bench.rel_error(g, r) for g, r in zip(replies[1], ref)) < bench.PEER_RTOL, peer
+
+
+def test_torch_compile_table_only_where_that_peer_ran():
+    timing = {"median_ms": 2.0, "q1_ms": 1.9, "q3_ms": 2.1}
+    point = {"batch": 32, "input": [28, 28, 1], "kernel": 5, "filters": 8}
+    plain = {"point": point, "times": {"manual": timing}, "derived": {}}
+    assert bench.torch_compile_table([plain], {}) == []
+    times = {
+        "manual": timing,
+        "torch": {**timing, "median_ms": 3.0},
+        "torch_compile": {**timing, "median_ms": 1.0},
+    }
+    ran = {
+        "point": point,
+        "times": times,
+        "derived": {"torch_over_manual": 1.5, "torch_compile_over_manual": 0.5},
+    }
+    lines = bench.torch_compile_table([ran], {"torch_compile_mode": "reduce-overhead"})
+    assert "mode 'reduce-overhead'" in lines[1] and "Manual faster at 0 of 1 points" in lines[1]
+    assert lines[-1] == "| 32 | 28x28x1 | 5 | 8 | 2 | 3 | 1 | 1.50 | 0.50 |"
+
+
+def test_a_peer_that_fails_its_check_replies_none(monkeypatch):
+    # torch.compile failing (e.g. no C compiler on the machine) must not take the benchmark down:
+    # the worker prints the traceback and replies None, and bench.py does not time that peer.
+    torch = pytest.importorskip("torch")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    rng = np.random.default_rng(0)
+    f, W, b = rng.normal(size=(3, 3, 1, 2)), rng.normal(size=(18, 10)), rng.normal(size=10)
+    x, y = rng.normal(size=(2, 5, 5, 1)), rng.uniform(size=(2, 10))
+    parent, child = multiprocessing.Pipe()
+    worker = threading.Thread(target=bench.peer_worker, args=(child, "torch_compile"))
+    worker.start()
+    for msg, expected in ((("versions", ("cpu", None)), None), (("check", (f, W, b, x, y)), "none")):
+        parent.send(msg)
+        assert parent.poll(60)
+        reply = parent.recv()
+        if expected == "none":
+            assert reply is None
+    parent.send(("stop", None))
+    parent.recv()
+    worker.join(timeout=10)
