@@ -260,29 +260,50 @@ def peer_worker(conn, peer: str) -> None:
             elif torch is not None:
                 info = configure_torch(torch, device, precision)
                 if peer == "torch_compile":
-                    info = {"torch_compile_mode": compile_mode()}
+                    info["torch_compile_mode"] = compile_mode()
                     # One compiled graph per shape and dtype (each point, and its float64 check),
-                    # never a dynamic-shape one, and no fallback to eager after 8 of them.
-                    for limit in ("cache_size_limit", "recompile_limit"):
-                        if hasattr(torch._dynamo.config, limit):
-                            setattr(torch._dynamo.config, limit, 1024)
+                    # never a dynamic-shape one; past Dynamo's recompile limits it would run the
+                    # function eagerly without a word, so the limits are raised and hitting one
+                    # is an error.
+                    config = torch._dynamo.config
+                    for limit in ("cache_size_limit", "recompile_limit", "accumulated_recompile_limit"):
+                        if hasattr(config, limit):
+                            setattr(config, limit, 1 << 16)
+                    if hasattr(config, "fail_on_recompile_limit_hit"):
+                        config.fail_on_recompile_limit_hit = True
             conn.send((peer == "numpy" or torch is not None, info))
         elif msg == "check":  # float64 gradients, to compare with jaxbp
             f, W, b, x, y = arg
             if peer == "numpy":
                 conn.send(numpy_value_and_grads(f, W, b, x, y)[1])
+            elif peer == "torch":
+                net = TorchNet(torch, f, W, b, x, y, device)
+                net.value_and_grads()
+                conn.send(net.grads_in_jaxbp_layout())
             else:
+                # torch.compile can fail where eager PyTorch runs (no C compiler, a backend bug):
+                # then this peer is reported and not timed. Three calls, so that the checked
+                # gradients come from a replay (CUDA graphs are recorded on a later call).
                 try:
                     net = TorchNet(torch, f, W, b, x, y, device, compile_mode())
-                    net.value_and_grads()
+                    for _ in range(3):
+                        net.value_and_grads()
                     conn.send(net.grads_in_jaxbp_layout())
-                except Exception:  # e.g. torch.compile without a compiler: this peer is not timed
+                except Exception as err:
                     traceback.print_exc()
-                    conn.send(None)
-        elif msg == "setup":
+                    conn.send(repr(err))
+        elif msg == "setup":  # replies whether the peer can be timed
             f, W, b, x, y = arg
-            if peer != "numpy":
-                state = TorchNet(torch, f, W, b, x, y, device, compile_mode()).step
+            if peer == "torch":
+                state = TorchNet(torch, f, W, b, x, y, device).step
+            elif peer == "torch_compile":  # the timed graphs compile here, not in a sample
+                try:
+                    state = TorchNet(torch, f, W, b, x, y, device, compile_mode()).step
+                    state()
+                except Exception as err:
+                    traceback.print_exc()
+                    conn.send(repr(err))
+                    continue
             else:
 
                 def state(f=f, W=W, b=b, x=x, y=y):  # arrays from the pipe are our own
@@ -441,11 +462,15 @@ def check_variants(jax, compiled, jargs, progress, point) -> dict:
     return errors
 
 
+FUSION = re.compile(r"=\s+(\([^)]*\)|\S+)\s+fusion\(")  # `%name = <shape or (tuple of shapes)> fusion(`
+
+
 def generated_kernels(hlo_text: str) -> int:
-    """The fusions in an optimized HLO module's text: the kernels XLA generates code for (on the
-    CPU, LLVM compiles each; dots and convolutions are library calls, and copies and loops run in
-    the runtime, so they generate none)."""
-    return sum(1 for line in hlo_text.splitlines() if re.search(r"= \S+ fusion\(", line))
+    """The fusions in an optimized HLO module's text, but for library calls wrapped as fusions
+    (kind=kCustom, e.g. YNNPACK's): the kernels XLA generates code for. On the CPU, LLVM compiles
+    each (copies and broadcasts among them, as wrapped_* fusions); dots and convolutions outside
+    fusions are Eigen library calls, and loops run in the runtime, so they generate none."""
+    return sum(1 for line in hlo_text.splitlines() if FUSION.search(line) and "kind=kCustom" not in line)
 
 
 def compile_stats(fn, args) -> dict:
@@ -600,16 +625,24 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
         result["peer_check_rel_error"] = {}
         for name, conn in conns.items():
             conn.send(("check", (*p64, x64, y64)))
-            grads = conn.recv()  # None: the peer failed (its traceback is on stderr)
-            err = float("inf") if grads is None else max(rel_error(g, r) for g, r in zip(grads, ref))
+            grads = conn.recv()  # a str: the peer failed (its repr; the traceback is on stderr)
+            if isinstance(grads, str):
+                result.setdefault("peer_errors", {})[name] = grads
+                result["peer_check_rel_error"][name] = None
+                progress.write(f"{name} failed at {point}: {grads}; not timed")
+                continue
+            err = max(rel_error(g, r) for g, r in zip(grads, ref))
             result["peer_check_rel_error"][name] = err
             if err < PEER_RTOL:
-                peers.append(name)
                 conn.send(("setup", (*(np.asarray(a) for a in params), x, y)))
-                conn.recv()
+                ready = conn.recv()
+                if ready is True:
+                    peers.append(name)
+                else:
+                    result.setdefault("peer_errors", {})[name] = ready
+                    progress.write(f"{name} failed its first timed step at {point}: {ready}; not timed")
             else:
-                what = "failed" if grads is None else f"disagrees with jaxbp (rel error {err:.2e})"
-                progress.write(f"{name} {what} at {point}; not timed")
+                progress.write(f"{name} disagrees with jaxbp at {point} (rel error {err:.2e}); not timed")
 
     chosen = jaxbp.choose_formulation(spec, batch, itemsize=dtype.itemsize)
     methods = jax_methods(

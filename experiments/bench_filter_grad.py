@@ -1,7 +1,8 @@
 """Where dE/df's time goes in the Toeplitz step: one chunk's copies, dots and conv, timed apart.
 
-With the Toeplitz form (`jaxbp.batched`: 2 to 7 filters, and 5x5 from 8 on) each chunk of m examples
-builds R, the row slabs (M' = m Ho nb rows of kh span C numbers), and computes
+With the Toeplitz form (`jaxbp.batched`: below 8 filters but the taps' one filter on few
+channels, and 5x5 from 8 on) each chunk of m examples builds R, the row slabs (M' = m Ho nb
+rows of kh span C numbers), and computes
 
     forward   Z1 = R @ T(f)                       (M', kh span C) x (kh span C, jb K)
     dE/df     G  = delta1^T @ R, folded onto f    a contraction over the M' rows of both

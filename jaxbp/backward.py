@@ -128,7 +128,7 @@ def per_example_manual_grads(params: Params, x: jax.Array, y: jax.Array, spec: C
 
     `jax.vmap` of the per-example manual gradients, written as `jaxbp.batched` of a batch of one
     (taps, patches or Toeplitz slabs, which vmap into batched dots, not grouped convolutions),
-    the taps chunk by chunk (`jaxbp.batched.per_example_grads`); equal to vmapping
+    after the taps in chunks past a working set (`jaxbp.batched.per_example_grads`); equal to vmapping
     `value_and_manual_grads_example` (tested in tests/test_batched.py).
     """
     if isinstance(spec, Network):

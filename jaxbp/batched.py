@@ -35,7 +35,7 @@ shape of the work XLA sees, and on a CPU that is where the time goes (measured b
   Z1 = R @ T and dE/df = the band of delta1^T R, two plain matmuls. For 5x5 filters R holds 10
   numbers per output position and input channel against the patches' 25, for span / kw = 1.6x
   the multiplies.
-* **Taps (shift-and-add), for few channels times filters.** ``Z1 = sum_ab tap_ab(X) f[a, b]``
+* **Taps (shift-and-add), for one filter on few channels.** ``Z1 = sum_ab tap_ab(X) f[a, b]``
   with tap_ab a strided slice of the padded input: XLA fuses the slices, multiply-adds and the
   sigmoid into one loop, so neither P nor Z1 is written. dE/df is then XLA's conv with the
   batch as its contracted axis (Eigen's, with `jaxbp.compiler_options()`; in parts, below).

@@ -151,7 +151,8 @@ def test_choose_formulation_by_backend_channels_filters_and_working_set():
     # (12 7) = 1.43), else the patches.
     cases = [(16, 1, 1, 3, 1, "taps"), (16, 7, 1, 5, 1, "taps"), (16, 1, 7, 3, 1, "toeplitz")]
     cases += [(16, 3, 2, 5, 1, "toeplitz"), (16, 3, 3, 3, 1, "toeplitz"), (16, 1, 8, 3, 1, "patches")]
-    cases += [(16, 3, 8, 3, 1, "patches"), (16, 8, 1, 5, 1, "toeplitz"), (16, 1, 8, 5, 1, "toeplitz")]
+    cases += [(16, 3, 8, 3, 1, "patches"), (16, 8, 1, 5, 1, "toeplitz"), (16, 8, 1, 3, 1, "toeplitz")]
+    cases += [(16, 1, 8, 5, 1, "toeplitz")]
     cases += [(16, 1, 8, 5, 2, "patches"), (16, 1, 8, 7, 1, "patches"), (18, 1, 8, 7, 1, "toeplitz")]
     for hw, c, k, kernel, dilation, form in cases:
         spec = jaxbp.ConvNetSpec(

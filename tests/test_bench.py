@@ -230,7 +230,7 @@ def test_numpy_peer_on_a_gpu_run_times_on_the_cpu():
     # A GPU run hands the numpy peer the CPU (it has no torch to wait for); asked for "cuda"
     # anyway, it still times without touching torch.
     parent, child = multiprocessing.Pipe()
-    worker = threading.Thread(target=bench.peer_worker, args=(child, "numpy"))
+    worker = threading.Thread(target=bench.peer_worker, args=(child, "numpy"), daemon=True)
     worker.start()
     rng = np.random.default_rng(0)
     f, W, b = rng.normal(size=(3, 3, 1, 2)), rng.normal(size=(18, 10)), rng.normal(size=10)
@@ -283,10 +283,12 @@ def test_generated_kernels_count_the_fusions_not_library_calls_or_copies():
             "  %wrapped_broadcast = f32[10]{0} fusion(), kind=kLoop, calls=%wrapped_broadcast_computation",
             "  %conv = f32[1,2,2,1]{3,2,1,0} convolution(%x, %f), dim_labels=b01f_01io->b01f",
             "  %copy.1 = f32[] copy(%p)",
+            "  %multi = (f32[3]{0}, f32[4,3]{1,0}) fusion(%a), kind=kLoop, calls=%fused_multi",
+            "  %ynn_fusion = f32[2,2]{1,0} fusion(%a, %b), kind=kCustom, calls=%ynn_computation",
             "  ROOT %tuple = (f32[2,2]{1,0}) tuple(%add_fusion)",
         ]
     )
-    assert bench.generated_kernels(text) == 2
+    assert bench.generated_kernels(text) == 3  # the two kLoop fusions and the multi-output one
     # A compiled step: the count is what XLA's optimized module holds, at least one kernel.
     spec = jaxbp.ConvNetSpec(in_shape=(6, 6, 1), n_filters=2, kernel_size=3, n_out=3)
     params = jaxbp.init_params(jax.random.key(0), spec)
@@ -346,7 +348,7 @@ def test_torch_peers_compute_the_manual_gradients_eager_and_compiled_float64():
     ref = jaxbp.manual_grads(params, jnp.asarray(x), jnp.asarray(y), spec)
     for peer in ("torch", "torch_compile"):
         parent, child = multiprocessing.Pipe()
-        worker = threading.Thread(target=bench.peer_worker, args=(child, peer))
+        worker = threading.Thread(target=bench.peer_worker, args=(child, peer), daemon=True)
         worker.start()
         replies = []
         for msg in (("versions", ("cpu", None)), ("check", (f, W, b, x, y)), ("setup", (f, W, b, x, y))):
@@ -358,11 +360,11 @@ def test_torch_peers_compute_the_manual_gradients_eager_and_compiled_float64():
         parent.send(("stop", None))
         parent.recv()
         worker.join(timeout=10)
-        available, info = replies[0]
-        assert available and info.get("torch_compile_mode") == (
-            "default" if peer == "torch_compile" else None
-        )
-        assert max(bench.rel_error(g, r) for g, r in zip(replies[1], ref)) < bench.PEER_RTOL, peer
+        (available, info), grads, ready = replies
+        assert available and "torch" in info and info.get("torch_threads", 0) >= 1
+        assert info.get("torch_compile_mode") == ("default" if peer == "torch_compile" else None)
+        assert max(bench.rel_error(g, r) for g, r in zip(grads, ref)) < bench.PEER_RTOL, peer
+        assert ready is True
 
 
 def test_torch_compile_table_only_where_that_peer_ran():
@@ -385,9 +387,10 @@ def test_torch_compile_table_only_where_that_peer_ran():
     assert lines[-1] == "| 32 | 28x28x1 | 5 | 8 | 2 | 3 | 1 | 1.50 | 0.50 |"
 
 
-def test_a_peer_that_fails_its_check_replies_none(monkeypatch):
+def test_a_compiled_peer_that_fails_replies_its_error(monkeypatch):
     # torch.compile failing (e.g. no C compiler on the machine) must not take the benchmark down:
-    # the worker prints the traceback and replies None, and bench.py does not time that peer.
+    # the worker prints the traceback and replies the error's repr, at the check and at the
+    # setup's first step, and bench.py does not time that peer.
     torch = pytest.importorskip("torch")
 
     def broken(*args, **kwargs):
@@ -398,14 +401,22 @@ def test_a_peer_that_fails_its_check_replies_none(monkeypatch):
     f, W, b = rng.normal(size=(3, 3, 1, 2)), rng.normal(size=(18, 10)), rng.normal(size=10)
     x, y = rng.normal(size=(2, 5, 5, 1)), rng.uniform(size=(2, 10))
     parent, child = multiprocessing.Pipe()
-    worker = threading.Thread(target=bench.peer_worker, args=(child, "torch_compile"))
+    worker = threading.Thread(target=bench.peer_worker, args=(child, "torch_compile"), daemon=True)
     worker.start()
-    for msg, expected in ((("versions", ("cpu", None)), None), (("check", (f, W, b, x, y)), "none")):
+    replies = []
+    for msg in (("versions", ("cpu", None)), ("check", (f, W, b, x, y)), ("setup", (f, W, b, x, y))):
         parent.send(msg)
         assert parent.poll(60)
-        reply = parent.recv()
-        if expected == "none":
-            assert reply is None
+        replies.append(parent.recv())
+    assert replies[1] == replies[2] == "RuntimeError('no compiler')"
     parent.send(("stop", None))
     parent.recv()
     worker.join(timeout=10)
+
+
+def test_per_example_bench_refuses_a_point_without_the_taps_before_timing_any(tmp_path):
+    # 2 filters take the Toeplitz forward: the script stops before the one-filter point is timed.
+    args = ["--batches", "4", "--inputs", "8x8x1", "--kernels", "3", "--filters", "1", "2"]
+    with pytest.raises(SystemExit, match="2 filters: the per-example forward on cpu is toeplitz"):
+        bench_per_example.main(args + ["--repeats", "1", "--out", str(tmp_path)])
+    assert not (tmp_path / "bench_per_example.json").exists()
