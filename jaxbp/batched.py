@@ -905,13 +905,12 @@ def per_example_grads(params: Params, x: jax.Array, y: jax.Array, spec: ConvNetS
 def per_example_bytes(spec: ConvNetSpec, itemsize: int = 4) -> int:
     """Bytes per example of the per-example path's arrays after the taps forward: x; Z1, H1 and
     delta1; the example's dE/dW (D n_out numbers); and its Toeplitz row slabs R (Ho nb rows of
-    kh span C), which dE/df per example contracts with delta1."""
-    h, w, c = spec.in_shape
+    kh span C), which dE/df per example contracts with delta1: `taps_bytes_per_example` and the
+    last two."""
     ho, wo, k = spec.h1_shape
     _, nb, span = toeplitz_blocks(spec)
-    return itemsize * (
-        h * w * c + 3 * ho * wo * k + ho * wo * k * spec.n_out + ho * nb * spec.kernel_size[0] * span * c
-    )
+    slabs = ho * nb * spec.kernel_size[0] * span * spec.in_shape[2]
+    return taps_bytes_per_example(spec, itemsize) + itemsize * (ho * wo * k * spec.n_out + slabs)
 
 
 def per_example_chunk(spec: ConvNetSpec, batch: int, itemsize: int = 4) -> int | None:
