@@ -168,7 +168,13 @@ class TorchNet:
         self.torch = torch
         compiled = lambda fn: torch.compile(fn, mode=compile_mode, dynamic=False)  # noqa: E731
         self.loss = self.eager_loss if compile_mode is None else compiled(self.eager_loss)
-        self.update = self.eager_update if compile_mode is None else compiled(self.eager_update)
+        # Under CUDA graphs ("reduce-overhead") the update stays eager, one fused foreach
+        # launch: compiled, it mutates its inputs, which CUDA graphs skip, and on the H200 the
+        # first step then died with a segfault (PyTorch 2.11). Each step begins a new CUDA-graph
+        # step, so that the replay may overwrite the last step's outputs (the grads, consumed).
+        self.cudagraphs = compile_mode == "reduce-overhead"
+        eager = compile_mode is None or self.cudagraphs
+        self.update = self.eager_update if eager else compiled(self.eager_update)
         kernel, _, c, k = f.shape
         n, h, w, _ = x.shape
         self.ho, self.wo, self.k = h - kernel + 1, w - kernel + 1, k
@@ -186,8 +192,7 @@ class TorchNet:
 
     def eager_update(self, params, grads):
         with self.torch.no_grad():
-            for p, g in zip(params, grads):
-                p.sub_(LEARNING_RATE * g)
+            self.torch._foreach_add_(list(params), list(grads), alpha=-LEARNING_RATE)
 
     def value_and_grads(self):
         for p in (self.f, self.W, self.b):
@@ -197,6 +202,8 @@ class TorchNet:
         return E
 
     def step(self):
+        if self.cudagraphs:
+            self.torch.compiler.cudagraph_mark_step_begin()
         E = self.value_and_grads()
         params = (self.f, self.W, self.b)
         self.update(params, tuple(p.grad for p in params))
@@ -320,6 +327,17 @@ def peer_worker(conn, peer: str) -> None:
             if torch is not None and device == "cuda":  # the steps were queued on the GPU
                 torch.cuda.synchronize()
             conn.send((time.perf_counter() - start) / arg)
+
+
+def peer_ask(conn, msg: str, arg):
+    """Send a peer `msg` and return its reply; a str where the peer failed: its error's repr, or
+    that its process died (a segfault in a compiled library leaves no Python traceback; the
+    peer's stderr has what there is). A dead peer answers every later message the same way."""
+    try:
+        conn.send((msg, arg))
+        return conn.recv()
+    except (EOFError, BrokenPipeError, ConnectionResetError) as err:
+        return f"the peer's process died ({type(err).__name__} on its pipe)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -624,8 +642,7 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
         ref = jaxbp.manual_grads(p64_jax, jax.numpy.asarray(x64), jax.numpy.asarray(y64), spec)
         result["peer_check_rel_error"] = {}
         for name, conn in conns.items():
-            conn.send(("check", (*p64, x64, y64)))
-            grads = conn.recv()  # a str: the peer failed (its repr; the traceback is on stderr)
+            grads = peer_ask(conn, "check", (*p64, x64, y64))  # a str: the peer failed
             if isinstance(grads, str):
                 result.setdefault("peer_errors", {})[name] = grads
                 result["peer_check_rel_error"][name] = None
@@ -634,8 +651,7 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
             err = max(rel_error(g, r) for g, r in zip(grads, ref))
             result["peer_check_rel_error"][name] = err
             if err < PEER_RTOL:
-                conn.send(("setup", (*(np.asarray(a) for a in params), x, y)))
-                ready = conn.recv()
+                ready = peer_ask(conn, "setup", (*(np.asarray(a) for a in params), x, y))
                 if ready is True:
                     peers.append(name)
                 else:
@@ -1217,6 +1233,7 @@ def main(argv=None) -> None:
         conn, child = ctx.Pipe()
         worker = ctx.Process(target=peer_worker, args=(child, peer), daemon=True)
         worker.start()
+        child.close()  # the worker's end: if the worker dies, recv here raises instead of waiting
         workers.append(worker)
         conn.send(("versions", (torch_device if peer != "numpy" else "cpu", args.precision)))
         available, versions = conn.recv()
@@ -1260,8 +1277,7 @@ def main(argv=None) -> None:
         write_results(args.out, name, info, command, results, markdown(results, info, command), echo=False)
     info["load_end"] = os.getloadavg()
     for peer, conn in conns.items():
-        conn.send(("stop", None))
-        info[f"{peer}_process_max_rss_kb"] = conn.recv()
+        info[f"{peer}_process_max_rss_kb"] = peer_ask(conn, "stop", None)
     for worker in workers:
         worker.join(timeout=10)
     info["max_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
