@@ -159,9 +159,11 @@ def numpy_value_and_grads(f, W, b, x, y):
 class TorchNet:
     """The network in PyTorch (NCHW); W's rows permuted once so H1 flattens in (K, Ho, Wo) order.
 
-    With `compile_mode` (a `torch.compile` mode) the loss and the SGD update are compiled: the
-    forward and its backward by TorchInductor (AOTAutograd), and with "reduce-overhead" replayed
-    as CUDA graphs on a GPU, which removes the launch overhead that bounds the eager step there.
+    With `compile_mode` (a `torch.compile` mode) the loss is compiled, the forward and its
+    backward by TorchInductor (AOTAutograd), and with "reduce-overhead" replayed as CUDA graphs
+    on a GPU, which removes the launch overhead that bounds the eager step there; in other modes
+    the SGD update is compiled too. The update is one `_foreach_add_` over the three params (as
+    torch.optim.SGD's default foreach path; before, one `sub_` each).
     """
 
     def __init__(self, torch, f, W, b, x, y, device="cpu", compile_mode=None):
@@ -170,7 +172,8 @@ class TorchNet:
         self.loss = self.eager_loss if compile_mode is None else compiled(self.eager_loss)
         # Under CUDA graphs ("reduce-overhead") the update stays eager, one fused foreach
         # launch: compiled, it mutates its inputs, which CUDA graphs skip, and on the H200 the
-        # first step then died with a segfault (PyTorch 2.11). Each step begins a new CUDA-graph
+        # first step then died with a segfault (PyTorch 2.11; experiments/results/
+        # probe_torch_compile_gpu.log; this fix is untried there). Each step begins a new CUDA-graph
         # step, so that the replay may overwrite the last step's outputs (the grads, consumed).
         self.cudagraphs = compile_mode == "reduce-overhead"
         eager = compile_mode is None or self.cudagraphs
