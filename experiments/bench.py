@@ -814,6 +814,7 @@ def targets_summary(results) -> list[str]:
         ("manual compile time at most jax.grad's", "compile_manual_over_autodiff", lambda v: v <= 1),
     )
     lines += [f"- {text}: {count(key, ok)}" for text, key, ok in checks]
+    lines += [line for other in ("autodiff", "torch") if (line := slower_apart(results, other))]
     lines += compile_by_kernels(results)
     lines.append(
         f"- largest point ({lp['batch']}, {'x'.join(map(str, lp['input']))}, k {lp['kernel']}, "
@@ -821,6 +822,33 @@ def targets_summary(results) -> list[str]:
         f"{100 * ld['manual_fraction_of_matmul']:.0f}% of the matmul (target 25%)"
     )
     return lines
+
+
+def slower_apart(results, other: str) -> str | None:
+    """A markdown line: at how many points the manual step's median is slower than `other`'s
+    ("autodiff" or "torch"), and at which of them the quartiles are apart (`other`'s third
+    quartile below the manual step's first): a loss the spread of the samples does not cover.
+    None where `other` was not timed."""
+    both = [r for r in results if other in r["times"] and "manual" in r["times"]]
+    if not both:
+        return None
+    slower = [r for r in both if r["times"][other]["median_ms"] < r["times"]["manual"]["median_ms"]]
+    apart = [r for r in slower if r["times"][other]["q3_ms"] < r["times"]["manual"]["q1_ms"]]
+    name = {"autodiff": "jax.grad", "torch": "PyTorch"}.get(other, other)
+
+    def spread(t):
+        return f"{t['median_ms']:.3g} [{t['q1_ms']:.3g}-{t['q3_ms']:.3g}]"
+
+    where = "; ".join(
+        f"{r['point']['batch']}, {'x'.join(map(str, r['point']['input']))}, k {r['point']['kernel']}, "
+        f"K {r['point']['filters']}: {spread(r['times']['manual'])} against {spread(r['times'][other])} ms"
+        for r in apart
+    )
+    return (
+        f"- manual slower than {name} (medians): {len(slower)} of {len(both)} points; with the "
+        f"quartiles apart ({name}'s third below the manual step's first) at {len(apart)}"
+        + (f" ({where})" if apart else "")
+    )
 
 
 def torch_compile_table(results, info) -> list[str]:

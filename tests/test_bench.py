@@ -434,6 +434,27 @@ def test_probe_torch_compile_times_each_phase():
     assert "1000 calls:" in lines[-1] and float(lines[-1].split()[-4]) > 0
 
 
+def test_slower_points_are_split_by_whether_their_quartiles_are_apart():
+    def t(median, q1, q3):
+        return {"median_ms": median, "q1_ms": q1, "q3_ms": q3}
+
+    def point(batch, manual, torch=None):
+        times = {"manual": manual, **({"torch": torch} if torch else {})}
+        return {"point": {"batch": batch, "input": [28, 28, 1], "kernel": 5, "filters": 8}, "times": times}
+
+    results = [
+        point(1, t(1.0, 0.9, 1.1), t(2.0, 1.9, 2.1)),  # manual faster
+        point(2, t(2.0, 1.8, 2.2), t(1.9, 1.7, 2.1)),  # slower, the quartiles overlap
+        point(3, t(3.0, 2.9, 3.1), t(2.0, 1.9, 2.1)),  # slower, apart
+        point(4, t(1.0, 0.9, 1.1)),  # PyTorch not timed
+    ]
+    line = bench.slower_apart(results, "torch")
+    assert line.startswith("- manual slower than PyTorch (medians): 2 of 3 points;")
+    assert line.endswith("at 1 (3, 28x28x1, k 5, K 8: 3 [2.9-3.1] against 2 [1.9-2.1] ms)")
+    assert bench.slower_apart(results, "autodiff") is None
+    assert bench.slower_apart(results[:1], "torch").endswith("at 0")
+
+
 def test_torch_compile_table_only_where_that_peer_ran():
     timing = {"median_ms": 2.0, "q1_ms": 1.9, "q3_ms": 2.1}
     point = {"batch": 32, "input": [28, 28, 1], "kernel": 5, "filters": 8}
