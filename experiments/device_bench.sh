@@ -10,7 +10,8 @@
 # with the hash of HEAD written into the command where it is sent from (git in the device
 # tool's copy of the checkout reported an older commit).
 #
-# Stages: the quick grid in full float32 against PyTorch on CUDA (bench_quick_gpu); every
+# Stages: the torch.compile probe (its log only); the quick grid in full float32 against PyTorch
+# on CUDA, eager and under torch.compile with CUDA graphs (bench_quick_gpu); every
 # formulation of the manual step at batch 256 (bench_formulations_gpu: is the rule's pick on a
 # GPU, the patches for both, still within a few percent of the fastest?); the LeNet-5 step of
 # jaxbp.layers against jax.grad (bench_lenet_gpu); the quick grid at TF32 for both libraries
@@ -51,7 +52,11 @@ print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices(), 'torc
 bench="$py experiments/bench.py --quiet --out $out ${TREE_COMMIT:+--tree-commit $TREE_COMMIT}"
 stage smoke 150 $bench --batches 32 --filters 1 --inputs 28x28x1 --kernels 5 --repeats 1 --peers torch \
     --precision float32 --out /tmp/smoke || exit 1
-stage quick_float32 260 $bench --quick --precision float32 --peers torch --name bench_quick_gpu
+# PyTorch under torch.compile with CUDA graphs has no GPU number yet (README, "On a GPU"): first
+# the probe, which shows in the log whether its first steps survive, then the quick grid with
+# it as a peer (a peer that dies is reported and the grid goes on).
+stage probe_torch_compile 90 $py experiments/probe_torch_compile.py reduce-overhead float32 cuda
+stage quick_float32 300 $bench --quick --precision float32 --peers torch torch_compile --name bench_quick_gpu
 stage formulations 170 $bench --quick --batches 256 --formulations --no-peers --skip-vmap-steps \
     --precision float32 --name bench_formulations_gpu
 # LeNet-5 through jaxbp.layers, in full float32 (its check of manual against jax.grad is float32's).
