@@ -161,9 +161,10 @@ class TorchNet:
 
     With `compile_mode` (a `torch.compile` mode) the loss is compiled, the forward and its
     backward by TorchInductor (AOTAutograd), and with "reduce-overhead" replayed as CUDA graphs
-    on a GPU, which removes the launch overhead that bounds the eager step there; in other modes
-    the SGD update is compiled too. The update is one `_foreach_add_` over the three params (as
-    torch.optim.SGD's default foreach path; before, one `sub_` each).
+    on a GPU, meant to remove the launch overhead that bounds the eager step there (not yet run
+    on one); in other modes the SGD update is compiled too. The update is one `_foreach_add_`
+    over the three params (torch.optim.SGD's default path on CUDA; before, a multiply and a
+    `sub_` per param).
     """
 
     def __init__(self, torch, f, W, b, x, y, device="cpu", compile_mode=None):
@@ -237,8 +238,8 @@ def configure_torch(torch, device: str, precision: str) -> dict:
 
 def peer_worker(conn, peer: str) -> None:
     """Serve one peer ("torch", "torch_compile" or "numpy") over a pipe: versions / check / setup /
-    time / stop. torch_compile is PyTorch with the loss and update under `torch.compile`
-    ("reduce-overhead", CUDA graphs, on a GPU; the default mode on the CPU).
+    time / stop. torch_compile is PyTorch with the loss under `torch.compile` ("reduce-overhead",
+    CUDA graphs, on a GPU, the update eager; the default mode on the CPU, the update compiled too).
 
     Each peer has a process of its own: PyTorch's OpenMP threads and NumPy's BLAS threads spin
     after each call, and in one process on 2 cores they slowed each other down 16x (measured:
@@ -309,7 +310,8 @@ def peer_worker(conn, peer: str) -> None:
             elif peer == "torch_compile":  # the timed graphs compile here, not in a sample
                 try:
                     state = TorchNet(torch, f, W, b, x, y, device, compile_mode()).step
-                    state()
+                    for _ in range(3):  # CUDA graphs are recorded on a later call than the first
+                        state()
                 except Exception as err:
                     traceback.print_exc()
                     conn.send(repr(err))
@@ -332,15 +334,36 @@ def peer_worker(conn, peer: str) -> None:
             conn.send((time.perf_counter() - start) / arg)
 
 
+def start_peer(peer: str, target=None):
+    """(our end of the pipe, the process) of a peer worker (`peer_worker` unless `target`), in a
+    spawned process of its own. Our copy of the worker's end is closed at once, so that if the
+    worker dies the pipe closes and `peer_ask` returns instead of waiting forever (as the first
+    GPU run with the compiled peer did, experiments/results/probe_torch_compile_gpu.log)."""
+    ctx = mp.get_context("spawn")
+    conn, child = ctx.Pipe()
+    worker = ctx.Process(target=target or peer_worker, args=(child, peer), daemon=True)
+    worker.start()
+    child.close()
+    return conn, worker
+
+
+PEER_DIED = "the peer's process died"
+
+
+class PeerDiedError(RuntimeError):
+    """A peer's process died while it was being timed (the message: `peer_ask`'s reply)."""
+
+
 def peer_ask(conn, msg: str, arg):
     """Send a peer `msg` and return its reply; a str where the peer failed: its error's repr, or
     that its process died (a segfault in a compiled library leaves no Python traceback; the
-    peer's stderr has what there is). A dead peer answers every later message the same way."""
+    peer's stderr has what there is). A dead peer answers every later message the same way;
+    `run_point` drops it at the first such answer."""
     try:
         conn.send((msg, arg))
         return conn.recv()
     except (EOFError, BrokenPipeError, ConnectionResetError) as err:
-        return f"the peer's process died ({type(err).__name__} on its pipe)"
+        return f"{PEER_DIED} ({type(err).__name__} on its pipe)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -644,12 +667,14 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
         p64_jax = jaxbp.Params(*(jax.numpy.asarray(a) for a in p64))
         ref = jaxbp.manual_grads(p64_jax, jax.numpy.asarray(x64), jax.numpy.asarray(y64), spec)
         result["peer_check_rel_error"] = {}
-        for name, conn in conns.items():
+        for name, conn in list(conns.items()):
             grads = peer_ask(conn, "check", (*p64, x64, y64))  # a str: the peer failed
             if isinstance(grads, str):
                 result.setdefault("peer_errors", {})[name] = grads
                 result["peer_check_rel_error"][name] = None
                 progress.write(f"{name} failed at {point}: {grads}; not timed")
+                if grads.startswith(PEER_DIED):  # a dead process: not asked again
+                    conns.pop(name)
                 continue
             err = max(rel_error(g, r) for g, r in zip(grads, ref))
             result["peer_check_rel_error"][name] = err
@@ -660,6 +685,8 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
                 else:
                     result.setdefault("peer_errors", {})[name] = ready
                     progress.write(f"{name} failed its first timed step at {point}: {ready}; not timed")
+                    if ready.startswith(PEER_DIED):
+                        conns.pop(name)
             else:
                 progress.write(f"{name} disagrees with jaxbp at {point} (rel error {err:.2e}); not timed")
 
@@ -704,17 +731,31 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
 
     def peer_call(name):
         def call(inner):
-            conns[name].send(("time", inner))
-            return conns[name].recv()
+            reply = peer_ask(conns[name], "time", inner)
+            if isinstance(reply, str):
+                raise PeerDiedError(reply)
+            return reply
 
         return call
+
+    def drop_peer(name, err):  # a peer that died while timed: reported, and timed no more
+        result.setdefault("peer_errors", {})[name] = str(err)
+        progress.write(f"{name} died while timed at {point}: {err}; not timed from here on")
+        conns.pop(name, None)
+        for table in (calls, inner, samples):
+            table.pop(name, None)
 
     calls = {name: jax_call(c) for name, c in compiled.items()}
     calls.update({name: peer_call(name) for name in peers})
     calls["matmul"] = matmul
     # Warm-up (excluded), then the number of calls per sample.
-    inner = {name: calibrate(call, args.min_sample_s) for name, call in calls.items()}
-    samples = {name: [] for name in calls}
+    inner, samples = {}, {}
+    for name, call in list(calls.items()):
+        try:
+            inner[name] = calibrate(call, args.min_sample_s)
+            samples[name] = []
+        except PeerDiedError as err:
+            drop_peer(name, err)
     process = "jax"
     order = list(calls)
     for round_ in range(args.repeats):
@@ -722,6 +763,8 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
         # the matmul or another process, and in a fixed order the first method (always "manual")
         # read up to 2.7x slower at batch 1 than the same program timed later in the round.
         for name in order[round_ % len(order) :] + order[: round_ % len(order)]:
+            if name not in calls:  # a peer dropped in an earlier round
+                continue
             call = calls[name]
             # A process's worker threads may keep spinning on the cores for a while after its
             # call (OpenBLAS's default is about 2^28 cycles, 0.1 s); the pause keeps them out of
@@ -730,7 +773,10 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
                 time.sleep(SETTLE_S)
             process = name if name in peers else "jax"
             if name in peers:
-                samples[name].append(call(inner[name]))
+                try:
+                    samples[name].append(call(inner[name]))
+                except PeerDiedError as err:
+                    drop_peer(name, err)
             else:
                 start = time.perf_counter()
                 call(inner[name])
@@ -858,11 +904,17 @@ def torch_compile_table(results, info) -> list[str]:
         return []
     ms = lambda r, name: f"{r['times'][name]['median_ms']:.3g}" if name in r["times"] else "-"  # noqa: E731
     ratios = [r["derived"]["torch_compile_over_manual"] for r in timed]
+    mode = info.get("torch_compile_mode")
     lines = [
         "",
-        f"PyTorch with `torch.compile` (mode {info.get('torch_compile_mode')!r}: the loss, its "
-        "backward and the SGD update compiled by TorchInductor; the same check against jaxbp in "
-        "float64 first), median ms; `ptc/m` its time over the manual step's (>1: manual faster). "
+        f"PyTorch with `torch.compile` (mode {mode!r}: the loss, its backward "
+        + (
+            "compiled by TorchInductor and replayed as CUDA graphs, the SGD update eager"
+            if mode == "reduce-overhead"
+            else "and the SGD update compiled by TorchInductor"
+        )
+        + "; the same check against jaxbp in float64 first), median ms; `ptc/m` its time over the "
+        "manual step's (>1: manual faster). "
         f"Manual faster at {sum(v > 1 for v in ratios)} of {len(ratios)} points "
         f"(median {np.median(ratios):.2f}, range {min(ratios):.2f}-{max(ratios):.2f}).",
         "",
@@ -1260,14 +1312,14 @@ def main(argv=None) -> None:
     conns, workers = {}, []
     peer_versions = {}
     for peer in () if args.no_peers else dict.fromkeys(args.peers):
-        ctx = mp.get_context("spawn")
-        conn, child = ctx.Pipe()
-        worker = ctx.Process(target=peer_worker, args=(child, peer), daemon=True)
-        worker.start()
-        child.close()  # the worker's end: if the worker dies, recv here raises instead of waiting
+        conn, worker = start_peer(peer)
         workers.append(worker)
-        conn.send(("versions", (torch_device if peer != "numpy" else "cpu", args.precision)))
-        available, versions = conn.recv()
+        reply = peer_ask(conn, "versions", (torch_device if peer != "numpy" else "cpu", args.precision))
+        if isinstance(reply, str):  # died on import or device setup
+            print(f"{peer} is not timed: {reply}", file=sys.stderr)
+            peer_versions[f"{peer}_error"] = reply
+            continue
+        available, versions = reply
         peer_versions.update(versions)
         if "torch_error" in versions:
             print(f"torch is not timed: {versions['torch_error']}", file=sys.stderr)
@@ -1308,7 +1360,8 @@ def main(argv=None) -> None:
         write_results(args.out, name, info, command, results, markdown(results, info, command), echo=False)
     info["load_end"] = os.getloadavg()
     for peer, conn in conns.items():
-        info[f"{peer}_process_max_rss_kb"] = peer_ask(conn, "stop", None)
+        reply = peer_ask(conn, "stop", None)  # its max RSS, or a str: the peer died
+        info[f"{peer}_process_max_rss_kb"] = reply if isinstance(reply, int) else None
     for worker in workers:
         worker.join(timeout=10)
     info["max_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -38,6 +38,9 @@ def main():
     parser.add_argument("device", choices=("cpu", "cuda"))
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--filters", type=int, default=8)
+    parser.add_argument(
+        "--calls", type=int, nargs="+", default=[10, 100, 1000], help="steps per timed run, after the first 4"
+    )
     args = parser.parse_args()
 
     import torch
@@ -63,7 +66,7 @@ def main():
         net.step()
         wait()
         say(f"call {i}: {1e3 * (time.perf_counter() - start):.1f} ms")
-    for calls in (10, 100, 1000):
+    for calls in args.calls:
         start = time.perf_counter()
         for _ in range(calls):
             net.step()
