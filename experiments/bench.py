@@ -659,6 +659,12 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
         "flops": step_flops(batch, in_shape, filters, kernel),
     }
 
+    def peer_failed(name, reply, what):  # reported; a dead process is not asked again
+        result.setdefault("peer_errors", {})[name] = reply
+        progress.write(f"{name} {what} at {point}: {reply}; not timed")
+        if reply.startswith(PEER_DIED):
+            conns.pop(name, None)
+
     # Peers: check in float64 against jaxbp, then set up the timed problem.
     peers = []
     if conns:
@@ -670,11 +676,8 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
         for name, conn in list(conns.items()):
             grads = peer_ask(conn, "check", (*p64, x64, y64))  # a str: the peer failed
             if isinstance(grads, str):
-                result.setdefault("peer_errors", {})[name] = grads
                 result["peer_check_rel_error"][name] = None
-                progress.write(f"{name} failed at {point}: {grads}; not timed")
-                if grads.startswith(PEER_DIED):  # a dead process: not asked again
-                    conns.pop(name)
+                peer_failed(name, grads, "failed")
                 continue
             err = max(rel_error(g, r) for g, r in zip(grads, ref))
             result["peer_check_rel_error"][name] = err
@@ -683,10 +686,7 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
                 if ready is True:
                     peers.append(name)
                 else:
-                    result.setdefault("peer_errors", {})[name] = ready
-                    progress.write(f"{name} failed its first timed step at {point}: {ready}; not timed")
-                    if ready.startswith(PEER_DIED):
-                        conns.pop(name)
+                    peer_failed(name, ready, "failed its first timed step")
             else:
                 progress.write(f"{name} disagrees with jaxbp at {point} (rel error {err:.2e}); not timed")
 
@@ -739,9 +739,7 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
         return call
 
     def drop_peer(name, err):  # a peer that died while timed: reported, and timed no more
-        result.setdefault("peer_errors", {})[name] = str(err)
-        progress.write(f"{name} died while timed at {point}: {err}; not timed from here on")
-        conns.pop(name, None)
+        peer_failed(name, str(err), "died while timed")
         for table in (calls, inner, samples):
             table.pop(name, None)
 
