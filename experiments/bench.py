@@ -147,9 +147,12 @@ def numpy_value_and_grads(f, W, b, x, y):
     kernel, _, c, k = f.shape
     n = x.shape[0]
     P = numpy_im2col(x, kernel)
-    H1 = 1 / (1 + np.exp(-(P @ f.reshape(-1, k))))  # (N Ho Wo, K)
-    H1_flat = H1.reshape(n, -1)
-    O = 1 / (1 + np.exp(-(H1_flat @ W + b)))
+    # exp(-z) overflows to inf for very negative z (below about -88 in float32), and 1 / (1 + inf)
+    # is 0, the sigmoid's limit there: the overflow is exact, so its warning is silenced.
+    with np.errstate(over="ignore"):
+        H1 = 1 / (1 + np.exp(-(P @ f.reshape(-1, k))))  # (N Ho Wo, K)
+        H1_flat = H1.reshape(n, -1)
+        O = 1 / (1 + np.exp(-(H1_flat @ W + b)))
     E = 0.5 * np.sum((O - y) ** 2) / n
     delta2 = (O - y) * O * (1 - O) / n
     delta1 = (delta2 @ W.T).reshape(H1.shape) * H1 * (1 - H1)
@@ -371,13 +374,16 @@ def peer_ask(conn, msg: str, arg):
 # ----------------------------------------------------------------------------------------------
 
 
-def jax_methods(jax, jaxbp, spec, chosen=None, batch=None, variants=False, forms=None):
+def jax_methods(
+    jax, jaxbp, spec, chosen=None, batch=None, variants=False, forms=None, chunks=FORMULATION_CHUNKS
+):
     """name -> jitted fn for one spec; every fn takes (params, opt_state, x, y).
 
     chosen: None, or the formulation `choose_formulation` picks for the point (of batch size
     `batch`); then every other formulation of the manual step is added too, a chunk of at least
     the batch counted once, as the whole batch.
     forms: the forms paired with --formulations (None: all of `jaxbp.batched.FORMS`).
+    chunks: the chunks the pick is also timed at with --formulations, besides the whole batch.
     variants: also the variants of the steps that were measured and not adopted (`variant_methods`).
     """
     import optax
@@ -412,7 +418,7 @@ def jax_methods(jax, jaxbp, spec, chosen=None, batch=None, variants=False, forms
         pairs = itertools.product(forms or batched.FORMS, forms or batched.FORMS)
         timed = [batched.Formulation(f, g, chosen.chunk, parts if g == "conv" else 1) for f, g in pairs]
         timed.append(chosen)  # the pick itself, also where --forms leaves its pair out
-        timed += [chosen._replace(chunk=c) for c in (None, *FORMULATION_CHUNKS) if c != chosen.chunk]
+        timed += [chosen._replace(chunk=c) for c in (None, *chunks) if c != chosen.chunk]
         if chosen.filter_grad == "conv" and batch > 1:
             timed += [chosen._replace(conv_parts=p) for p in FORMULATION_CONV_PARTS if p != chosen.conv_parts]
         timed = [f._replace(chunk=None) if (f.chunk or batch) >= batch else f for f in timed]
@@ -552,6 +558,30 @@ def rel_error(a, b) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
+def cpu_features() -> dict:
+    """The CPU's caches (cpu0's, as Linux reports them: e.g. "L2 512K") and its widest SIMD
+    extensions, which the chunks' best working set and XLA's and oneDNN's kernels depend on (the
+    formulation rules were measured on an Intel Xeon with AVX-512; an AMD EPYC with AVX2 and a 512
+    KB L2 had other best chunks). Empty where Linux does not say."""
+    caches = []
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level, kind, size = ((index / f).read_text().strip() for f in ("level", "type", "size"))
+        except OSError:
+            continue
+        caches.append(f"L{level}{'' if kind == 'Unified' else kind[0].lower()} {size}")
+    try:
+        flags = next(
+            line.split(":", 1)[1].split()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+        )
+    except (OSError, StopIteration):
+        flags = []
+    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    return {"cpu_caches": ", ".join(caches), "cpu_simd": " ".join(simd)}
+
+
 def machine_info(jax, peer_versions) -> dict:
     cpu = "unknown"
     try:
@@ -572,6 +602,7 @@ def machine_info(jax, peer_versions) -> dict:
     return {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu,
+        **cpu_features(),
         "cores": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -692,7 +723,14 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
 
     chosen = jaxbp.choose_formulation(spec, batch, itemsize=dtype.itemsize)
     methods = jax_methods(
-        jax, jaxbp, spec, chosen if args.formulations else None, batch, args.variants, args.forms
+        jax,
+        jaxbp,
+        spec,
+        chosen if args.formulations else None,
+        batch,
+        args.variants,
+        args.forms,
+        tuple(args.chunks),
     )
     result["chosen_formulation"] = formulation_name(chosen)
     if batch == 1:
@@ -1022,6 +1060,12 @@ def git_text(info: dict) -> str:
     return info["git_commit"] if tree is None else f"{tree} (the copy's git said {info['git_commit']})"
 
 
+def cpu_text(info: dict) -> str:
+    """The "(caches; SIMD)" of `cpu_features` for the Machine line; nothing for older runs."""
+    parts = [info[k] for k in ("cpu_caches", "cpu_simd") if info.get(k)]
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def torch_label(info: dict) -> str:
     return "CUDA" if info.get("torch_device") == "cuda" else "CPU"
 
@@ -1054,7 +1098,7 @@ def markdown(results, info, command) -> str:
         f"# jaxbp benchmark ({info['dtype']})",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {info['cpu']}, {info['cores']} cores, {info['platform']}; load average "
+        f"Machine: {info['cpu']}{cpu_text(info)}, {info['cores']} cores, {info['platform']}; load average "
         f"{info['load_start']} at start, {info['load_end']} at end (other jobs shared the cores).  ",
         f"Versions: Python {info['python']}, jax {info['jax']}, jaxlib {info['jaxlib']}, numpy "
         f"{info['numpy']}, torch {info.get('torch')}; git {git_text(info)}; {info['date_utc']}.  ",
@@ -1232,6 +1276,14 @@ def parse_args(argv=None):
     parser.add_argument(
         "--forms", nargs="+", help="with --formulations, pair only these forms (default: all)"
     )
+    parser.add_argument(
+        "--chunks",
+        nargs="+",
+        type=int,
+        default=FORMULATION_CHUNKS,
+        help="with --formulations, the chunks (examples per scan step) the pick is also timed at, "
+        f"besides the whole batch (default: {' '.join(map(str, FORMULATION_CHUNKS))})",
+    )
     parser.add_argument("--variants", action="store_true", help="also time the variants (above)")
     parser.add_argument("--skip-vmap-steps", action="store_true", help="do not time the two *_vmap steps")
     peers = parser.add_mutually_exclusive_group()
@@ -1298,6 +1350,10 @@ def main(argv=None) -> None:
         raise SystemExit(f"--forms must be among {FORMS}, got {args.forms}")
     if args.forms and not args.formulations:
         raise SystemExit("--forms only applies with --formulations")
+    if tuple(args.chunks) != FORMULATION_CHUNKS and not args.formulations:
+        raise SystemExit("--chunks only applies with --formulations")
+    if min(args.chunks) < 1:
+        raise SystemExit(f"--chunks must be positive numbers of examples, got {args.chunks}")
     grid = dict(QUICK if args.quick else GRID)
     for key, value in (("batch", args.batches), ("filters", args.filters), ("kernel", args.kernels)):
         if value:

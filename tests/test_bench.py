@@ -553,3 +553,39 @@ def test_per_example_bench_refuses_a_point_without_the_taps_before_timing_any(tm
     with pytest.raises(SystemExit, match="2 filters: the per-example forward on cpu is toeplitz"):
         bench_per_example.main(args + ["--repeats", "1", "--out", str(tmp_path)])
     assert not (tmp_path / "bench_per_example.json").exists()
+
+
+def test_chunks_set_the_chunks_the_pick_is_also_timed_at(tmp_path):
+    spec = jaxbp.ConvNetSpec(in_shape=(8, 8, 1), kernel_size=(3, 3), n_filters=8, n_out=10)
+    chosen = batched.Formulation("patches", "patches", 32)
+    names = bench.jax_methods(jax, jaxbp, spec, chosen, 256, forms=("patches",), chunks=(16, 64))
+    timed = sorted(n for n in names if n.startswith("manual["))
+    assert timed == [f"manual[patches/patches/{c}]" for c in ("16", "32", "64", "all")]
+    for args, message in (
+        (["--chunks", "16"], "--chunks only applies with --formulations"),
+        (["--formulations", "--chunks", "16", "0"], "--chunks must be positive"),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            bench.main(args + ["--out", str(tmp_path)])
+    assert not list(tmp_path.iterdir())  # refused before anything was timed or written
+
+
+def test_numpy_peer_saturates_without_an_overflow_warning():
+    # z = -3600 at the output: exp(-z) overflows to inf and the sigmoid is exactly its limit, 0.
+    f = np.full((3, 3, 1, 2), 50.0, np.float32)
+    W = np.full((2 * 6 * 6, 10), -50.0, np.float32)
+    x, y = np.ones((2, 8, 8, 1), np.float32), np.zeros((2, 10), np.float32)
+    with np.errstate(over="raise"):  # what the peer does not silence would raise here
+        E, grads = bench.numpy_value_and_grads(f, W, np.zeros(10, np.float32), x, y)
+    assert E == 0.0
+    assert all(np.all(g == 0) for g in grads)
+
+
+def test_machine_line_names_the_caches_and_simd_where_recorded():
+    info = {"cpu_caches": "L1d 32K, L2 512K", "cpu_simd": "avx2 fma"}
+    assert bench.cpu_text(info) == " (L1d 32K, L2 512K; avx2 fma)"
+    assert bench.cpu_text({"cpu_caches": "", "cpu_simd": "avx2"}) == " (avx2)"
+    assert bench.cpu_text({}) == ""  # a run recorded before them renders as it did
+    features = bench.cpu_features()
+    assert set(features) == {"cpu_caches", "cpu_simd"}
+    assert all(isinstance(v, str) for v in features.values())
