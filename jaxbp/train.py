@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Union
 
@@ -70,6 +71,7 @@ def make_update_step(
     mesh: Mesh | None = None,
     batch_axis: str | None = None,
     compiler_options: dict[str, object] | None = None,
+    formulation: batched.Formulation | None = None,
 ):
     """Build the jitted update step for the slides' network `spec`, or any layer `Network`.
 
@@ -92,6 +94,11 @@ def make_update_step(
         ``(params, x, y, spec) -> (E, Params)`` of your own.
       mesh: None (one device) or a `jax.sharding.Mesh` to split the batch over.
       batch_axis: the mesh axis the batch is split along; None for the mesh's first axis.
+      formulation: with grads="manual" and a `ConvNetSpec`, the `jaxbp.Formulation` of
+        `jaxbp.batched.value_and_grads` (how the two convolutions are computed, in what chunks);
+        None lets `choose_formulation` pick it per batch size. Its chunks were tuned on one CPU
+        and were not the fastest on another (README, "On a second CPU"), e.g.
+        ``choose_formulation(spec, n)._replace(chunk=32)`` there.
       compiler_options: XLA options for compiling the step (`jax.jit`'s ``compiler_options``).
         None takes `jaxbp.compiler_options()` for the step's backend (on the CPU, Eigen's
         convolutions instead of YNNPACK's, `jaxbp.compile_options`), for "manual" and
@@ -125,6 +132,15 @@ def make_update_step(
         value_and_grads = batch_mean(grads)
     else:
         raise TypeError(f"grads must be one of {sorted(GRADS)} or a callable, got {grads!r}")
+    if formulation is not None:
+        if grads != "manual" or not isinstance(spec, ConvNetSpec):
+            raise ValueError(
+                "formulation only applies to grads='manual' with a ConvNetSpec (jaxbp.batched); "
+                f"got grads={grads!r} and a {type(spec).__name__}"
+            )
+        value_and_grads = functools.partial(
+            batched.value_and_grads, formulation=batched.check_formulation(formulation)
+        )
     mean_fn = lambda params, x, y: value_and_grads(params, x, y, spec)  # noqa: E731
     if mesh is not None:
         mean_fn = data_parallel_mean(mean_fn, mesh, check_mesh(mesh, batch_axis))

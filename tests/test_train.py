@@ -143,3 +143,25 @@ def test_update_step_on_any_network_manual_equals_autodiff():
     assert float(outs[0][1]) < float(network.loss_value(params, x, y))
     with pytest.raises(ValueError, match=r"x must be a batch"):
         jaxbp.make_update_step(network, opt)(params, opt.init(params), x[0], y[0])
+
+
+def test_formulation_reaches_the_manual_step_and_keeps_the_update():
+    params, x, y = problem(SPEC, 2, 4)
+    opt = jaxbp.sgd(0.3)
+    state = opt.init(params)
+    default = jaxbp.make_update_step(SPEC, opt)(params, state, x, y)
+    for form, loops in (
+        (jaxbp.Formulation("patches", "patches", 2), 1),
+        (jaxbp.Formulation("conv", "conv"), 0),
+    ):
+        step = jaxbp.make_update_step(SPEC, opt, formulation=form)
+        # chunks of 2 of the 4 examples run under one lax.scan; the whole batch under none
+        assert str(jax.make_jaxpr(step)(params, state, x, y)).count("= scan[") == loops
+        chex.assert_trees_all_close(step(params, state, x, y), default, rtol=1e-10, atol=1e-14)
+    for bad, message in (
+        ({"grads": "autodiff"}, "formulation only applies to grads='manual'"),
+        ({"formulation": ("patches", "patches")}, "formulation must be a jaxbp.batched.Formulation"),
+    ):
+        kwargs = {"formulation": jaxbp.Formulation("patches", "patches"), **bad}
+        with pytest.raises((ValueError, TypeError), match=message):
+            jaxbp.make_update_step(SPEC, opt, **kwargs)
