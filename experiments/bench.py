@@ -558,26 +558,28 @@ def rel_error(a, b) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def cpu_features() -> dict:
-    """The CPU's caches (cpu0's, as Linux reports them: e.g. "L2 512K") and its widest SIMD
-    extensions, which the chunks' best working set and XLA's and oneDNN's kernels depend on (the
-    formulation rules were measured on an Intel Xeon with AVX-512; an AMD EPYC with AVX2 and a 512
-    KB L2 had other best chunks). Empty where Linux does not say."""
+def cpu_features(root: str = "/") -> dict:
+    """The CPU's caches (cpu0's, as Linux reports them under `root`: e.g. "L2 512K") and its
+    SIMD extensions, on which the chunks' best working set and XLA's and oneDNN's kernels depend
+    (the formulation rules were measured on an Intel Xeon whose caches were not recorded; an AMD
+    EPYC with a 512K L2 had other best chunks). Empty strings where Linux does not say."""
     caches = []
-    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+    for index in sorted(Path(root, "sys/devices/system/cpu/cpu0/cache").glob("index*")):
         try:
             level, kind, size = ((index / f).read_text().strip() for f in ("level", "type", "size"))
-        except OSError:
+        except (OSError, ValueError):  # unreadable, or not text
             continue
-        caches.append(f"L{level}{'' if kind == 'Unified' else kind[0].lower()} {size}")
+        suffix = "" if kind in ("Unified", "") else kind[0].lower()  # L1d, L1i; L2, L3
+        caches.append(f"L{level}{suffix} {size}")
+    flags = []
     try:
-        flags = next(
-            line.split(":", 1)[1].split()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("flags")
-        )
-    except (OSError, StopIteration):
-        flags = []
+        for line in Path(root, "proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "flags":
+                flags = value.split()
+                break
+    except (OSError, ValueError):
+        pass
     simd = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
     return {"cpu_caches": ", ".join(caches), "cpu_simd": " ".join(simd)}
 
@@ -730,7 +732,7 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
         batch,
         args.variants,
         args.forms,
-        tuple(args.chunks),
+        tuple(args.chunks or FORMULATION_CHUNKS),
     )
     result["chosen_formulation"] = formulation_name(chosen)
     if batch == 1:
@@ -1280,7 +1282,6 @@ def parse_args(argv=None):
         "--chunks",
         nargs="+",
         type=int,
-        default=FORMULATION_CHUNKS,
         help="with --formulations, the chunks (examples per scan step) the pick is also timed at, "
         f"besides the whole batch (default: {' '.join(map(str, FORMULATION_CHUNKS))})",
     )
@@ -1350,9 +1351,9 @@ def main(argv=None) -> None:
         raise SystemExit(f"--forms must be among {FORMS}, got {args.forms}")
     if args.forms and not args.formulations:
         raise SystemExit("--forms only applies with --formulations")
-    if tuple(args.chunks) != FORMULATION_CHUNKS and not args.formulations:
+    if args.chunks is not None and not args.formulations:
         raise SystemExit("--chunks only applies with --formulations")
-    if min(args.chunks) < 1:
+    if args.chunks is not None and min(args.chunks) < 1:
         raise SystemExit(f"--chunks must be positive numbers of examples, got {args.chunks}")
     grid = dict(QUICK if args.quick else GRID)
     for key, value in (("batch", args.batches), ("filters", args.filters), ("kernel", args.kernels)):

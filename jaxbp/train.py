@@ -94,11 +94,6 @@ def make_update_step(
         ``(params, x, y, spec) -> (E, Params)`` of your own.
       mesh: None (one device) or a `jax.sharding.Mesh` to split the batch over.
       batch_axis: the mesh axis the batch is split along; None for the mesh's first axis.
-      formulation: with grads="manual" and a `ConvNetSpec`, the `jaxbp.Formulation` of
-        `jaxbp.batched.value_and_grads` (how the two convolutions are computed, in what chunks);
-        None lets `choose_formulation` pick it per batch size. Its chunks were tuned on one CPU
-        and were not the fastest on another (README, "On a second CPU"), e.g.
-        ``choose_formulation(spec, n)._replace(chunk=32)`` there.
       compiler_options: XLA options for compiling the step (`jax.jit`'s ``compiler_options``).
         None takes `jaxbp.compiler_options()` for the step's backend (on the CPU, Eigen's
         convolutions instead of YNNPACK's, `jaxbp.compile_options`), for "manual" and
@@ -106,6 +101,13 @@ def make_update_step(
         ``{**jaxbp.compiler_options(), "xla_cpu_multi_thread_eigen": False}`` to add one
         (meant to make Eigen single-threaded; jaxlib 0.10.2 does not act on it: a 1024^3
         matmul ran at the same speed with it, experiments/results/bench_filter_grad.md).
+      formulation: with grads="manual" and a `ConvNetSpec`, the `jaxbp.Formulation` of
+        `jaxbp.batched.value_and_grads` (how the two convolutions are computed, in what chunks);
+        None lets `choose_formulation` pick it per batch size (with a mesh, per device's share
+        of the batch, which is also what a given chunk divides). Its chunks were tuned on one
+        CPU and were not the fastest on another (README, "On a second CPU"), e.g.
+        ``choose_formulation(spec, n)._replace(chunk=32)`` there. A ValueError for other grads
+        or a `Network`, a TypeError for anything but a `jaxbp.Formulation`.
 
     Returns:
       ``step(params, opt_state, x, y) -> (params, opt_state, E)`` with x (N, H, W, C), y (N, n_out)

@@ -563,6 +563,7 @@ def test_chunks_set_the_chunks_the_pick_is_also_timed_at(tmp_path):
     assert timed == [f"manual[patches/patches/{c}]" for c in ("16", "32", "64", "all")]
     for args, message in (
         (["--chunks", "16"], "--chunks only applies with --formulations"),
+        (["--chunks", "8", "32", "128"], "--chunks only applies with --formulations"),  # the default
         (["--formulations", "--chunks", "16", "0"], "--chunks must be positive"),
     ):
         with pytest.raises(SystemExit, match=message):
@@ -586,6 +587,21 @@ def test_machine_line_names_the_caches_and_simd_where_recorded():
     assert bench.cpu_text(info) == " (L1d 32K, L2 512K; avx2 fma)"
     assert bench.cpu_text({"cpu_caches": "", "cpu_simd": "avx2"}) == " (avx2)"
     assert bench.cpu_text({}) == ""  # a run recorded before them renders as it did
-    features = bench.cpu_features()
-    assert set(features) == {"cpu_caches", "cpu_simd"}
-    assert all(isinstance(v, str) for v in features.values())
+
+
+def test_cpu_features_read_linux_caches_and_flags(tmp_path):
+    cache = tmp_path / "sys/devices/system/cpu/cpu0/cache"
+    for i, (level, kind, size) in enumerate(
+        [(1, "Data", "32K"), (1, "Instruction", "32K"), (2, "Unified", "512K")]
+    ):
+        (cache / f"index{i}").mkdir(parents=True)
+        for name, value in (("level", level), ("type", kind), ("size", size)):
+            (cache / f"index{i}" / name).write_text(f"{value}\n")
+    (cache / "index3").mkdir()  # a cache Linux does not describe is skipped
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/cpuinfo").write_text("model name\t: X\nflags\t\t: fpu sse avx2 fma\nbugs\t: none\n")
+    assert bench.cpu_features(str(tmp_path)) == {
+        "cpu_caches": "L1d 32K, L1i 32K, L2 512K",
+        "cpu_simd": "avx2 fma",
+    }
+    assert bench.cpu_features(str(tmp_path / "nothing")) == {"cpu_caches": "", "cpu_simd": ""}
