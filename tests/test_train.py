@@ -158,6 +158,11 @@ def test_formulation_reaches_the_manual_step_and_keeps_the_update():
         jaxpr = str(jax.make_jaxpr(step)(params, state, x, y))
         assert (jaxpr.count("= scan["), jaxpr.count("conv_general_dilated[")) == (scans, convs)
         chex.assert_trees_all_close(step(params, state, x, y), default, rtol=1e-10, atol=1e-14)
+    # With a mesh the formulation reaches each device's shard (here one device, the whole batch).
+    mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
+    step = jaxbp.make_update_step(SPEC, opt, mesh=mesh, formulation=forms[0][0])
+    assert str(jax.make_jaxpr(step)(params, state, x, y)).count("= scan[") == 1
+    chex.assert_trees_all_close(step(params, state, x, y), default, rtol=1e-10, atol=1e-14)
     for bad, message in (
         ({"grads": "autodiff"}, "formulation only applies to grads='manual'"),
         ({"grads": jaxbp.manual_value_and_grads}, "formulation only applies to grads='manual'"),
