@@ -195,6 +195,12 @@ class Formulation(NamedTuple):
 #   runs (batch 1024, 32x32x3, 3x3: 30.1 ms in chunks of 128 against 19.0 in 32 here, 19.8
 #   against 18.4 in the run before; 28x28x1, 5x5: 6.1 in 128 and 9.0 whole, 3x3: 7.2 and 4.8),
 #   so the rule stays one working set, and a chunk is never more than 128 examples.
+#   All of this is the Intel Xeon's. On a 2-core AMD EPYC (L2 512K) chunks of 32 were the
+#   fastest at most 8- and 32-filter points of batch 256 and 1024, where this rule took 1.23-1.51x
+#   the best chunk's time at 6 of 8 batch-1024 points (experiments/results/
+#   bench_formulations_amd_chunks*.md); on the Xeon, chunks of 32 took a median 1.07x the pick's
+#   time. The rule stays until the same sweep has run on both with their caches recorded
+#   (`make_update_step(..., formulation=...)` sets a chunk meanwhile).
 # * A single example (bench_formulations_b1.md, sub-millisecond and noisy): dE/df as XLA's conv,
 #   one op where the taps are kh*kw dots and the conv has no batch to group. The pick was within
 #   1.2x of the fastest formulation at 9 of 12 points, and 1.26-1.40x at three: with one filter
