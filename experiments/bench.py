@@ -558,6 +558,24 @@ def rel_error(a, b) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
+def cpuinfo(root: str = "/") -> dict[str, str]:
+    """cpu0's fields of Linux's /proc/cpuinfo under `root` ("model name", "flags", ...); empty
+    where there is none to read."""
+    fields: dict[str, str] = {}
+    try:
+        text = Path(root, "proc/cpuinfo").read_text()
+    except (OSError, ValueError):  # unreadable, or not text
+        return fields
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            if fields:  # the blank line after cpu0's block
+                break
+            continue
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
 def cpu_features(root: str = "/") -> dict:
     """The CPU's caches (cpu0's, as Linux reports them under `root`: e.g. "L2 512K") and its
     SIMD extensions, on which the chunks' best working set and XLA's and oneDNN's kernels depend
@@ -571,28 +589,13 @@ def cpu_features(root: str = "/") -> dict:
             continue
         suffix = "" if kind in ("Unified", "") else kind[0].lower()  # L1d, L1i; L2, L3
         caches.append(f"L{level}{suffix} {size}")
-    flags = []
-    try:
-        for line in Path(root, "proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "flags":
-                flags = value.split()
-                break
-    except (OSError, ValueError):
-        pass
+    flags = cpuinfo(root).get("flags", "").split()
     simd = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
     return {"cpu_caches": ", ".join(caches), "cpu_simd": " ".join(simd)}
 
 
 def machine_info(jax, peer_versions) -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpuinfo().get("model name", "unknown")
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
