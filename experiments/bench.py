@@ -43,6 +43,14 @@ With --variants, also steps that were measured and not adopted:
   manual_unrolled    the manual step with its chunks as a Python loop instead of lax.scan: no
                      loop, one copy of the chunk's program per chunk
 
+With --tune, also the step a user gets from timing the formulations on this machine:
+
+  manual_tuned       make_update_step(formulation=jaxbp.tune_formulation(spec, batch).best),
+                     where the tuning picked another formulation than choose_formulation's rule
+                     (where it picked the rule's, the manual step is that step); the tuning's
+                     own times and seconds are recorded, and its pick is timed again here,
+                     interleaved with the rest, so that its time is not the tuning's best sample
+
 On an accelerator, each sample dispatches its calls and waits for the last (JAX and PyTorch
 alike: they run in order on the device), and float32 convs and matmuls run at each library's
 default precision unless --precision names one for both (JAX's default on a recent NVIDIA GPU
@@ -90,12 +98,6 @@ N_OUT = 10
 LEARNING_RATE = 0.1
 FORMULATION_CHUNKS = (8, 32, 128)  # chunks timed beside the chosen one with --formulations
 FORMULATION_CONV_PARTS = (1, 2, 8)  # and, where the pick's dE/df is XLA's conv, its conv_parts
-
-
-def formulation_name(form) -> str:
-    """forward/filter_grad/chunk, the filter_grad "conv*P" where XLA's conv is split in P parts."""
-    parts = f"*{form.conv_parts}" if form.filter_grad == "conv" and form.conv_parts > 1 else ""
-    return f"{form.forward}/{form.filter_grad}{parts}/{form.chunk or 'all'}"
 
 
 SETTLE_S = 0.25  # pause when the timed process changes (see run_point)
@@ -429,7 +431,7 @@ def jax_methods(
                 updates, s = opt.update(g, s, p)
                 return optax.apply_updates(p, updates), s, E
 
-            methods[f"manual[{formulation_name(form)}]"] = jit(vg)
+            methods[f"manual[{form.label()}]"] = jit(vg)
     if variants:
         methods.update(variant_methods(jax, jaxbp, spec, batch, opt))
     return methods
@@ -643,29 +645,13 @@ def write_results(
         print(table)
 
 
-MAX_INNER = 1 << 16  # calls per sample at most
-
-
 def calibrate(call, min_sample_s: float) -> int:
-    """How many calls make one timed sample of at least `min_sample_s`, after a warm-up call.
+    """`jaxbp.tune.calibrate`: how many calls make one timed sample of at least `min_sample_s`,
+    after a warm-up call (imported when called: the peers' processes import this module and
+    not JAX)."""
+    from jaxbp.tune import calibrate as calibrate_calls
 
-    The first call after compiling can be far slower than the rest: on the H200 every program
-    with a conv at one filter took 20 ms or more, so that, estimated from it, a sample was one
-    call, waited for alone, while others were 8-26 calls queued together (the first GPU runs'
-    JSON, inner_calls, in git at 77c2a18). So the first call is excluded, and the count grows
-    until a sample of that many calls, timed as a sample is, lasts `min_sample_s`.
-    """
-    call(1)  # warm-up, excluded
-    inner = 1
-    while True:
-        start = time.perf_counter()
-        call(inner)
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_sample_s or inner >= MAX_INNER:
-            return inner
-        # 20% past the target at this sample's rate; at least twice, at most 100x the calls.
-        wanted = int(np.ceil(1.2 * inner * min_sample_s / max(elapsed, 1e-9)))
-        inner = min(MAX_INNER, max(2 * inner, min(100 * inner, wanted)))
+    return calibrate_calls(call, min_sample_s)
 
 
 def summarize(samples) -> dict:
@@ -737,7 +723,20 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
         args.forms,
         tuple(args.chunks or FORMULATION_CHUNKS),
     )
-    result["chosen_formulation"] = formulation_name(chosen)
+    result["chosen_formulation"] = chosen.label()
+    if args.tune:
+        start = time.perf_counter()
+        tuning = jaxbp.tune_formulation(spec, batch, dtype=dtype, repeats=args.repeats)
+        result["tuning"] = {
+            "best": tuning.best.label(),
+            "rule": tuning.rule.label(),
+            "seconds": time.perf_counter() - start,
+            "times_ms": {f.label(): list(v) for f, v in tuning.times_ms.items()},
+            "compile_s": {f.label(): v for f, v in tuning.compile_s.items()},
+        }
+        if tuning.best != chosen:
+            opt = jaxbp.sgd(LEARNING_RATE)
+            methods["manual_tuned"] = jaxbp.make_update_step(spec, opt, formulation=tuning.best)
     if batch == 1:
         for name in ("per_ex_manual", "per_ex_autodiff", "per_ex_dW_write", "per_ex_no_df"):
             methods.pop(name)  # per-example gradients of one example are the batch gradient
@@ -850,6 +849,15 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
         "compile_manual_over_autodiff": result["compile"]["manual"]["compile_s"]
         / result["compile"]["autodiff"]["compile_s"],
     }
+    if "tuning" in result:  # the tuned step is the manual step where the tuning kept the rule's pick
+        tuned = t.get("manual_tuned", t["manual"])
+        result["derived"].update(
+            {
+                "manual_over_tuned": t["manual"] / tuned,
+                "autodiff_over_tuned": t["autodiff"] / tuned,
+                **({"torch_over_tuned": t["torch"] / tuned} if "torch" in t else {}),
+            }
+        )
     return result
 
 
@@ -901,6 +909,24 @@ def targets_summary(results) -> list[str]:
         ("manual compile time at most jax.grad's", "compile_manual_over_autodiff", lambda v: v <= 1),
     )
     lines += [f"- {text}: {count(key, ok)}" for text, key, ok in checks]
+    if any("tuning" in r for r in results):
+        tuned_checks = (
+            (
+                "the tuned manual step (--tune) at least as fast as jax.grad",
+                "autodiff_over_tuned",
+                lambda v: v >= 1,
+            ),
+            ("the tuned manual step faster than PyTorch", "torch_over_tuned", lambda v: v > 1),
+            ("the tuned step faster than the rule's (manual)", "manual_over_tuned", lambda v: v > 1),
+        )
+        lines += [f"- {text}: {count(key, ok)}" for text, key, ok in tuned_checks]
+        seconds = [r["tuning"]["seconds"] for r in results if "tuning" in r]
+        lines.append(
+            f"- tuning (jaxbp.tune_formulation) took {np.median(seconds):.1f} s a point (median; "
+            f"{min(seconds):.1f}-{max(seconds):.1f}), and picked another formulation than the rule "
+            f"at {sum(r['tuning']['best'] != r['tuning']['rule'] for r in results if 'tuning' in r)} "
+            f"of {len(seconds)} points"
+        )
     lines += [line for other in ("autodiff", "torch") if (line := slower_apart(results, other))]
     lines += compile_by_kernels(results)
     lines.append(
@@ -1167,7 +1193,39 @@ def markdown(results, info, command) -> str:
         lines += formulation_compile_table(results)
     if any(variant_names(r["times"]) for r in results):
         lines += variants_table(results)
+    if any("tuning" in r for r in results):
+        lines += tuned_table(results)
     return "\n".join(lines) + "\n"
+
+
+def tuned_table(results: list) -> list[str]:
+    """Markdown lines: each point's --tune pick against the rule's, as timed in the grid's rounds
+    (`manual_tuned`, or `manual` where the tuning kept the rule's pick), and the tuning itself."""
+    lines = [
+        "",
+        "Tuned formulations (--tune: jaxbp.tune_formulation, then its pick timed again with the rest),",
+        "median ms; `m/tuned`, `ad/tuned`, `pt/tuned`: the rule's manual step, jax.grad's and PyTorch's",
+        "time over the tuned step's (>1: the tuned step is faster); `tune s`: the tuning's wall time;",
+        "`in tuning`: the pick's and the rule's medians within the tuning (value_and_grads alone).",
+        "",
+        "| batch | input | k | K | rule | tuned | manual | tuned ms | m/tuned | ad/tuned | pt/tuned "
+        "| tune s | in tuning (tuned/rule ms) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if "tuning" not in r:
+            continue
+        p, d, tune = r["point"], r["derived"], r["tuning"]
+        t = {n: v["median_ms"] for n, v in r["times"].items()}
+        ratio = lambda key, d=d: f"{d[key]:.2f}" if key in d else "-"  # noqa: E731
+        inside, tuned = tune["times_ms"], t.get("manual_tuned", t["manual"])
+        lines.append(
+            f"| {p['batch']} | {'x'.join(map(str, p['input']))} | {p['kernel']} | {p['filters']} "
+            f"| {tune['rule']} | {tune['best']} | {t['manual']:.3g} | {tuned:.3g} "
+            f"| {ratio('manual_over_tuned')} | {ratio('autodiff_over_tuned')} | {ratio('torch_over_tuned')} "
+            f"| {tune['seconds']:.1f} | {inside[tune['best']][1]:.3g}/{inside[tune['rule']][1]:.3g} |"
+        )
+    return lines
 
 
 def formulation_stats(result: dict, table: str, field: str) -> dict:
@@ -1289,6 +1347,9 @@ def parse_args(argv=None):
         f"besides the whole batch (default: {' '.join(map(str, FORMULATION_CHUNKS))})",
     )
     parser.add_argument("--variants", action="store_true", help="also time the variants (above)")
+    parser.add_argument(
+        "--tune", action="store_true", help="also tune the formulation per point and time its pick (above)"
+    )
     parser.add_argument("--skip-vmap-steps", action="store_true", help="do not time the two *_vmap steps")
     peers = parser.add_mutually_exclusive_group()
     peers.add_argument("--no-peers", action="store_true", help="skip PyTorch and NumPy")

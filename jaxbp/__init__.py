@@ -51,5 +51,7 @@ from jaxbp.params import init_params
 from jaxbp.spec import ConvNetSpec
 from jaxbp.train import make_update_step
 from jaxbp.train import sgd
+from jaxbp.tune import Tuning
+from jaxbp.tune import tune_formulation
 
 __version__ = "0.1.0"

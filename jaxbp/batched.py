@@ -103,6 +103,12 @@ class Formulation(NamedTuple):
     chunk: int | None = None
     conv_parts: int = 1
 
+    def label(self) -> str:
+        """``forward/filter_grad/chunk`` (``all`` for the whole batch), the filter_grad ``conv*P``
+        where XLA's conv is split in P parts: how the benchmark's tables name it."""
+        parts = f"*{self.conv_parts}" if self.filter_grad == "conv" and self.conv_parts > 1 else ""
+        return f"{self.forward}/{self.filter_grad}{parts}/{self.chunk or 'all'}"
+
 
 # Measured on the 2-core CPU in float32, 3x3 and 5x5 kernels, batch 32/256/1024, 1/8/32
 # filters, 28x28x1 and 32x32x3 inputs, compiled with `jaxbp.compiler_options()` (Eigen's

@@ -605,3 +605,24 @@ def test_cpu_features_read_linux_caches_and_flags(tmp_path):
         "cpu_simd": "avx2 fma",
     }
     assert bench.cpu_features(str(tmp_path / "nothing")) == {"cpu_caches": "", "cpu_simd": ""}
+
+
+def test_tune_times_the_tuned_pick_beside_the_rules_step(tmp_path):
+    args = ["--batches", "2", "4", "--filters", "8", "--inputs", "8x8x1", "--kernels", "3", "--repeats", "2"]
+    args += ["--min-sample-s", "0.001", "--no-peers", "--skip-vmap-steps", "--quiet", "--tune"]
+    bench.main(args + ["--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "bench.json").read_text())
+    text = (tmp_path / "bench.md").read_text()
+    for r in payload["results"]:
+        tune, t, d = r["tuning"], r["times"], r["derived"]
+        assert tune["rule"] == r["chosen_formulation"] and tune["best"] in tune["times_ms"]
+        assert tune["seconds"] >= sum(tune["compile_s"].values())
+        # The pick is timed again in the grid's rounds unless it is the rule's (the manual step).
+        tuned = t["manual_tuned"] if tune["best"] != tune["rule"] else t["manual"]
+        assert ("manual_tuned" in t) == (tune["best"] != tune["rule"]) and tuned["n"] == 2
+        assert d["autodiff_over_tuned"] == pytest.approx(t["autodiff"]["median_ms"] / tuned["median_ms"])
+        assert d["manual_over_tuned"] == pytest.approx(t["manual"]["median_ms"] / tuned["median_ms"])
+        p = r["point"]
+        assert f"| {p['batch']} | 8x8x1 | 3 | 8 | {tune['rule']} | {tune['best']} |" in text
+    assert "- the tuned manual step (--tune) at least as fast as jax.grad: " in text
+    assert "picked another formulation than the rule at " in text

@@ -1,0 +1,220 @@
+"""Choosing the batch step's formulation by timing the candidates on this machine.
+
+`jaxbp.batched.choose_formulation` is a rule fitted to measurements on one 2-core Intel Xeon. On a
+2-core AMD EPYC the same programs ranked differently: chunks of 32 examples were the fastest at
+most 8- and 32-filter points of batch 256 and 1024, where the rule's chunk took 1.23-1.51x the
+best time at 6 of 8 batch-1024 points (README, "On a second CPU"). Which formulation is fastest
+is a property of the machine (its caches, its SIMD, the XLA build), not of the math, so, as
+cuDNN's benchmark mode and XLA's GPU autotuner do, `tune_formulation` compiles a few candidate
+formulations of the same gradients, times them here, interleaved, and returns the fastest.
+
+Every candidate computes the same means (each form is checked against jax.grad in float64 to
+1e-10 by tests/test_batched.py); the choice changes the speed and the order of float sums,
+never the math. Timing runs outside any transformation and is not pure: tune once per shape,
+dtype and machine, and pass ``.best`` on (`make_update_step(..., formulation=...)`), which is.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxbp import batched
+from jaxbp.batched import Formulation
+from jaxbp.compile_options import compiler_options as default_compiler_options
+from jaxbp.params import init_params
+from jaxbp.spec import ConvNetSpec
+
+# The rule's forms are also tried at these chunks (those below the batch). At batch 1024 the
+# chunks of 16 to 128 were each the fastest somewhere on one of the two CPUs
+# (experiments/results/bench_formulations*.md); the whole batch is tried only up to
+# WHOLE_BATCH_MAX, as at 1024 it ran 2.6x slower than chunks of 32 (165 against 422 ms,
+# bench_formulations.md), and a compile and several timed calls of it cost the tuning seconds.
+CANDIDATE_CHUNKS = (16, 32, 64, 128)
+WHOLE_BATCH_MAX = 256
+# And these pairs of forms at the rule's chunk: the fastest pair other than the rule's was most
+# often the Toeplitz or patches pair, or XLA's conv (`batched`'s measurements); conv/conv is what
+# jax.grad's step runs, and is tried for the batch-1 points where the rule was behind jax.grad.
+CANDIDATE_PAIRS = (("toeplitz", "toeplitz"), ("patches", "patches"), ("conv", "conv"))
+MAX_INNER = 1 << 16  # calls per timed sample at most
+
+
+class Tuning(NamedTuple):
+    """What `tune_formulation` measured.
+
+    Attributes:
+      best: the candidate with the smallest median time per call.
+      rule: `choose_formulation`'s pick for the same shape (also a candidate).
+      times_ms: candidate -> (first quartile, median, third quartile) of ms per call.
+      compile_s: candidate -> seconds to compile it.
+    """
+
+    best: Formulation
+    rule: Formulation
+    times_ms: dict[Formulation, tuple[float, float, float]]
+    compile_s: dict[Formulation, float]
+
+    def speedup(self) -> float:
+        """The rule's median time over the best's (1.0 where the rule is the best)."""
+        return self.times_ms[self.rule][1] / self.times_ms[self.best][1]
+
+
+def candidate_formulations(
+    spec: ConvNetSpec, batch: int, backend: str | None = None, itemsize: int = 4
+) -> list[Formulation]:
+    """The formulations `tune_formulation` times by default, the rule's pick first: its forms at
+    each of `CANDIDATE_CHUNKS` below the batch (and the whole batch up to `WHOLE_BATCH_MAX`), then
+    each of `CANDIDATE_PAIRS` at the pick's chunk (XLA's conv for dE/df in the pick's parts)."""
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+    rule = batched.choose_formulation(spec, batch, backend, itemsize)
+    chunks = [c for c in CANDIDATE_CHUNKS if c < batch] + ([None] if batch <= WHOLE_BATCH_MAX else [])
+    parts = rule.conv_parts if rule.filter_grad == "conv" else 1
+    out = [rule] + [rule._replace(chunk=c) for c in chunks]
+    out += [Formulation(f, g, rule.chunk, parts if g == "conv" else 1) for f, g in CANDIDATE_PAIRS]
+    return list(dict.fromkeys(out))
+
+
+def calibrate(call: Callable[[int], object], min_sample_s: float) -> int:
+    """How many calls make one timed sample of at least `min_sample_s`, after a warm-up call.
+
+    `call(inner)` makes `inner` calls. The first call after compiling can be far slower than the
+    rest: on the H200 every program with a conv at one filter took 20 ms or more, so that,
+    estimated from it, a sample was one call, waited for alone, while others were 8-26 calls
+    queued together (experiments/bench.py's first GPU runs, inner_calls, in git at 77c2a18). So
+    the first call is excluded, and the count grows until a sample of that many calls, timed as
+    a sample is, lasts `min_sample_s`.
+    """
+    call(1)  # warm-up, excluded
+    inner = 1
+    while True:
+        start = time.perf_counter()
+        call(inner)
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_sample_s or inner >= MAX_INNER:
+            return inner
+        # 20% past the target at this sample's rate; at least twice, at most 100x the calls.
+        wanted = int(np.ceil(1.2 * inner * min_sample_s / max(elapsed, 1e-9)))
+        inner = min(MAX_INNER, max(2 * inner, min(100 * inner, wanted)))
+
+
+def interleaved_samples(calls: dict, repeats: int, min_sample_s: float) -> dict[object, list[float]]:
+    """Seconds per call, `repeats` samples of each of `calls` (name -> call(inner)), round by round.
+
+    Each round starts one method later: in a fixed order the first method of a round, after a
+    pause or another process, read up to 2.7x slower at batch 1 than the same program timed
+    later in the round (experiments/bench.py)."""
+    inner = {name: calibrate(call, min_sample_s) for name, call in calls.items()}
+    samples = {name: [] for name in calls}
+    order = list(calls)
+    for round_ in range(repeats):
+        for name in order[round_ % len(order) :] + order[: round_ % len(order)]:
+            start = time.perf_counter()
+            calls[name](inner[name])
+            samples[name].append((time.perf_counter() - start) / inner[name])
+    return samples
+
+
+def tune_formulation(
+    spec: ConvNetSpec,
+    batch: int,
+    *,
+    dtype=jnp.float32,
+    candidates: list[Formulation] | None = None,
+    repeats: int = 5,
+    min_sample_s: float = 0.02,
+    compiler_options: dict[str, object] | None = None,
+    seed: int = 0,
+    progress: Callable[[str], object] | None = None,
+) -> Tuning:
+    """Time each candidate formulation of `jaxbp.batched.value_and_grads` here; the fastest.
+
+    Each candidate is jitted and compiled, warmed up, and timed on the same random batch, the
+    candidates interleaved round by round; a sample is as many calls as fill `min_sample_s`
+    (on the CPU each call waited for, on an accelerator queued and the last waited for). The
+    gradients do not depend on which is picked, up to float rounding; only the time does.
+
+    Args:
+      spec: the network.
+      batch: N, the examples per step (under a mesh, per device: what each device's step sees).
+      dtype: the params' and data's dtype (float64 needs ``jax_enable_x64``).
+      candidates: the formulations to time; None for `candidate_formulations` (7-9 of them).
+      repeats: timed samples per candidate (their median decides).
+      min_sample_s: the least seconds one sample lasts.
+      compiler_options: XLA options the candidates compile with; None for
+        `jaxbp.compiler_options()`, as `make_update_step` uses.
+      seed: of the random params and batch.
+      progress: called with a line per candidate compiled and once at the end (e.g. `print`).
+
+    Returns:
+      A `Tuning`: ``.best`` for `make_update_step(..., formulation=...)`, the rule's pick, and
+      every candidate's times and compile seconds.
+    """
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    if not min_sample_s >= 0:
+        raise ValueError(f"min_sample_s must be >= 0 seconds, got {min_sample_s!r}")
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+    if jax.dtypes.canonicalize_dtype(dtype) != dtype:
+        raise ValueError(f"dtype {dtype} needs jax_enable_x64 (jax.config.update('jax_enable_x64', True))")
+    itemsize = dtype.itemsize
+    rule = batched.choose_formulation(spec, batch, itemsize=itemsize)
+    if candidates is None:
+        candidates = candidate_formulations(spec, batch, itemsize=itemsize)
+    else:
+        candidates = list(dict.fromkeys(batched.check_formulation(c) for c in candidates))
+        if not candidates:
+            raise ValueError("candidates must hold at least one Formulation, got none")
+    candidates = list(dict.fromkeys([rule, *candidates]))  # the rule is always measured
+    options = default_compiler_options() if compiler_options is None else compiler_options
+    say = progress or (lambda line: None)
+
+    kx, ky, kp = jax.random.split(jax.random.key(seed), 3)
+    params = init_params(kp, spec, dtype)
+    x = jax.random.normal(kx, (batch, *spec.in_shape), dtype)
+    y = jax.random.uniform(ky, (batch, spec.n_out), dtype)
+
+    compiled, compile_s = {}, {}
+    for i, form in enumerate(candidates, 1):
+
+        def vg(params, x, y, form=form):
+            return batched.value_and_grads(params, x, y, spec, formulation=form)
+
+        start = time.perf_counter()
+        compiled[form] = jax.jit(vg, compiler_options=options).lower(params, x, y).compile()
+        compile_s[form] = time.perf_counter() - start
+        say(f"tune {i}/{len(candidates)}: compiled {form.label()} in {compile_s[form]:.2f} s")
+
+    def timed(fn):
+        if jax.default_backend() == "cpu":
+            return lambda inner: [jax.block_until_ready(fn(params, x, y)) for _ in range(inner)]
+
+        def queued(inner):  # on an accelerator calls run in order: wait for the last
+            out = None
+            for _ in range(inner):
+                out = fn(params, x, y)
+            jax.block_until_ready(out)
+
+        return queued
+
+    samples = interleaved_samples({f: timed(c) for f, c in compiled.items()}, repeats, min_sample_s)
+    times_ms = {
+        f: tuple(float(v) for v in np.percentile(np.asarray(s) * 1e3, [25, 50, 75]))
+        for f, s in samples.items()
+    }
+    best = min(candidates, key=lambda f: times_ms[f][1])  # the first (the rule) wins a tie
+    tuning = Tuning(best, rule, times_ms, compile_s)
+    say(
+        f"tune: {best.label()} {times_ms[best][1]:.3g} ms against the rule's {rule.label()} "
+        f"{times_ms[rule][1]:.3g} ms ({tuning.speedup():.2f}x)"
+    )
+    return tuning

@@ -1,0 +1,122 @@
+"""jaxbp.tune: the candidates, the choice by measured medians, and that the pick is a valid step.
+
+Which candidate is fastest is a timing and is not asserted here (speed is measured in
+experiments/bench.py --tune); what is tested is what the tuner times, that it picks the smallest
+median it measured, and that its pick computes the same update as the rule's.
+"""
+
+import chex
+import jax
+import numpy as np
+import pytest
+from strategies import problem
+
+import jaxbp
+from jaxbp import batched
+from jaxbp import tune
+
+SPEC = jaxbp.ConvNetSpec(in_shape=(8, 8, 3), n_filters=8, kernel_size=(3, 3), n_out=4)
+
+
+@pytest.mark.parametrize("batch", [1, 32, 256, 1024])
+def test_candidates_are_the_rules_forms_at_other_chunks_and_other_pairs(batch):
+    rule = batched.choose_formulation(SPEC, batch, "cpu")
+    candidates = tune.candidate_formulations(SPEC, batch, "cpu")
+    assert candidates[0] == rule and len(set(candidates)) == len(candidates)
+    for form in candidates:
+        batched.check_formulation(form)
+        assert form.chunk is None or form.chunk < batch  # a chunk of the whole batch is None
+    same_forms = {f.chunk for f in candidates if f[:2] == rule[:2]}
+    expected = {c for c in tune.CANDIDATE_CHUNKS if c < batch} | {rule.chunk}
+    assert same_forms == expected | ({None} if batch <= tune.WHOLE_BATCH_MAX else set())
+    for pair in tune.CANDIDATE_PAIRS:
+        assert any(f[:2] == pair and f.chunk == rule.chunk for f in candidates), pair
+    assert all(f.conv_parts == rule.conv_parts for f in candidates if f.filter_grad == "conv")
+
+
+def test_tuning_times_every_candidate_and_its_pick_keeps_the_update():
+    lines = []
+    tuning = jaxbp.tune_formulation(
+        SPEC, 4, dtype="float64", repeats=2, min_sample_s=0.0, progress=lines.append
+    )
+    candidates = tune.candidate_formulations(SPEC, 4, itemsize=8)
+    assert tuning.rule == batched.choose_formulation(SPEC, 4, itemsize=8)
+    assert set(tuning.times_ms) == set(tuning.compile_s) == set(candidates)
+    assert tuning.best == min(candidates, key=lambda f: tuning.times_ms[f][1])
+    assert all(q1 <= med <= q3 for q1, med, q3 in tuning.times_ms.values())
+    assert tuning.speedup() >= 1 and len(lines) == len(candidates) + 1
+    # The pick is a formulation of the same means: the update equals the rule's (float64, 1e-10
+    # as for every formulation in tests/test_batched.py).
+    params, x, y = problem(SPEC, 0, 4)
+    opt = jaxbp.sgd(0.3)
+    state = opt.init(params)
+    tuned = jaxbp.make_update_step(SPEC, opt, formulation=tuning.best)(params, state, x, y)
+    chex.assert_trees_all_close(tuned, jaxbp.make_update_step(SPEC, opt)(params, state, x, y), rtol=1e-10)
+
+
+def fake_samples(medians_ms):
+    """An interleaved_samples stand-in: each call's samples spread around the given median."""
+
+    def samples(calls, repeats, min_sample_s):
+        return {form: [1e-3 * medians_ms(form) * s for s in (0.9, 1.0, 1.1)] for form in calls}
+
+    return samples
+
+
+def test_the_pick_is_the_smallest_median_and_the_rule_wins_a_tie(monkeypatch):
+    rule = batched.choose_formulation(SPEC, 64)
+    other = rule._replace(chunk=16)
+    slower = batched.Formulation("conv", "conv", 16)
+    medians = {rule: 2.0, other: 1.5, slower: 3.0}
+    monkeypatch.setattr(tune, "interleaved_samples", fake_samples(medians.get))
+    tuning = jaxbp.tune_formulation(SPEC, 64, candidates=[slower, other], repeats=1)
+    assert list(tuning.times_ms) == [rule, slower, other]  # the rule is always timed, first
+    assert tuning.best == other and tuning.speedup() == pytest.approx(2.0 / 1.5)
+    assert tuning.times_ms[other] == pytest.approx((1.425, 1.5, 1.575))  # quartiles of 3 samples
+    medians[other] = 2.0
+    assert jaxbp.tune_formulation(SPEC, 64, candidates=[other], repeats=1).best == rule
+
+
+def test_interleaved_rounds_start_one_method_later_each_round():
+    order = []
+    calls = {name: (lambda inner, name=name: order.append((name, inner))) for name in "abc"}
+    samples = tune.interleaved_samples(calls, repeats=3, min_sample_s=0.0)
+    # calibrate: a warm-up call and one sample of one call per method; then the rounds.
+    assert order[:6] == [("a", 1), ("a", 1), ("b", 1), ("b", 1), ("c", 1), ("c", 1)]
+    assert "".join(name for name, _ in order[6:]) == "abc" + "bca" + "cab"
+    assert {k: len(v) for k, v in samples.items()} == {"a": 3, "b": 3, "c": 3}
+    assert all(s >= 0 for v in samples.values() for s in v)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"batch": 0}, ValueError, "batch must be an int >= 1, got 0"),
+        ({"batch": 2.0}, ValueError, "batch must be an int >= 1, got 2.0"),
+        ({"repeats": 0}, ValueError, "repeats must be an int >= 1, got 0"),
+        ({"min_sample_s": -1.0}, ValueError, "min_sample_s must be >= 0 seconds"),
+        ({"dtype": "int32"}, ValueError, "dtype must be a floating dtype, got int32"),
+        ({"candidates": []}, ValueError, "candidates must hold at least one Formulation"),
+        (
+            {"candidates": [("patches", "patches")]},
+            TypeError,
+            "formulation must be a jaxbp.batched.Formulation",
+        ),
+        (
+            {"candidates": [batched.Formulation("im2col", "patches")]},
+            ValueError,
+            "formulation.forward must be",
+        ),
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_compiles(kwargs, error, message, monkeypatch):
+    monkeypatch.setattr(jax, "jit", None)  # nothing may be compiled before the error
+    kwargs = {"batch": 4, **kwargs}
+    with pytest.raises(error, match=message):
+        jaxbp.tune_formulation(SPEC, **kwargs)
+
+
+def test_float64_without_x64_is_refused_with_the_fix():
+    with jax.enable_x64(False):
+        with pytest.raises(ValueError, match=r"float64 needs jax_enable_x64"):
+            jaxbp.tune_formulation(SPEC, 4, dtype=np.float64)
