@@ -853,7 +853,7 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
         tuned = t.get("manual_tuned", t["manual"])
         result["derived"].update(
             {
-                "manual_over_tuned": t["manual"] / tuned,
+                **({"manual_over_tuned": t["manual"] / tuned} if "manual_tuned" in t else {}),
                 "autodiff_over_tuned": t["autodiff"] / tuned,
                 **({"torch_over_tuned": t["torch"] / tuned} if "torch" in t else {}),
             }
@@ -917,7 +917,11 @@ def targets_summary(results) -> list[str]:
                 lambda v: v >= 1,
             ),
             ("the tuned manual step faster than PyTorch", "torch_over_tuned", lambda v: v > 1),
-            ("the tuned step faster than the rule's (manual)", "manual_over_tuned", lambda v: v > 1),
+            (
+                "the tuned step faster than the rule's (manual), where the tuning picked another",
+                "manual_over_tuned",
+                lambda v: v > 1,
+            ),
         )
         lines += [f"- {text}: {count(key, ok)}" for text, key, ok in tuned_checks]
         seconds = [r["tuning"]["seconds"] for r in results if "tuning" in r]

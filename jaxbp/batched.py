@@ -205,8 +205,9 @@ class Formulation(NamedTuple):
 #   fastest at most 8- and 32-filter points of batch 256 and 1024, where this rule took 1.23-1.51x
 #   the best chunk's time at 6 of 8 batch-1024 points (experiments/results/
 #   bench_formulations_amd_chunks*.md); on the Xeon, chunks of 32 took a median 1.07x the pick's
-#   time. The rule stays until the same sweep has run on both with their caches recorded
-#   (`make_update_step(..., formulation=...)` sets a chunk meanwhile).
+#   time. The rule stays until the same sweep has run on both with their caches recorded;
+#   meanwhile `jaxbp.tune_formulation` times the rule's pick against its forms at other chunks
+#   (and other pairs) on the machine at hand, for `make_update_step(..., formulation=...)`.
 # * A single example (bench_formulations_b1.md, sub-millisecond and noisy): dE/df as XLA's conv,
 #   one op where the taps are kh*kw dots and the conv has no batch to group. The pick was within
 #   1.2x of the fastest formulation at 9 of 12 points, and 1.26-1.40x at three: with one filter

@@ -63,6 +63,18 @@ class Tuning(NamedTuple):
         """The rule's median time over the best's (1.0 where the rule is the best)."""
         return self.times_ms[self.rule][1] / self.times_ms[self.best][1]
 
+    def report(self) -> str:
+        """The candidates fastest first, a line each: median ms [quartiles], time over the
+        rule's, compile seconds, and which is the rule's pick."""
+        lines, rule_ms = [], self.times_ms[self.rule][1]
+        for form, (q1, med, q3) in sorted(self.times_ms.items(), key=lambda kv: kv[1][1]):
+            rule = "  (the rule's pick)" if form == self.rule else ""
+            lines.append(
+                f"{form.label():24} {med:9.4g} ms [{q1:.4g}-{q3:.4g}]  {med / rule_ms:5.2f}x the rule's"
+                f"  compiled in {self.compile_s[form]:.2f} s{rule}"
+            )
+        return "\n".join(lines)
+
 
 def candidate_formulations(
     spec: ConvNetSpec, batch: int, backend: str | None = None, itemsize: int = 4

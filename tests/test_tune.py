@@ -73,6 +73,9 @@ def test_the_pick_is_the_smallest_median_and_the_rule_wins_a_tie(monkeypatch):
     assert list(tuning.times_ms) == [rule, slower, other]  # the rule is always timed, first
     assert tuning.best == other and tuning.speedup() == pytest.approx(2.0 / 1.5)
     assert tuning.times_ms[other] == pytest.approx((1.425, 1.5, 1.575))  # quartiles of 3 samples
+    report = tuning.report().splitlines()  # fastest first, each against the rule's time
+    assert [line.split()[0] for line in report] == [other.label(), rule.label(), slower.label()]
+    assert "0.75x the rule's" in report[0] and report[1].endswith("(the rule's pick)")
     medians[other] = 2.0
     assert jaxbp.tune_formulation(SPEC, 64, candidates=[other], repeats=1).best == rule
 
