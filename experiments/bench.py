@@ -416,15 +416,14 @@ def jax_methods(
     if chosen is not None:
         # Every pair of forms at the chunk the rule picks, and the rule's forms at other chunks.
         # XLA's conv for dE/df in the rule's parts wherever it appears (one on other backends).
-        parts = min(batched.CONV_FILTER_GRAD_PARTS, batch) if jax.default_backend() == "cpu" else 1
+        parts = batched.conv_filter_grad_parts(batch)
         pairs = itertools.product(forms or batched.FORMS, forms or batched.FORMS)
-        timed = [batched.Formulation(f, g, chosen.chunk, parts if g == "conv" else 1) for f, g in pairs]
+        timed = [batched.Formulation(f, g, chosen.chunk, parts) for f, g in pairs]  # parts: conv only
         timed.append(chosen)  # the pick itself, also where --forms leaves its pair out
         timed += [chosen._replace(chunk=c) for c in (None, *chunks) if c != chosen.chunk]
         if chosen.filter_grad == "conv" and batch > 1:
             timed += [chosen._replace(conv_parts=p) for p in FORMULATION_CONV_PARTS if p != chosen.conv_parts]
-        timed = [f._replace(chunk=None) if (f.chunk or batch) >= batch else f for f in timed]
-        for form in dict.fromkeys(timed):
+        for form in jaxbp.tune.distinct(timed, batch):  # a chunk of the batch or more: the whole
 
             def vg(p, s, x, y, form=form):
                 E, g = batched.value_and_grads(p, x, y, spec, formulation=form)
@@ -726,7 +725,9 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
     result["chosen_formulation"] = chosen.label()
     if args.tune:
         start = time.perf_counter()
-        tuning = jaxbp.tune_formulation(spec, batch, dtype=dtype, repeats=args.repeats)
+        tuning = jaxbp.tune_formulation(
+            spec, batch, dtype=dtype, repeats=args.repeats, min_sample_s=args.min_sample_s
+        )
         result["tuning"] = {
             "best": tuning.best.label(),
             "rule": tuning.rule.label(),
@@ -756,21 +757,6 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
     if args.variants:
         result["variant_check_rel_error"] = check_variants(jax, compiled, jargs, progress, point)
 
-    def jax_call(c):
-        if jax.default_backend() == "cpu":  # wait for each call (as in every CPU run before)
-            return lambda inner: [jax.block_until_ready(c(*jargs)) for _ in range(inner)]
-
-        # On an accelerator, queue the calls and wait for the last (they run in order), as a
-        # training loop does; waiting for each would time the host's round trip too. Only the
-        # last output is kept: a per-example gradient can be a GB.
-        def queued(inner):
-            out = None
-            for _ in range(inner):
-                out = c(*jargs)
-            jax.block_until_ready(out)
-
-        return queued
-
     def peer_call(name):
         def call(inner):
             reply = peer_ask(conns[name], "time", inner)
@@ -785,7 +771,7 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
         for table in (calls, inner, samples):
             table.pop(name, None)
 
-    calls = {name: jax_call(c) for name, c in compiled.items()}
+    calls = {name: jaxbp.tune.timed_calls(c, jargs) for name, c in compiled.items()}
     calls.update({name: peer_call(name) for name in peers})
     calls["matmul"] = matmul
     # Warm-up (excluded), then the number of calls per sample.

@@ -305,7 +305,7 @@ def choose_formulation(
     if backend != "cpu":
         return Formulation("conv", "conv", None)
     chunk = working_set_chunk(spec, batch, itemsize)
-    parts = min(CONV_FILTER_GRAD_PARTS, batch)
+    parts = conv_filter_grad_parts(batch, backend)
     c, k = spec.in_shape[2], spec.n_filters
     if k <= TAPS_MAX_FILTERS and c * k < TAPS_BELOW_CHANNELS_X_FILTERS:
         if taps_terms(spec) <= TAPS_UNCHUNKED_MAX_TERMS and (
@@ -320,6 +320,13 @@ def choose_formulation(
     if k >= CONV_FILTER_GRAD_FROM_FILTERS:
         return Formulation(forward, "conv", chunk, parts)
     return Formulation(forward, forward, chunk)
+
+
+def conv_filter_grad_parts(batch: int, backend: str | None = None) -> int:
+    """How many convs XLA's conv dE/df is split into over the examples: `CONV_FILTER_GRAD_PARTS`
+    (at most one per example) on the CPU, where Eigen ran one such conv on one core; one elsewhere."""
+    backend = jax.default_backend() if backend is None else backend
+    return min(CONV_FILTER_GRAD_PARTS, batch) if backend == "cpu" else 1
 
 
 def taps_terms(spec: ConvNetSpec) -> int:

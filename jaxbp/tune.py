@@ -16,6 +16,7 @@ dtype and machine, and pass ``.best`` on (`make_update_step(..., formulation=...
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -81,15 +82,36 @@ def candidate_formulations(
 ) -> list[Formulation]:
     """The formulations `tune_formulation` times by default, the rule's pick first: its forms at
     each of `CANDIDATE_CHUNKS` below the batch (and the whole batch up to `WHOLE_BATCH_MAX`), then
-    each of `CANDIDATE_PAIRS` at the pick's chunk (XLA's conv for dE/df in the pick's parts)."""
+    each of `CANDIDATE_PAIRS` at the pick's chunk (XLA's conv for dE/df in the rule's parts for
+    this batch and backend, `batched.conv_filter_grad_parts`): 3-9 formulations, 4-8 on the
+    benchmark's grid."""
+    check_batch(batch)
+    rule = batched.choose_formulation(spec, batch, backend, itemsize)
+    parts = batched.conv_filter_grad_parts(batch, backend)
+    chunks = [c for c in CANDIDATE_CHUNKS if c < batch] + ([None] if batch <= WHOLE_BATCH_MAX else [])
+    out = [rule] + [rule._replace(chunk=c) for c in chunks]
+    out += [Formulation(f, g, rule.chunk, parts) for f, g in CANDIDATE_PAIRS]
+    return distinct(out, batch)
+
+
+def check_batch(batch) -> int:
+    """`batch` if it is an int >= 1, else a ValueError naming it."""
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be an int >= 1, got {batch!r}")
-    rule = batched.choose_formulation(spec, batch, backend, itemsize)
-    chunks = [c for c in CANDIDATE_CHUNKS if c < batch] + ([None] if batch <= WHOLE_BATCH_MAX else [])
-    parts = rule.conv_parts if rule.filter_grad == "conv" else 1
-    out = [rule] + [rule._replace(chunk=c) for c in chunks]
-    out += [Formulation(f, g, rule.chunk, parts if g == "conv" else 1) for f, g in CANDIDATE_PAIRS]
-    return list(dict.fromkeys(out))
+    return batch
+
+
+def distinct(forms, batch: int) -> list[Formulation]:
+    """`forms` without repeats, each as it runs at `batch`: a chunk of at least the batch is the
+    whole batch (None), and conv_parts is 1 where dE/df is not XLA's conv (nothing else reads it)."""
+    runs_as = (
+        f._replace(
+            chunk=None if (f.chunk or batch) >= batch else f.chunk,
+            conv_parts=f.conv_parts if f.filter_grad == "conv" else 1,
+        )
+        for f in forms
+    )
+    return list(dict.fromkeys(runs_as))
 
 
 def calibrate(call: Callable[[int], object], min_sample_s: float) -> int:
@@ -113,6 +135,25 @@ def calibrate(call: Callable[[int], object], min_sample_s: float) -> int:
         # 20% past the target at this sample's rate; at least twice, at most 100x the calls.
         wanted = int(np.ceil(1.2 * inner * min_sample_s / max(elapsed, 1e-9)))
         inner = min(MAX_INNER, max(2 * inner, min(100 * inner, wanted)))
+
+
+def timed_calls(fn: Callable, args: tuple) -> Callable[[int], None]:
+    """``call(inner)``: `inner` calls of ``fn(*args)``. On the CPU each call is waited for. On an
+    accelerator the calls are queued and the last waited for (they run in order), as a training
+    loop does; waiting for each would time the host's round trip too. Only the last output is
+    kept: a per-example gradient can be a GB."""
+
+    def each(inner):
+        for _ in range(inner):
+            jax.block_until_ready(fn(*args))
+
+    def queued(inner):
+        out = None
+        for _ in range(inner):
+            out = fn(*args)
+        jax.block_until_ready(out)
+
+    return each if jax.default_backend() == "cpu" else queued
 
 
 def interleaved_samples(calls: dict, repeats: int, min_sample_s: float) -> dict[object, list[float]]:
@@ -155,7 +196,8 @@ def tune_formulation(
       spec: the network.
       batch: N, the examples per step (under a mesh, per device: what each device's step sees).
       dtype: the params' and data's dtype (float64 needs ``jax_enable_x64``).
-      candidates: the formulations to time; None for `candidate_formulations` (7-9 of them).
+      candidates: a list of the formulations to time (each as it runs at `batch`: a chunk of
+        the whole batch or more is the whole batch); None for `candidate_formulations`.
       repeats: timed samples per candidate (their median decides).
       min_sample_s: the least seconds one sample lasts.
       compiler_options: XLA options the candidates compile with; None for
@@ -167,12 +209,11 @@ def tune_formulation(
       A `Tuning`: ``.best`` for `make_update_step(..., formulation=...)`, the rule's pick, and
       every candidate's times and compile seconds.
     """
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+    check_batch(batch)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
-    if not min_sample_s >= 0:
-        raise ValueError(f"min_sample_s must be >= 0 seconds, got {min_sample_s!r}")
+    if not (isinstance(min_sample_s, (int, float)) and 0 <= min_sample_s < math.inf):
+        raise ValueError(f"min_sample_s must be a finite number of seconds >= 0, got {min_sample_s!r}")
     dtype = jnp.dtype(dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"dtype must be a floating dtype, got {dtype}")
@@ -183,10 +224,16 @@ def tune_formulation(
     if candidates is None:
         candidates = candidate_formulations(spec, batch, itemsize=itemsize)
     else:
-        candidates = list(dict.fromkeys(batched.check_formulation(c) for c in candidates))
+        if isinstance(candidates, Formulation) or not isinstance(candidates, (list, tuple)):
+            raise TypeError(f"candidates must be a list of jaxbp.Formulation, got {candidates!r}")
         if not candidates:
             raise ValueError("candidates must hold at least one Formulation, got none")
-    candidates = list(dict.fromkeys([rule, *candidates]))  # the rule is always measured
+        for i, form in enumerate(candidates):
+            try:
+                batched.check_formulation(form)
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"candidates[{i}]: {err}") from None
+    candidates = distinct([rule, *candidates], batch)  # the rule is always measured, first
     options = default_compiler_options() if compiler_options is None else compiler_options
     say = progress or (lambda line: None)
 
@@ -206,19 +253,8 @@ def tune_formulation(
         compile_s[form] = time.perf_counter() - start
         say(f"tune {i}/{len(candidates)}: compiled {form.label()} in {compile_s[form]:.2f} s")
 
-    def timed(fn):
-        if jax.default_backend() == "cpu":
-            return lambda inner: [jax.block_until_ready(fn(params, x, y)) for _ in range(inner)]
-
-        def queued(inner):  # on an accelerator calls run in order: wait for the last
-            out = None
-            for _ in range(inner):
-                out = fn(params, x, y)
-            jax.block_until_ready(out)
-
-        return queued
-
-    samples = interleaved_samples({f: timed(c) for f, c in compiled.items()}, repeats, min_sample_s)
+    calls = {f: timed_calls(c, (params, x, y)) for f, c in compiled.items()}
+    samples = interleaved_samples(calls, repeats, min_sample_s)
     times_ms = {
         f: tuple(float(v) for v in np.percentile(np.asarray(s) * 1e3, [25, 50, 75]))
         for f, s in samples.items()

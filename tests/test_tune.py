@@ -16,12 +16,15 @@ from jaxbp import batched
 from jaxbp import tune
 
 SPEC = jaxbp.ConvNetSpec(in_shape=(8, 8, 3), n_filters=8, kernel_size=(3, 3), n_out=4)
+SPEC_FORM = batched.Formulation("patches", "patches")
 
 
+@pytest.mark.parametrize("filters", [1, 8, 32])  # the rule: taps/conv, patches, patches/conv
 @pytest.mark.parametrize("batch", [1, 32, 256, 1024])
-def test_candidates_are_the_rules_forms_at_other_chunks_and_other_pairs(batch):
-    rule = batched.choose_formulation(SPEC, batch, "cpu")
-    candidates = tune.candidate_formulations(SPEC, batch, "cpu")
+def test_candidates_are_the_rules_forms_at_other_chunks_and_other_pairs(batch, filters):
+    spec = jaxbp.ConvNetSpec(in_shape=(8, 8, 3), n_filters=filters, kernel_size=(3, 3), n_out=4)
+    rule = batched.choose_formulation(spec, batch, "cpu")
+    candidates = tune.candidate_formulations(spec, batch, "cpu")
     assert candidates[0] == rule and len(set(candidates)) == len(candidates)
     for form in candidates:
         batched.check_formulation(form)
@@ -31,23 +34,45 @@ def test_candidates_are_the_rules_forms_at_other_chunks_and_other_pairs(batch):
     assert same_forms == expected | ({None} if batch <= tune.WHOLE_BATCH_MAX else set())
     for pair in tune.CANDIDATE_PAIRS:
         assert any(f[:2] == pair and f.chunk == rule.chunk for f in candidates), pair
-    assert all(f.conv_parts == rule.conv_parts for f in candidates if f.filter_grad == "conv")
+    # XLA's conv dE/df in the rule's parts for this batch (4 on the CPU, one per example at most).
+    parts = batched.conv_filter_grad_parts(batch, "cpu")
+    assert {f.conv_parts for f in candidates if f.filter_grad == "conv"} == {parts}
+    assert {f.conv_parts for f in candidates if f.filter_grad != "conv"} == {1}
+    on_gpu = tune.candidate_formulations(spec, batch, "gpu")
+    assert on_gpu[0] == batched.choose_formulation(spec, batch, "gpu")
+    assert {f.conv_parts for f in on_gpu} == {1}
 
 
-def test_tuning_times_every_candidate_and_its_pick_keeps_the_update():
+def test_candidates_given_are_taken_as_they_run_at_the_batch():
+    whole, chunked = SPEC_FORM, SPEC_FORM._replace(chunk=8)
+    given = [whole._replace(chunk=20), whole._replace(chunk=64), chunked, chunked._replace(conv_parts=3)]
+    assert tune.distinct(given, 20) == [whole, chunked]  # conv_parts only matters for a conv dE/df
+    conv = batched.Formulation("patches", "conv", 8, 3)
+    assert tune.distinct([conv, conv._replace(conv_parts=1)], 20) == [conv, conv._replace(conv_parts=1)]
+
+
+def test_tuning_times_every_candidate_and_each_computes_the_rules_means():
     lines = []
+    # A batch of 20: chunks of 16 leave a remainder of 4, run as one more chunk.
     tuning = jaxbp.tune_formulation(
-        SPEC, 4, dtype="float64", repeats=2, min_sample_s=0.0, progress=lines.append
+        SPEC, 20, dtype="float64", repeats=2, min_sample_s=0.0, progress=lines.append
     )
-    candidates = tune.candidate_formulations(SPEC, 4, itemsize=8)
-    assert tuning.rule == batched.choose_formulation(SPEC, 4, itemsize=8)
+    candidates = tune.candidate_formulations(SPEC, 20, itemsize=8)
+    assert tuning.rule == batched.choose_formulation(SPEC, 20, itemsize=8)
     assert set(tuning.times_ms) == set(tuning.compile_s) == set(candidates)
+    labels = ["patches/patches/all", "patches/patches/16", "toeplitz/toeplitz/all", "conv/conv*4/all"]
+    assert [f.label() for f in candidates] == labels
     assert tuning.best == min(candidates, key=lambda f: tuning.times_ms[f][1])
     assert all(q1 <= med <= q3 for q1, med, q3 in tuning.times_ms.values())
     assert tuning.speedup() >= 1 and len(lines) == len(candidates) + 1
-    # The pick is a formulation of the same means: the update equals the rule's (float64, 1e-10
-    # as for every formulation in tests/test_batched.py).
-    params, x, y = problem(SPEC, 0, 4)
+    # Whichever is picked computes the same means: every candidate against the rule's (float64,
+    # rtol 1e-10 and atol 1e-13 as for every formulation in tests/test_batched.py).
+    params, x, y = problem(SPEC, 0, 20)
+    expected = batched.value_and_grads(params, x, y, SPEC, formulation=tuning.rule)
+    for form in tuning.times_ms:
+        actual = batched.value_and_grads(params, x, y, SPEC, formulation=form)
+        chex.assert_trees_all_close(actual, expected, rtol=1e-10, atol=1e-13, custom_message=form.label())
+    # And the pick reaches the step.
     opt = jaxbp.sgd(0.3)
     state = opt.init(params)
     tuned = jaxbp.make_update_step(SPEC, opt, formulation=tuning.best)(params, state, x, y)
@@ -97,18 +122,16 @@ def test_interleaved_rounds_start_one_method_later_each_round():
         ({"batch": 0}, ValueError, "batch must be an int >= 1, got 0"),
         ({"batch": 2.0}, ValueError, "batch must be an int >= 1, got 2.0"),
         ({"repeats": 0}, ValueError, "repeats must be an int >= 1, got 0"),
-        ({"min_sample_s": -1.0}, ValueError, "min_sample_s must be >= 0 seconds"),
+        ({"min_sample_s": -1.0}, ValueError, "min_sample_s must be a finite number of seconds >= 0"),
+        ({"min_sample_s": float("inf")}, ValueError, "min_sample_s must be a finite number of seconds"),
         ({"dtype": "int32"}, ValueError, "dtype must be a floating dtype, got int32"),
         ({"candidates": []}, ValueError, "candidates must hold at least one Formulation"),
+        ({"candidates": SPEC_FORM}, TypeError, "candidates must be a list of jaxbp.Formulation"),
+        ({"candidates": [("patches", "patches")]}, TypeError, r"candidates\[0\]: formulation must be a"),
         (
-            {"candidates": [("patches", "patches")]},
-            TypeError,
-            "formulation must be a jaxbp.batched.Formulation",
-        ),
-        (
-            {"candidates": [batched.Formulation("im2col", "patches")]},
+            {"candidates": [SPEC_FORM, batched.Formulation("im2col", "patches")]},
             ValueError,
-            "formulation.forward must be",
+            r"candidates\[1\]: formulation.forward must be",
         ),
     ],
 )
