@@ -12,17 +12,25 @@ Every candidate computes the same means (each form is checked against jax.grad i
 1e-10 by tests/test_batched.py); the choice changes the speed and the order of float sums,
 never the math. Timing runs outside any transformation and is not pure: tune once per shape,
 dtype and machine, and pass ``.best`` on (`make_update_step(..., formulation=...)`), which is.
+With ``cache=path`` a tuning is kept in a JSON file and read back by the next run on the same
+machine, JAX and question instead of timed again.
 """
 
 from __future__ import annotations
 
+import datetime
+import json
 import math
+import os
+import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 
 from jaxbp import batched
@@ -184,6 +192,7 @@ def tune_formulation(
     compiler_options: dict[str, object] | None = None,
     seed: int = 0,
     progress: Callable[[str], object] | None = None,
+    cache: str | os.PathLike | None = None,
 ) -> Tuning:
     """Time each candidate formulation of `jaxbp.batched.value_and_grads` here; the fastest.
 
@@ -204,6 +213,12 @@ def tune_formulation(
         `jaxbp.compiler_options()`, as `make_update_step` uses.
       seed: of the random params and batch.
       progress: called with a line per candidate compiled and once at the end (e.g. `print`).
+      cache: None, or a JSON file of earlier tunings (made if missing). A tuning of the same
+        spec, batch, dtype, candidates and XLA options on the same host, backend, device kind
+        and jax/jaxlib versions is read from it instead of timed (the seed, repeats and
+        min_sample_s are not part of that question); a new one is added. A file that is not
+        such a cache raises a ValueError and is left as it is. Two processes writing one file
+        at once may lose one's entry (each rewrites the file whole, atomically).
 
     Returns:
       A `Tuning`: ``.best`` for `make_update_step(..., formulation=...)`, the rule's pick, and
@@ -236,6 +251,13 @@ def tune_formulation(
     candidates = distinct([rule, *candidates], batch)  # the rule is always measured, first
     options = default_compiler_options() if compiler_options is None else compiler_options
     say = progress or (lambda line: None)
+    if cache is not None:
+        key = cache_key(spec, batch, dtype, candidates, options)
+        stored = read_cache(cache).get(key)
+        if stored is not None:
+            tuning = tuning_from_json(stored)
+            say(f"tune: {tuning.best.label()} (from {cache}, tuned {stored['date_utc']})")
+            return tuning
 
     kx, ky, kp = jax.random.split(jax.random.key(seed), 3)
     params = init_params(kp, spec, dtype)
@@ -265,4 +287,74 @@ def tune_formulation(
         f"tune: {best.label()} {times_ms[best][1]:.3g} ms against the rule's {rule.label()} "
         f"{times_ms[rule][1]:.3g} ms ({tuning.speedup():.2f}x)"
     )
+    if cache is not None:
+        write_cache_entry(cache, key, tuning)
     return tuning
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache: tunings in a JSON file, keyed by the question and the machine that answered it
+# ----------------------------------------------------------------------------------------------
+
+CACHE_FORMAT = "jaxbp tuning cache 1"
+
+
+def cache_key(spec: ConvNetSpec, batch: int, dtype, candidates, options: dict) -> str:
+    """The question a tuning answers, and where: spec, batch, dtype, the candidates and XLA
+    options; the host, backend, device kind and jax/jaxlib versions. As sorted JSON text."""
+    return json.dumps(
+        {
+            "spec": repr(spec),
+            "batch": batch,
+            "dtype": jnp.dtype(dtype).name,
+            "candidates": [list(f) for f in candidates],
+            "compiler_options": {k: str(v) for k, v in options.items()},
+            "host": platform.node(),
+            "backend": jax.default_backend(),
+            "device_kind": jax.devices()[0].device_kind,
+            "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__,
+        },
+        sort_keys=True,
+    )
+
+
+def read_cache(path: str | os.PathLike) -> dict:
+    """key -> stored tuning; {} where the file does not exist yet."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"cache {str(path)!r} is not a jaxbp tuning cache: {err}") from None
+    if not isinstance(payload, dict) or payload.get("format") != CACHE_FORMAT:
+        raise ValueError(f"cache {str(path)!r} is not a jaxbp tuning cache (no format {CACHE_FORMAT!r})")
+    return payload["tunings"]
+
+
+def write_cache_entry(path: str | os.PathLike, key: str, tuning: Tuning) -> None:
+    """Add `tuning` under `key`, rewriting the file whole through a temporary file."""
+    path = Path(path)
+    tunings = read_cache(path)
+    tunings[key] = {
+        "best": list(tuning.best),
+        "rule": list(tuning.rule),
+        "times_ms": [[list(f), list(t)] for f, t in tuning.times_ms.items()],
+        "compile_s": [[list(f), s] for f, s in tuning.compile_s.items()],
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"format": CACHE_FORMAT, "tunings": tunings}, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def tuning_from_json(stored: dict) -> Tuning:
+    """A `Tuning` from its cache entry (Formulations stored as their field lists)."""
+    return Tuning(
+        best=Formulation(*stored["best"]),
+        rule=Formulation(*stored["rule"]),
+        times_ms={Formulation(*f): tuple(t) for f, t in stored["times_ms"]},
+        compile_s={Formulation(*f): s for f, s in stored["compile_s"]},
+    )

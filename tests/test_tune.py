@@ -5,6 +5,8 @@ experiments/bench.py --tune); what is tested is what the tuner times, that it pi
 median it measured, and that its pick computes the same update as the rule's.
 """
 
+import json
+
 import chex
 import jax
 import numpy as np
@@ -146,3 +148,41 @@ def test_float64_without_x64_is_refused_with_the_fix():
     with jax.enable_x64(False):
         with pytest.raises(ValueError, match=r"float64 needs jax_enable_x64"):
             jaxbp.tune_formulation(SPEC, 4, dtype=np.float64)
+
+
+def test_a_cached_tuning_is_read_back_instead_of_timed_and_a_new_question_is_added(tmp_path, monkeypatch):
+    path = tmp_path / "tunings" / "cpu.json"  # its folder is made too
+    rule = batched.choose_formulation(SPEC, 64)
+    other = rule._replace(chunk=16)
+    medians = {rule: 2.0, other: 1.5}
+    monkeypatch.setattr(tune, "interleaved_samples", fake_samples(medians.get))
+    first = jaxbp.tune_formulation(SPEC, 64, candidates=[other], repeats=1, cache=path)
+    assert first.best == other and path.exists()
+    # The same question again: read back, nothing compiled or timed (jit would fail), equal.
+    monkeypatch.setattr(jax, "jit", None)
+    lines = []
+    again = jaxbp.tune_formulation(
+        SPEC, 64, candidates=[other], repeats=3, seed=1, cache=path, progress=lines.append
+    )
+    assert again == first and len(lines) == 1
+    assert lines[0].startswith(f"tune: {other.label()} (from {path}, tuned 20")
+    # Another batch, dtype or set of candidates is another question: timed, and added beside it.
+    monkeypatch.undo()
+    monkeypatch.setattr(tune, "interleaved_samples", fake_samples(lambda form: 1.0))
+    jaxbp.tune_formulation(SPEC, 64, candidates=[other, rule._replace(chunk=32)], repeats=1, cache=path)
+    jaxbp.tune_formulation(SPEC, 64, dtype="float64", candidates=[other], repeats=1, cache=path)
+    # So is the same question on another host (a cache file on a shared disk).
+    monkeypatch.setattr(tune.platform, "node", lambda: "another-host")
+    jaxbp.tune_formulation(SPEC, 64, candidates=[other], repeats=1, cache=path)
+    stored = json.loads(path.read_text())
+    assert stored["format"] == tune.CACHE_FORMAT and len(stored["tunings"]) == 4
+    assert not list(path.parent.glob(".*.tmp"))  # written through a temporary file, renamed
+
+
+@pytest.mark.parametrize("text", ["not json", '{"tunings": {}}', "[1, 2]"])
+def test_a_file_that_is_not_a_tuning_cache_is_refused_and_kept(tmp_path, text):
+    path = tmp_path / "notes.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="is not a jaxbp tuning cache"):
+        jaxbp.tune_formulation(SPEC, 4, repeats=1, min_sample_s=0.0, cache=path)
+    assert path.read_text() == text
