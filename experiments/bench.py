@@ -559,43 +559,10 @@ def rel_error(a, b) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def cpuinfo(root: str = "/") -> dict[str, str]:
-    """cpu0's fields of Linux's /proc/cpuinfo under `root` ("model name", "flags", ...); empty
-    where there is none to read."""
-    fields: dict[str, str] = {}
-    try:
-        text = Path(root, "proc/cpuinfo").read_text()
-    except (OSError, ValueError):  # unreadable, or not text
-        return fields
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if not sep:
-            if fields:  # the blank line after cpu0's block
-                break
-            continue
-        fields.setdefault(key.strip(), value.strip())
-    return fields
-
-
-def cpu_features(root: str = "/") -> dict:
-    """The CPU's caches (cpu0's, as Linux reports them under `root`: e.g. "L2 512K") and its
-    SIMD extensions, on which the chunks' best working set and XLA's and oneDNN's kernels depend
-    (the formulation rules were measured on an Intel Xeon whose caches were not recorded; an AMD
-    EPYC with a 512K L2 had other best chunks). Empty strings where Linux does not say."""
-    caches = []
-    for index in sorted(Path(root, "sys/devices/system/cpu/cpu0/cache").glob("index*")):
-        try:
-            level, kind, size = ((index / f).read_text().strip() for f in ("level", "type", "size"))
-        except (OSError, ValueError):  # unreadable, or not text
-            continue
-        suffix = "" if kind in ("Unified", "") else kind[0].lower()  # L1d, L1i; L2, L3
-        caches.append(f"L{level}{suffix} {size}")
-    flags = cpuinfo(root).get("flags", "").split()
-    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
-    return {"cpu_caches": ", ".join(caches), "cpu_simd": " ".join(simd)}
-
-
 def machine_info(jax, peer_versions) -> dict:
+    from jaxbp.machine import cpu_features
+    from jaxbp.machine import cpuinfo
+
     cpu = cpuinfo().get("model name", "unknown")
     try:
         commit = subprocess.run(

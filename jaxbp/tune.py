@@ -22,8 +22,9 @@ import datetime
 import json
 import math
 import os
-import platform
+import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -34,6 +35,7 @@ import jaxlib
 import numpy as np
 
 from jaxbp import batched
+from jaxbp import machine
 from jaxbp.batched import Formulation
 from jaxbp.compile_options import compiler_options as default_compiler_options
 from jaxbp.params import init_params
@@ -212,13 +214,18 @@ def tune_formulation(
       compiler_options: XLA options the candidates compile with; None for
         `jaxbp.compiler_options()`, as `make_update_step` uses.
       seed: of the random params and batch.
-      progress: called with a line per candidate compiled and once at the end (e.g. `print`).
-      cache: None, or a JSON file of earlier tunings (made if missing). A tuning of the same
-        spec, batch, dtype, candidates and XLA options on the same host, backend, device kind
-        and jax/jaxlib versions is read from it instead of timed (the seed, repeats and
-        min_sample_s are not part of that question); a new one is added. A file that is not
-        such a cache raises a ValueError and is left as it is. Two processes writing one file
-        at once may lose one's entry (each rewrites the file whole, atomically).
+      progress: called with a line per candidate compiled and once at the end (e.g. `print`);
+        once where the tuning is read from `cache`.
+      cache: None, or the path of a JSON file of earlier tunings (made, with its folder, if
+        missing). A tuning of the same question (spec, batch, dtype, candidates in their order,
+        XLA options) on the same kind of machine (CPU model, caches and SIMD extensions, usable
+        cores, XLA_FLAGS, backend and device kind; jax, jaxlib and jaxbp versions) is read from
+        it instead of timed, if it was timed with at least `repeats` samples of at least
+        `min_sample_s`; else the question is timed and its entry added or replaced. The seed is
+        not part of the question. A file that is not such a cache raises a ValueError and is
+        left as it is; a tuning that cannot be written is returned all the same, with a
+        warning. Two processes writing one file at once may lose one's entry (each rewrites
+        the file whole, atomically).
 
     Returns:
       A `Tuning`: ``.best`` for `make_update_step(..., formulation=...)`, the rule's pick, and
@@ -252,12 +259,17 @@ def tune_formulation(
     options = default_compiler_options() if compiler_options is None else compiler_options
     say = progress or (lambda line: None)
     if cache is not None:
+        cache = check_cache_path(cache)
         key = cache_key(spec, batch, dtype, candidates, options)
         stored = read_cache(cache).get(key)
         if stored is not None:
-            tuning = tuning_from_json(stored)
-            say(f"tune: {tuning.best.label()} (from {cache}, tuned {stored['date_utc']})")
-            return tuning
+            tuning, done = read_entry(stored, cache)
+            if done["repeats"] >= repeats and done["min_sample_s"] >= min_sample_s:
+                say(
+                    f"tune: {tuning.best.label()} (from {cache}: tuned {done['date_utc']}, "
+                    f"{done['repeats']} samples of at least {done['min_sample_s']} s)"
+                )
+                return tuning
 
     kx, ky, kp = jax.random.split(jax.random.key(seed), 3)
     params = init_params(kp, spec, dtype)
@@ -288,7 +300,10 @@ def tune_formulation(
         f"{times_ms[rule][1]:.3g} ms ({tuning.speedup():.2f}x)"
     )
     if cache is not None:
-        write_cache_entry(cache, key, tuning)
+        try:
+            write_cache_entry(cache, key, tuning, repeats, min_sample_s)
+        except (OSError, ValueError) as err:  # the timing is not lost with the file
+            warnings.warn(f"cache {str(cache)!r}: the tuning was not written: {err}", stacklevel=2)
     return tuning
 
 
@@ -297,64 +312,114 @@ def tune_formulation(
 # ----------------------------------------------------------------------------------------------
 
 CACHE_FORMAT = "jaxbp tuning cache 1"
+NOT_A_CACHE = "is not a jaxbp tuning cache (delete it or pass another path)"
+
+
+def check_cache_path(cache) -> Path:
+    """`cache` as a Path, its folder made; a clear error for anything else."""
+    if isinstance(cache, bool) or not isinstance(cache, (str, os.PathLike)) or not str(cache):
+        raise TypeError(f"cache must be None or a file path (str or os.PathLike), got {cache!r}")
+    path = Path(cache)
+    if path.is_dir():
+        raise ValueError(f"cache must be a file path, got the folder {str(path)!r}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # before any timing, so that none is lost
+    except OSError as err:
+        raise OSError(f"cache {str(path)!r}: cannot make its folder: {err}") from None
+    return path
 
 
 def cache_key(spec: ConvNetSpec, batch: int, dtype, candidates, options: dict) -> str:
-    """The question a tuning answers, and where: spec, batch, dtype, the candidates and XLA
-    options; the host, backend, device kind and jax/jaxlib versions. As sorted JSON text."""
+    """The question a tuning answers, and the kind of machine that answered it (what changes
+    which candidate is fastest, not the host's name: a container's changes every run). As
+    sorted JSON text."""
+    from jaxbp import __version__
+
+    cpu = machine.cpuinfo()
     return json.dumps(
         {
             "spec": repr(spec),
             "batch": batch,
             "dtype": jnp.dtype(dtype).name,
             "candidates": [list(f) for f in candidates],
-            "compiler_options": {k: str(v) for k, v in options.items()},
-            "host": platform.node(),
+            "compiler_options": options,
+            "cpu": cpu.get("model name", ""),
+            **machine.cpu_features(),
+            "cores": machine.usable_cores(),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "backend": jax.default_backend(),
             "device_kind": jax.devices()[0].device_kind,
             "jax": jax.__version__,
             "jaxlib": jaxlib.__version__,
+            "jaxbp": __version__,
         },
         sort_keys=True,
+        default=str,
     )
 
 
-def read_cache(path: str | os.PathLike) -> dict:
+def read_cache(path: Path) -> dict:
     """key -> stored tuning; {} where the file does not exist yet."""
-    path = Path(path)
     if not path.exists():
         return {}
     try:
-        payload = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"cache {str(path)!r} is not a jaxbp tuning cache: {err}") from None
-    if not isinstance(payload, dict) or payload.get("format") != CACHE_FORMAT:
-        raise ValueError(f"cache {str(path)!r} is not a jaxbp tuning cache (no format {CACHE_FORMAT!r})")
+        text = path.read_text()
+    except OSError as err:
+        raise OSError(f"cannot read cache {str(path)!r}: {err}") from None
+    try:
+        payload = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"cache {str(path)!r} {NOT_A_CACHE}: {err}") from None
+    if not (
+        isinstance(payload, dict)
+        and payload.get("format") == CACHE_FORMAT
+        and isinstance(payload.get("tunings"), dict)
+    ):
+        raise ValueError(f"cache {str(path)!r} {NOT_A_CACHE}: no format {CACHE_FORMAT!r} and tunings")
     return payload["tunings"]
 
 
-def write_cache_entry(path: str | os.PathLike, key: str, tuning: Tuning) -> None:
-    """Add `tuning` under `key`, rewriting the file whole through a temporary file."""
-    path = Path(path)
+def write_cache_entry(path: Path, key: str, tuning: Tuning, repeats: int, min_sample_s: float) -> None:
+    """Add (or replace) `tuning` under `key`: the file rewritten whole through a temporary file
+    of its own in the same folder, renamed over it, and removed if anything fails before."""
     tunings = read_cache(path)
     tunings[key] = {
         "best": list(tuning.best),
         "rule": list(tuning.rule),
         "times_ms": [[list(f), list(t)] for f, t in tuning.times_ms.items()],
         "compile_s": [[list(f), s] for f, s in tuning.compile_s.items()],
+        "repeats": repeats,
+        "min_sample_s": min_sample_s,
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"format": CACHE_FORMAT, "tunings": tunings}, indent=1) + "\n")
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps({"format": CACHE_FORMAT, "tunings": tunings}, indent=1) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
-def tuning_from_json(stored: dict) -> Tuning:
-    """A `Tuning` from its cache entry (Formulations stored as their field lists)."""
-    return Tuning(
-        best=Formulation(*stored["best"]),
-        rule=Formulation(*stored["rule"]),
-        times_ms={Formulation(*f): tuple(t) for f, t in stored["times_ms"]},
-        compile_s={Formulation(*f): s for f, s in stored["compile_s"]},
-    )
+def read_entry(stored, path: Path) -> tuple[Tuning, dict]:
+    """A `Tuning` from its cache entry (Formulations stored as their field lists), and how it
+    was timed: {"repeats", "min_sample_s", "date_utc"}."""
+
+    def form(fields):
+        return batched.check_formulation(Formulation(*fields))
+
+    try:
+        best, rule = form(stored["best"]), form(stored["rule"])
+        times_ms = {form(f): tuple(float(v) for v in t) for f, t in stored["times_ms"]}
+        compile_s = {form(f): float(s) for f, s in stored["compile_s"]}
+        done = {
+            "repeats": int(stored["repeats"]),
+            "min_sample_s": float(stored["min_sample_s"]),
+            "date_utc": str(stored["date_utc"]),
+        }
+        if not {best, rule} <= set(times_ms) or any(len(t) != 3 for t in times_ms.values()):
+            raise ValueError("best and rule must be among the timed candidates, each with 3 quartiles")
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"cache {str(path)!r} {NOT_A_CACHE}: an entry does not read back: {err!r}") from None
+    return Tuning(best, rule, times_ms, compile_s), done

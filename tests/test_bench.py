@@ -589,24 +589,6 @@ def test_machine_line_names_the_caches_and_simd_where_recorded():
     assert bench.cpu_text({}) == ""  # a run recorded before them renders as it did
 
 
-def test_cpu_features_read_linux_caches_and_flags(tmp_path):
-    cache = tmp_path / "sys/devices/system/cpu/cpu0/cache"
-    for i, (level, kind, size) in enumerate(
-        [(1, "Data", "32K"), (1, "Instruction", "32K"), (2, "Unified", "512K")]
-    ):
-        (cache / f"index{i}").mkdir(parents=True)
-        for name, value in (("level", level), ("type", kind), ("size", size)):
-            (cache / f"index{i}" / name).write_text(f"{value}\n")
-    (cache / "index3").mkdir()  # a cache Linux does not describe is skipped
-    (tmp_path / "proc").mkdir()
-    (tmp_path / "proc/cpuinfo").write_text("model name\t: X\nflags\t\t: fpu sse avx2 fma\nbugs\t: none\n")
-    assert bench.cpu_features(str(tmp_path)) == {
-        "cpu_caches": "L1d 32K, L1i 32K, L2 512K",
-        "cpu_simd": "avx2 fma",
-    }
-    assert bench.cpu_features(str(tmp_path / "nothing")) == {"cpu_caches": "", "cpu_simd": ""}
-
-
 def test_tune_times_the_tuned_pick_beside_the_rules_step(tmp_path):
     args = ["--batches", "2", "4", "--filters", "8", "--inputs", "8x8x1", "--kernels", "3", "--repeats", "2"]
     args += ["--min-sample-s", "0.001", "--no-peers", "--skip-vmap-steps", "--quiet", "--tune"]

@@ -155,34 +155,96 @@ def test_a_cached_tuning_is_read_back_instead_of_timed_and_a_new_question_is_add
     rule = batched.choose_formulation(SPEC, 64)
     other = rule._replace(chunk=16)
     medians = {rule: 2.0, other: 1.5}
-    monkeypatch.setattr(tune, "interleaved_samples", fake_samples(medians.get))
-    first = jaxbp.tune_formulation(SPEC, 64, candidates=[other], repeats=1, cache=path)
+    monkeypatch.setattr(tune, "interleaved_samples", fake_samples(lambda form: medians.get(form, 4.0)))
+    first = jaxbp.tune_formulation(SPEC, 64, candidates=[other], repeats=2, cache=path)
     assert first.best == other and path.exists()
-    # The same question again: read back, nothing compiled or timed (jit would fail), equal.
-    monkeypatch.setattr(jax, "jit", None)
-    lines = []
-    again = jaxbp.tune_formulation(
-        SPEC, 64, candidates=[other], repeats=3, seed=1, cache=path, progress=lines.append
-    )
+    # The same question again, as or less thorough: read back, nothing compiled or timed (jit
+    # would fail), equal.
+    with monkeypatch.context() as m:
+        m.setattr(jax, "jit", None)
+        lines = []
+        again = jaxbp.tune_formulation(
+            SPEC, 64, candidates=[other], repeats=1, seed=1, cache=path, progress=lines.append
+        )
     assert again == first and len(lines) == 1
-    assert lines[0].startswith(f"tune: {other.label()} (from {path}, tuned 20")
-    # Another batch, dtype or set of candidates is another question: timed, and added beside it.
-    monkeypatch.undo()
-    monkeypatch.setattr(tune, "interleaved_samples", fake_samples(lambda form: 1.0))
+    assert lines[0].startswith(f"tune: {other.label()} (from {path}: tuned 20")
+    assert lines[0].endswith("2 samples of at least 0.02 s)")
+    # Another batch, dtype or set of candidates is another question, and so is the same one
+    # under other XLA_FLAGS (they can split the cores into devices): timed, and added beside it.
+    medians[other] = 3.0
     jaxbp.tune_formulation(SPEC, 64, candidates=[other, rule._replace(chunk=32)], repeats=1, cache=path)
     jaxbp.tune_formulation(SPEC, 64, dtype="float64", candidates=[other], repeats=1, cache=path)
-    # So is the same question on another host (a cache file on a shared disk).
-    monkeypatch.setattr(tune.platform, "node", lambda: "another-host")
-    jaxbp.tune_formulation(SPEC, 64, candidates=[other], repeats=1, cache=path)
+    with monkeypatch.context() as m:
+        m.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+        jaxbp.tune_formulation(SPEC, 64, candidates=[other], repeats=1, cache=path)
     stored = json.loads(path.read_text())
     assert stored["format"] == tune.CACHE_FORMAT and len(stored["tunings"]) == 4
-    assert not list(path.parent.glob(".*.tmp"))  # written through a temporary file, renamed
+    # A more thorough request than the stored one is timed again and replaces it.
+    assert jaxbp.tune_formulation(SPEC, 64, candidates=[other], repeats=3, cache=path).best == rule
+    assert len(json.loads(path.read_text())["tunings"]) == 4
+    assert jaxbp.tune_formulation(SPEC, 64, candidates=[other], repeats=3, cache=path).best == rule
+    assert not list(path.parent.glob(".*.tmp"))  # written through temporary files, renamed
 
 
-@pytest.mark.parametrize("text", ["not json", '{"tunings": {}}', "[1, 2]"])
-def test_a_file_that_is_not_a_tuning_cache_is_refused_and_kept(tmp_path, text):
-    path = tmp_path / "notes.json"
+def test_a_tuning_that_cannot_be_written_is_returned_with_a_warning(tmp_path, monkeypatch):
+    path = tmp_path / "cpu.json"
+    rule = batched.choose_formulation(SPEC, 4)
+    monkeypatch.setattr(tune, "interleaved_samples", fake_samples(lambda form: 1.0))
+    jaxbp.tune_formulation(SPEC, 4, candidates=[rule], repeats=1, cache=path)
+    before = path.read_text()
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tune.os, "replace", full_disk)
+    with pytest.warns(UserWarning, match="the tuning was not written: .*No space left"):
+        tuning = jaxbp.tune_formulation(SPEC, 4, dtype="float64", candidates=[rule], repeats=1, cache=path)
+    assert tuning.best == rule and path.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cpu.json"]  # the temporary file removed
+
+
+ENTRY = {"best": ["patches", "patches", None, 1], "rule": ["patches", "patches", None, 1]}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "not json",
+        '{"tunings": {}}',
+        "[1, 2]",
+        json.dumps({"format": tune.CACHE_FORMAT}),
+        json.dumps({"format": tune.CACHE_FORMAT, "tunings": []}),
+        "KEYED",  # an entry under the question's own key that does not read back
+    ],
+)
+def test_a_file_that_is_not_a_tuning_cache_is_refused_and_kept(tmp_path, text, monkeypatch):
+    path, keyed = tmp_path / "notes.json", text == "KEYED"
+    if keyed:
+        rule = batched.choose_formulation(SPEC, 4)
+        candidates = tune.candidate_formulations(SPEC, 4)
+        key = tune.cache_key(SPEC, 4, "float32", candidates, jaxbp.compiler_options())
+        text = json.dumps(
+            {"format": tune.CACHE_FORMAT, "tunings": {key: {**ENTRY, "times_ms": [[list(rule), [1]]]}}}
+        )
     path.write_text(text)
-    with pytest.raises(ValueError, match="is not a jaxbp tuning cache"):
+    jaxbp.compiler_options()  # its one-off probe of the options compiles; then nothing may
+    monkeypatch.setattr(jax, "jit", None)  # refused before anything compiles
+    with pytest.raises(
+        ValueError, match="is not a jaxbp tuning cache \\(delete it or pass another path\\)"
+    ) as refused:
         jaxbp.tune_formulation(SPEC, 4, repeats=1, min_sample_s=0.0, cache=path)
+    assert ("an entry does not read back" in str(refused.value)) == keyed
     assert path.read_text() == text
+
+
+@pytest.mark.parametrize(
+    "cache, error, message",
+    [
+        (True, TypeError, "cache must be None or a file path"),
+        ("", TypeError, "cache must be None or a file path"),
+        ("FOLDER", ValueError, "cache must be a file path, got the folder"),
+    ],
+)
+def test_a_cache_that_is_not_a_file_path_is_refused(tmp_path, cache, error, message):
+    with pytest.raises(error, match=message):
+        jaxbp.tune_formulation(SPEC, 4, cache=tmp_path if cache == "FOLDER" else cache)

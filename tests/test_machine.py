@@ -1,0 +1,30 @@
+"""jaxbp.machine: the CPU's caches and SIMD extensions read from Linux's files (here a fake tree)."""
+
+import os
+
+from jaxbp import machine
+
+
+def test_cpu_features_read_linux_caches_and_flags(tmp_path):
+    cache = tmp_path / "sys/devices/system/cpu/cpu0/cache"
+    for i, (level, kind, size) in enumerate(
+        [(1, "Data", "32K"), (1, "Instruction", "32K"), (2, "Unified", "512K")]
+    ):
+        (cache / f"index{i}").mkdir(parents=True)
+        for name, value in (("level", level), ("type", kind), ("size", size)):
+            (cache / f"index{i}" / name).write_text(f"{value}\n")
+    (cache / "index3").mkdir()  # a cache Linux does not describe is skipped
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/cpuinfo").write_text("model name\t: X\nflags\t\t: fpu sse avx2 fma\nbugs\t: none\n")
+    assert machine.cpu_features(str(tmp_path)) == {
+        "cpu_caches": "L1d 32K, L1i 32K, L2 512K",
+        "cpu_simd": "avx2 fma",
+    }
+    assert machine.cpu_features(str(tmp_path / "nothing")) == {"cpu_caches": "", "cpu_simd": ""}
+
+
+def test_usable_cores_are_the_affinity_mask_where_there_is_one():
+    cores = machine.usable_cores()
+    assert 1 <= cores <= os.cpu_count()
+    if hasattr(os, "sched_getaffinity"):
+        assert cores == len(os.sched_getaffinity(0))
