@@ -1049,6 +1049,11 @@ def git_text(info: dict) -> str:
     return info["git_commit"] if tree is None else f"{tree} (the copy's git said {info['git_commit']})"
 
 
+def ratio_text(derived: dict, key: str) -> str:
+    """A derived ratio for a table cell, "-" where this point has none."""
+    return f"{derived[key]:.2f}" if key in derived else "-"
+
+
 def cpu_text(info: dict) -> str:
     """The "(caches; SIMD)" of `cpu_features` for the Machine line; nothing for older runs."""
     parts = [info[k] for k in ("cpu_caches", "cpu_simd") if info.get(k)]
@@ -1113,7 +1118,7 @@ def markdown(results, info, command) -> str:
     ]
     for r in results:
         p, d, c = r["point"], r["derived"], r["compile"]
-        ratio = lambda key, d=d: f"{d[key]:.2f}" if key in d else "-"  # noqa: E731
+        ratio = functools.partial(ratio_text, d)
         mem = c["manual"].get("peak_bytes")
         lines.append(
             f"| {p['batch']} | {'x'.join(map(str, p['input']))} | {p['kernel']} | {p['filters']} "
@@ -1175,7 +1180,7 @@ def tuned_table(results: list) -> list[str]:
             continue
         p, d, tune = r["point"], r["derived"], r["tuning"]
         t = {n: v["median_ms"] for n, v in r["times"].items()}
-        ratio = lambda key, d=d: f"{d[key]:.2f}" if key in d else "-"  # noqa: E731
+        ratio = functools.partial(ratio_text, d)
         inside, tuned = tune["times_ms"], t.get("manual_tuned", t["manual"])
         lines.append(
             f"| {p['batch']} | {'x'.join(map(str, p['input']))} | {p['kernel']} | {p['filters']} "

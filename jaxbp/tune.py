@@ -95,7 +95,7 @@ def candidate_formulations(
     each of `CANDIDATE_PAIRS` at the pick's chunk (XLA's conv for dE/df in the rule's parts for
     this batch and backend, `batched.conv_filter_grad_parts`): 3-9 formulations, 4-8 on the
     benchmark's grid."""
-    check_batch(batch)
+    positive_int(batch, "batch")
     rule = batched.choose_formulation(spec, batch, backend, itemsize)
     parts = batched.conv_filter_grad_parts(batch, backend)
     chunks = [c for c in CANDIDATE_CHUNKS if c < batch] + ([None] if batch <= WHOLE_BATCH_MAX else [])
@@ -104,11 +104,11 @@ def candidate_formulations(
     return distinct(out, batch)
 
 
-def check_batch(batch) -> int:
-    """`batch` if it is an int >= 1, else a ValueError naming it."""
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
-    return batch
+def positive_int(value, name: str) -> int:
+    """`value` if it is an int >= 1, else a ValueError naming the argument `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
 
 
 def distinct(forms, batch: int) -> list[Formulation]:
@@ -231,9 +231,8 @@ def tune_formulation(
       A `Tuning`: ``.best`` for `make_update_step(..., formulation=...)`, the rule's pick, and
       every candidate's times and compile seconds.
     """
-    check_batch(batch)
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    positive_int(batch, "batch")
+    positive_int(repeats, "repeats")
     if not (isinstance(min_sample_s, (int, float)) and 0 <= min_sample_s < math.inf):
         raise ValueError(f"min_sample_s must be a finite number of seconds >= 0, got {min_sample_s!r}")
     dtype = jnp.dtype(dtype)
