@@ -439,15 +439,18 @@ def jax_methods(
 def per_example_without_filter_grad(params, x, y, spec):
     """Per-example (dE/dW, dE/db) of a batch, with the forward they need, and no dE/df: the part
     of `jaxbp.per_example_manual_grads` that is the same work as in the batch gradient (the
-    forward, in the per-example path's forward form) plus the per-example dE/dW write, N x D x
-    n_out numbers. Per-example gradients cost at least this, so where it alone takes over 1.2x
-    the batch gradient, that target is out of reach with this forward."""
+    forward, in the per-example path's forward form and batching) plus the per-example dE/dW
+    write, N x D x n_out numbers. Per-example gradients cost at least this, so where it alone
+    takes over 1.2x the batch gradient, that target is out of reach with this forward."""
     import jax
     import jax.numpy as jnp
 
     from jaxbp import batched
 
     form = batched.per_example_formulation(spec, x.shape[0], itemsize=x.dtype.itemsize)
+    if form.forward == "taps":  # the whole batch's terms at once, as per_example_grads has them
+        H1, _, delta2, _ = batched.slide_terms(params, x, y, spec, "taps", 1)
+        return H1[:, :, None] * delta2[:, None, :], delta2
 
     def example(xy):  # one example, as `jaxbp.batched.value_and_grads_example` runs it
         x, y = xy
@@ -456,7 +459,7 @@ def per_example_without_filter_grad(params, x, y, spec):
         delta2 = (o - y) * o * (1 - o)  # dE/dZ2; dE/db is delta2 itself
         return jnp.outer(h1, delta2), delta2  # dE/dW = H1 delta2^T
 
-    return batched.over_examples(example, x, y, spec)  # batched as per_example_grads batches
+    return jax.vmap(example)((x, y))  # vmapped as per_example_grads vmaps
 
 
 def variant_methods(jax, jaxbp, spec, batch, opt):

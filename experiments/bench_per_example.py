@@ -1,26 +1,31 @@
-"""Per-example gradients after the taps forward: the whole batch in one vmap, or lax.map chunks.
+"""Per-example gradients with one filter: the shipped batch-wide path against the vmapped one.
 
-`jaxbp.per_example_manual_grads` vmaps the manual backward of one example. With the taps forward
-(one filter on fewer than 8 channels, `jaxbp.batched.per_example_formulation`) it can run that
-vmap over the whole batch, or under `lax.map` over chunks of `jaxbp.batched.working_set_chunk`
-examples; `over_examples` picks by the arrays' size (`per_example_chunk`: the batch times
-`per_example_bytes` against `PER_EXAMPLE_WHOLE_BATCH_BYTES`). This script times, for each point
-(float32, VALID, 10 outputs), interleaved round by round:
+`jaxbp.per_example_manual_grads` computes, after the taps forward (one filter on fewer than 8
+channels, `jaxbp.batched.per_example_formulation`), the slides' terms of the whole batch at once
+and dE/df per example by `jaxbp.batched.filter_grad_rows`: for each tap, the sum over output rows
+written out as one fused elementwise loop. Before, it vmapped the manual backward of one example
+(the Toeplitz form's dE/df, batched dots), over the whole batch or under `lax.map` in chunks past a
+working set. This script times, for each point (float32, VALID, 10 outputs), interleaved round by
+round:
 
   batch_grad   the batch gradient alone (jaxbp.manual_value_and_grads), the reference
-  per_ex       jaxbp.per_example_manual_grads as shipped (the rule's pick)
-  whole        the per-example gradients as one vmap over the whole batch
+  per_ex       jaxbp.per_example_manual_grads as shipped
+  reduce       the same with filter_grad_rows' sums as one reduction over (i, j) each
+               (its form past PER_EXAMPLE_UNROLLED_MAX_TERMS terms)
+  vmap         jax.vmap of jaxbp.batched.value_and_grads_example over the whole batch
   chunks       the same under lax.map in chunks of working_set_chunk examples
 
-Each sample is as many calls as fill --min-sample-s (bench.calibrate, after a warm-up call), each
-call waited for. Before timing, whole and chunks are checked against per_ex in float64 on a batch
-of 3 (relative error < 1e-10). Writes experiments/results/<name>.json and .md.
+Each sample is as many calls as fill --min-sample-s (`jaxbp.tune.interleaved_samples`, after a
+warm-up call), each call waited for and only its last output kept. (The runs before
+filter_grad_rows kept every output of a sample until it ended: fresh buffers for each call,
+which inflated the per-example times against the batch gradient's.) Before timing, every method
+is checked against per_ex in float64 on a batch of 5 (relative error < 1e-10). Writes
+experiments/results/<name>.json and .md.
 
-    python experiments/bench_per_example.py         # batch 256 and 1024, one filter, 3x3 and 5x5
+    python experiments/bench_per_example.py         # batch 32, 256 and 1024, one filter, 3x3 and 5x5
 
-The committed runs (experiments/results/bench_per_example*.md) also timed 2 filters (--filters 1
-2), which had the taps forward then (with C K < 8); from 2 filters on it is the Toeplitz form now,
-which this script refuses.
+The runs before filter_grad_rows (bench_per_example_64mib.md, bench_per_example_96mib.md) timed
+the vmapped path's whole batch against its chunks, also at 2 filters (the taps forward then).
 """
 
 from __future__ import annotations
@@ -30,17 +35,25 @@ import itertools
 import os
 import shlex
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import calibrate  # noqa: E402
 from bench import machine_info  # noqa: E402
 from bench import summarize  # noqa: E402
 from bench import write_results  # noqa: E402
 
-METHODS = ("batch_grad", "per_ex", "whole", "chunks")
+METHODS = ("batch_grad", "per_ex", "reduce", "vmap", "chunks")
+
+
+def per_example_reduced(params, x, y, spec):
+    """`jaxbp.per_example_manual_grads` after the taps, with dE/df's sums as reductions."""
+    import jaxbp
+    from jaxbp import batched
+
+    H1, _, delta2, delta1 = batched.slide_terms(params, x, y, spec, "taps", 1)
+    f = batched.filter_grad_rows(x, delta1, spec, max_terms=0)
+    return jaxbp.Params(f=f, W=H1[:, :, None] * delta2[:, None, :], b=delta2)
 
 
 def methods(jax, jaxbp, spec, batch, itemsize, chunk=None):
@@ -60,7 +73,8 @@ def methods(jax, jaxbp, spec, batch, itemsize, chunk=None):
     return {
         "batch_grad": jit(lambda p, x, y: jaxbp.manual_value_and_grads(p, x, y, spec)),
         "per_ex": jit(lambda p, x, y: jaxbp.per_example_manual_grads(p, x, y, spec)),
-        "whole": jit(lambda p, x, y: jax.vmap(example(p))((x, y))),
+        "reduce": jit(lambda p, x, y: per_example_reduced(p, x, y, spec)),
+        "vmap": jit(lambda p, x, y: jax.vmap(example(p))((x, y))),
         "chunks": jit(lambda p, x, y: lax.map(example(p), (x, y), batch_size=chunk)),
     }
 
@@ -74,15 +88,15 @@ def problem(jax, jaxbp, spec, batch, dtype):
 
 
 def check(jax, jaxbp, spec) -> float:
-    """The largest relative error of whole and chunks against per_ex, float64, a batch of 5 (in
-    chunks of 2, the last one short)."""
+    """The largest relative error of the other methods against per_ex, float64, a batch of 5
+    (chunks of 2, the last one short)."""
     with jax.enable_x64(True):
         args = problem(jax, jaxbp, spec, 5, np.float64)
         fns = methods(jax, jaxbp, spec, 5, 8, chunk=2)
         ref = jax.tree.leaves(fns["per_ex"](*args))
         return max(
             float(np.abs(np.asarray(a) - np.asarray(r)).max() / np.abs(np.asarray(r)).max())
-            for name in ("whole", "chunks")
+            for name in METHODS[2:]
             for a, r in zip(jax.tree.leaves(fns[name](*args)), ref)
         )
 
@@ -108,60 +122,49 @@ def run_point(jax, jaxbp, in_shape, kernel, filters, batch, args) -> dict:
     spec = point_spec(jaxbp, in_shape, kernel, filters)
     error = check(jax, jaxbp, spec)
     if not error <= 1e-10:  # NaN included
-        raise SystemExit(f"{in_shape}, {filters} filters: whole or chunks disagree with per_ex: {error:.2e}")
+        raise SystemExit(f"{in_shape}, {filters} filters: a method disagrees with per_ex: {error:.2e}")
     jargs = problem(jax, jaxbp, spec, batch, np.float32)
     fns = methods(jax, jaxbp, spec, batch, 4)
-    calls = {
-        name: (lambda inner, fn=fn: [jax.block_until_ready(fn(*jargs)) for _ in range(inner)])
-        for name, fn in fns.items()
-    }
-    inner = {name: calibrate(call, args.min_sample_s) for name, call in calls.items()}
-    samples = {name: [] for name in calls}
-    for round_ in range(args.repeats):  # each round starts one method later
-        order = list(calls)[round_ % len(calls) :] + list(calls)[: round_ % len(calls)]
-        for name in order:
-            start = time.perf_counter()
-            calls[name](inner[name])
-            samples[name].append((time.perf_counter() - start) / inner[name])
-    chunk = batched.working_set_chunk(spec, batch, 4)
+    calls = {name: jaxbp.tune.timed_calls(fn, jargs) for name, fn in fns.items()}
+    samples = jaxbp.tune.interleaved_samples(calls, args.repeats, args.min_sample_s)
+    ho = spec.h1_shape[0]
     return {
         "point": {"input": list(in_shape), "kernel": kernel, "filters": filters, "batch": batch},
-        "chunk": chunk,
-        "working_set_mib": batch * batched.per_example_bytes(spec, 4) / 2**20,
-        "pick": "whole" if batched.per_example_chunk(spec, batch, 4) is None else "chunks",
+        "chunk": batched.working_set_chunk(spec, batch, 4),
+        "unrolled_terms": kernel * kernel * ho,
+        "unrolled": kernel * kernel * ho <= batched.PER_EXAMPLE_UNROLLED_MAX_TERMS,
         "check_rel_error": error,
-        "inner_calls": inner,
         "times": {name: summarize(s) for name, s in samples.items()},
     }
 
 
 def markdown(results, info, command) -> str:
     ms = lambda r, k: r["times"][k]["median_ms"]  # noqa: E731
-    limit = info["limit_mib"]
     lines = [
-        "# Per-example gradients after the taps forward: whole batch or lax.map chunks",
+        "# Per-example gradients with one filter: batch-wide rows against the vmapped path",
         "",
         f"Command: `{command}`  ",
         f"Machine: {info['cpu']}, {info['cores']} cores; load average {info['load_average']} at the "
         f"end. jax {info['jax']}, jaxlib {info['jaxlib']}; git {info['git_commit']}; {info['date_utc']}.",
         "",
-        "Median ms per call over the repeats, interleaved (IQR in the JSON). `MiB`: the batch times "
-        f"`per_example_bytes`; the rule runs the whole batch up to {limit:.0f} MiB, else chunks "
-        "(`pick`). `/b`: over the batch gradient alone; `chunks/whole` > 1: the whole batch faster.",
+        "Median ms per call over the repeats, interleaved (IQR in the JSON). `terms`: kh kw Ho, the "
+        "products `filter_grad_rows` writes out per tap row sum (up to "
+        f"{info['max_terms']}; past it `per_ex` is `reduce`). `/b`: over the batch gradient alone; "
+        "`vmap/per_ex` > 1: the shipped path faster than the vmapped one.",
         "",
-        "| input | k | K | batch | chunk | MiB | pick | batch_grad | per_ex | whole | chunks "
-        "| per_ex/b | whole/b | chunks/b | chunks/whole |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| input | k | K | batch | chunk | terms | batch_grad | per_ex | reduce | vmap | chunks "
+        "| per_ex/b | reduce/b | vmap/b | chunks/b | vmap/per_ex |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         p = r["point"]
         b = ms(r, "batch_grad")
         lines.append(
             f"| {'x'.join(map(str, p['input']))} | {p['kernel']} | {p['filters']} | {p['batch']} "
-            f"| {r['chunk'] or 'all'} | {r['working_set_mib']:.0f} | {r['pick']} "
+            f"| {r['chunk'] or 'all'} | {r['unrolled_terms']} "
             + "".join(f"| {ms(r, k):.3g} " for k in METHODS)
             + "".join(f"| {ms(r, k) / b:.2f} " for k in METHODS[1:])
-            + f"| {ms(r, 'chunks') / ms(r, 'whole'):.2f} |"
+            + f"| {ms(r, 'vmap') / ms(r, 'per_ex'):.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -177,7 +180,7 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 def main(argv=None) -> None:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    parser.add_argument("--batches", type=int, nargs="+", default=[256, 1024])
+    parser.add_argument("--batches", type=int, nargs="+", default=[32, 256, 1024])
     parser.add_argument("--inputs", type=parse_shape, nargs="+", default=[(28, 28, 1), (32, 32, 3)])
     parser.add_argument("--kernels", type=int, nargs="+", default=[3, 5])
     parser.add_argument("--filters", type=int, nargs="+", default=[1], help="the taps' 1 (default)")
@@ -201,7 +204,7 @@ def main(argv=None) -> None:
         print(f"done {in_shape} {kernel} {filters} {batch}", file=sys.stderr, flush=True)
     info = machine_info(jax, {})
     info["load_average"] = [round(v, 2) for v in os.getloadavg()]
-    info["limit_mib"] = jaxbp.batched.PER_EXAMPLE_WHOLE_BATCH_BYTES / 2**20
+    info["max_terms"] = jaxbp.batched.PER_EXAMPLE_UNROLLED_MAX_TERMS
     command = shlex.join(
         ["python", "experiments/bench_per_example.py", *(sys.argv[1:] if argv is None else argv)]
     )

@@ -126,10 +126,11 @@ def per_example_manual_grads(params: Params, x: jax.Array, y: jax.Array, spec: C
 
     For a `jaxbp.Network`, its `per_example_manual_grads`.
 
-    `jax.vmap` of the per-example manual gradients, written as `jaxbp.batched` of a batch of one
-    (taps, patches or Toeplitz slabs, which vmap into batched dots, not grouped convolutions),
-    after the taps in chunks past a working set (`jaxbp.batched.per_example_grads`); equal to vmapping
-    `value_and_manual_grads_example` (tested in tests/test_batched.py).
+    `jaxbp.batched.per_example_grads`: after the taps forward (one filter) the slides' terms of
+    the whole batch at once, dE/df by `jaxbp.batched.filter_grad_rows`; otherwise `jax.vmap` of
+    `jaxbp.batched` of a batch of one (patches or Toeplitz slabs, which vmap into batched dots,
+    not grouped convolutions). Equal to vmapping `value_and_manual_grads_example` (tested in
+    tests/test_batched.py).
     """
     if isinstance(spec, Network):
         return spec.per_example_manual_grads(params, x, y)

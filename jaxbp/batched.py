@@ -283,7 +283,7 @@ TOEPLITZ_BLOCK = 4
 TOEPLITZ_MAX_MULTIPLY_RATIO = Fraction(8, 5)
 CONV_FILTER_GRAD_FROM_FILTERS = 32
 CONV_FILTER_GRAD_PARTS = 4
-PER_EXAMPLE_WHOLE_BATCH_BYTES = 96 * 2**20
+PER_EXAMPLE_UNROLLED_MAX_TERMS = 1024
 
 
 def choose_formulation(
@@ -702,6 +702,40 @@ def check_formulation(formulation) -> Formulation:
     return formulation
 
 
+def slide_terms(
+    params: Params,
+    x: jax.Array,
+    y: jax.Array,
+    spec: ConvNetSpec,
+    forward: ConvForm,
+    n: int,
+    *,
+    patches: jax.Array | None = None,
+    rows: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    r"""(H1, O, delta2, delta1) of m examples: the slides' forward and their per-example deltas,
+    nothing contracted over the examples yet, delta2 carrying a mean's 1/n (n = 1: none).
+
+    .. math::
+       \delta_2 = (O - Y) \odot O (1 - O) / n, \qquad
+       \delta_1 = (\delta_2 W^T) \odot H_1 (1 - H_1)
+
+    Returns:
+      H1 (m, D), O (m, n_out), delta2 (m, n_out) and delta1 (m, Ho, Wo, K).
+    """
+    m = x.shape[0]
+    Z1 = conv_forward(x, params.f, spec, forward, patches=patches, rows=rows)
+    # H1 and delta1 are kept as (m, D) matrices: with few filters the (m, Ho, Wo, K) layout has
+    # a minor axis of 1 to 8 numbers, and XLA's CPU loops over it ran 3.5x slower (measured at
+    # batch 256, 28x28x1, 5x5, one filter: 8.9 ms against 2.5 ms for the whole gradient).
+    H1 = ops.sigmoid(Z1.reshape(m, -1))
+    O = ops.sigmoid(jnp.dot(H1, params.W, precision=spec.precision) + params.b[None, :])
+    delta2 = (O - y) * (O * (1 - O)) / n  # (m, n_out): dE/dZ2 (of the mean loss for n > 1)
+    dE_dH1 = jnp.dot(delta2, params.W.T, precision=spec.precision)  # W delta2, (m, D)
+    delta1 = (dE_dH1 * (H1 * (1 - H1))).reshape(m, *spec.h1_shape)  # dE/dZ1, one fused pass
+    return H1, O, delta2, delta1
+
+
 def chunk_sums(
     params: Params,
     x: jax.Array,
@@ -719,22 +753,11 @@ def chunk_sums(
     single vmapped example, where the transpose back is one per example (per-example gradients,
     batch 256, 28x28x1, 8 filters: 52 ms transposed against 29).
     """
-    m = x.shape[0]
     forms = (form.forward, form.filter_grad)
     patches = conv_patches(x, spec) if "patches" in forms else None
     rows = toeplitz_rows(x, spec) if "toeplitz" in forms else None
-
-    # Forward, keeping H1 (m, D) and O (m, n_out).
-    Z1 = conv_forward(x, params.f, spec, form.forward, patches=patches, rows=rows)
-    # H1 and delta1 are kept as (m, D) matrices: with few filters the (m, Ho, Wo, K) layout has
-    # a minor axis of 1 to 8 numbers, and XLA's CPU loops over it ran 3.5x slower (measured at
-    # batch 256, 28x28x1, 5x5, one filter: 8.9 ms against 2.5 ms for the whole gradient).
-    H1 = ops.sigmoid(Z1.reshape(m, -1))
-    O = ops.sigmoid(jnp.dot(H1, params.W, precision=spec.precision) + params.b[None, :])
+    H1, O, delta2, delta1 = slide_terms(params, x, y, spec, form.forward, n, patches=patches, rows=rows)
     E = 0.5 * jnp.sum((O - y) ** 2) / n
-
-    # Backward: the per-example slide terms, with the batch mean's 1/N folded into delta2.
-    delta2 = (O - y) * (O * (1 - O)) / n  # (m, n_out): dE/dZ2 of the mean loss
     if transposed:
         # (dE/dW)^T = sum_n delta2[n] H1[n]^T written (n_out, D): the same contraction over the
         # m examples with a 10-wide output minor axis, H1^T delta2, ran 2.4-3x slower (chunk of
@@ -743,8 +766,6 @@ def chunk_sums(
     else:
         dE_dW = jnp.dot(H1.T, delta2, precision=spec.precision)  # sum_n H1[n] delta2[n]^T
     dE_db = jnp.sum(delta2, axis=0)
-    dE_dH1 = jnp.dot(delta2, params.W.T, precision=spec.precision)  # W delta2, (m, D)
-    delta1 = (dE_dH1 * (H1 * (1 - H1))).reshape(m, *spec.h1_shape)  # dE/dZ1, one fused pass
     if form.filter_grad == "patches":
         dE_df = filter_grad_patches(patches, delta1, spec, transposed)
     elif form.filter_grad == "toeplitz":
@@ -836,7 +857,9 @@ def value_and_grads(
 
 def per_example_formulation(spec: ConvNetSpec, batch: int, itemsize: int = 4) -> Formulation:
     """The formulation for a vmapped batch of one, whole: `choose_formulation`'s forward form, and
-    for dE/df the same form, except after the taps the Toeplitz form. On the CPU never XLA's
+    for dE/df the same form, except after the taps the Toeplitz form. `per_example_grads` vmaps
+    it except after the taps, where it computes the batch's terms at once (`filter_grad_rows`);
+    the history below is of the vmapped taps forward, for `value_and_grads_example`. On the CPU never XLA's
     conv for dE/df: vmapped over examples, that conv is a grouped conv with one group per
     example, which XLA's CPU runs slowly. Off the CPU the conv (cuDNN's grouped convolutions),
     unmeasured.
@@ -884,70 +907,66 @@ def value_and_grads_example(
 
 
 def per_example_grads(params: Params, x: jax.Array, y: jax.Array, spec: ConvNetSpec) -> Params:
-    """Per-example gradients of a batch: `jax.vmap` of `value_and_grads_example`.
+    """Per-example gradients of a batch, each leaf with a leading axis N, nothing summed over N.
 
-    The forms are `per_example_formulation`'s. The vmapped function runs on the whole batch at
-    once, except with the taps forward (one filter) once the batch's `per_example_bytes` pass
-    `PER_EXAMPLE_WHOLE_BATCH_BYTES` (96 MiB), when it runs under `lax.map` in chunks of
-    `working_set_chunk` (`per_example_chunk`). With the taps' Toeplitz dE/df, one filter, a
-    standalone timing (before the rule, when the taps always ran in chunks) had the whole batch
-    faster up to 55 MiB and slower from 108 MiB: batch 1024 of 28x28x1, 3x3 [50 MiB] 15.1 ms whole
-    against 17.9-26.7 in chunks of 32-512, 5x5 [55 MiB] 12.0 against 15.4-21.3; batch 256 of
-    32x32x3 [27 and 36 MiB] 7.4 against 8.2-10.3 and 8.3 against 9.7-10.4; batch 1024 of 32x32x3
-    [108 and 144 MiB] 66.0 against 38.9-51.6 and 82.4 against 47.8-73.5. The first run of
-    experiments/bench_per_example.py (1 and 2 filters, batch 256 and 1024, with a limit of 64 MiB,
-    when 2 filters with C K < 8 had the taps forward too;
-    experiments/results/bench_per_example_64mib.md) had the whole batch faster at 11 of the 12
-    points up to 85 MiB (1.03-1.55x; batch 1024, 28x28x1, 3x3, 2 filters [85 MiB]: 30.5 against
-    47.4 ms), level at the 12th (batch 256, 32x32x3, 5x5, one filter [36 MiB]: 10.6 against 10.4),
-    and slower at all 4 from 108 MiB (0.58-0.89x): the limit lies between 85 and 108 MiB. The
-    run with it (bench_per_example.md) had the whole batch faster at all 6 3x3 points up to 85 MiB
-    (1.08-1.61x), at 3 of the 6 5x5 ones (0.93-1.18x; 0.99-1.36x in the first run), and slower
-    at all 4 from 108 MiB (0.68-0.88x). The batch step's taps
-    showed the same pattern (`TAPS_UNCHUNKED_MAX_TERMS`); here the cause is not traced.
-    Earlier, with the taps' dots for dE/df, the chunks had measured faster (batch 1024, 5x5, one
-    filter, 28x28x1: 21-24 ms in chunks of 32-128 against 46 whole; 32x32x3: 96-102 against 196),
-    and with the patches the whole batch (batch 256, 28x28x1, 8 filters: 30 ms whole against 46 in
-    chunks). Most of the time with many filters goes into writing the output: the per-example
-    dE/dW alone is N x D x n_out numbers (experiments/bench.py times that write alone as
-    ``per_ex_dW_write``).
+    After the taps forward (one filter on few channels, `per_example_formulation`) the slides'
+    terms of the whole batch at once (`slide_terms` with n = 1), dE/dW = H1 delta2^T and dE/db =
+    delta2 per example as broadcast products, and dE/df by `filter_grad_rows`. Otherwise
+    `jax.vmap` of `value_and_grads_example` (the patches or the Toeplitz form: batched dots).
+
+    With one filter the vmapped Toeplitz dE/df took 1.0-2.3x the batch gradient in the grid
+    (experiments/results/bench_amd_epyc_tuned_rerun.md, ``pe/b``), with the taps' kh*kw dots
+    per example 2.5-4.1x; `filter_grad_rows` is what brought it down
+    (experiments/bench_per_example.py times both). With 8 or more filters most of the time goes
+    into writing the output: the per-example dE/dW alone is N x D x n_out numbers
+    (experiments/bench.py times that write alone as ``per_ex_dW_write``).
     """
-    # The chunks are the batch step's 16 MB working set (`working_set_chunk`); 4 MB measured no
-    # faster (batch 1024, 32x32x3, one filter: 82 ms in chunks of 16 against 72-74 in 32-64, with
-    # XLA's default options), and 32-256 examples were within the noise of each other in the
-    # standalone timing above.
     form = per_example_formulation(spec, x.shape[0], itemsize=x.dtype.itemsize)
-    return over_examples(
-        lambda xy: value_and_grads_example(params, *xy, spec, formulation=form)[1], x, y, spec
-    )
+    if form.forward == "taps":
+        H1, _, delta2, delta1 = slide_terms(params, x, y, spec, "taps", 1)
+        dE_dW = H1[:, :, None] * delta2[:, None, :]  # H1[n] delta2[n]^T, (N, D, n_out)
+        return Params(f=filter_grad_rows(x, delta1, spec), W=dE_dW, b=delta2)
+    return jax.vmap(lambda x, y: value_and_grads_example(params, x, y, spec, formulation=form)[1])(x, y)
 
 
-def per_example_bytes(spec: ConvNetSpec, itemsize: int = 4) -> int:
-    """Bytes per example of the per-example path's arrays after the taps forward: x; Z1, H1 and
-    delta1; the example's dE/dW (D n_out numbers); and its Toeplitz row slabs R (Ho nb rows of
-    kh span C), which dE/df per example contracts with delta1: `taps_bytes_per_example` and the
-    last two."""
-    ho, wo, k = spec.h1_shape
-    _, nb, span = toeplitz_blocks(spec)
-    slabs = ho * nb * spec.kernel_size[0] * span * spec.in_shape[2]
-    return taps_bytes_per_example(spec, itemsize) + itemsize * (ho * wo * k * spec.n_out + slabs)
+def filter_grad_rows(
+    x: jax.Array, delta1: jax.Array, spec: ConvNetSpec, max_terms: int | None = None
+) -> jax.Array:
+    r"""Per-example dE/df, each example its own sum: for each tap a sum over the output rows i,
+    written out term by term, then a sum over the output columns j.
 
+    .. math::
+       \frac{dE}{df}[n, a, b, c, k] = \sum_j \Big( \sum_{i < H_o}
+       \mathrm{tap}_{ab}(X)[n, i, j, c]\, \delta_1[n, i, j, k] \Big)
 
-def per_example_chunk(spec: ConvNetSpec, batch: int, itemsize: int = 4) -> int | None:
-    """Examples per `lax.map` chunk of the per-example path, None for one vmap of the whole batch:
-    `working_set_chunk` after the taps forward once the batch's `per_example_bytes` pass
-    `PER_EXAMPLE_WHOLE_BATCH_BYTES`, else None (`per_example_grads` has the measurements)."""
-    if per_example_formulation(spec, batch, itemsize=itemsize).forward != "taps":
-        return None
-    if batch * per_example_bytes(spec, itemsize) <= PER_EXAMPLE_WHOLE_BATCH_BYTES:
-        return None
-    return working_set_chunk(spec, batch, itemsize)
+    The slides' conv(delta1, X) of one example, for every example at once. Each inner sum is Ho
+    broadcast products of (N, Wo, K, C) row slices, which XLA fuses into one elementwise loop
+    over the examples, as it does the taps forward's sum over taps; what is left to reduce is Wo
+    numbers per output. The same contraction as one reduction over (i, j) ran 1.3-2x slower
+    here (XLA's CPU reductions; experiments/bench_per_example.py, ``reduce``), and vmapping a
+    batch of one's dE/df gives batched dots of a few numbers each. Past
+    `PER_EXAMPLE_UNROLLED_MAX_TERMS` terms (kh kw Ho; 700 at 32x32 with 5x5) it is that one
+    reduction, which compiles in a bounded time: the written-out sums compile in about 2 ms a
+    term.
 
+    Args:
+      x: (N, H, W, C) batch.
+      delta1: (N, Ho, Wo, K) dE/dZ1 of each example.
+      max_terms: the most terms written out; None for `PER_EXAMPLE_UNROLLED_MAX_TERMS`.
 
-def over_examples(fn, x: jax.Array, y: jax.Array, spec: ConvNetSpec):
-    """`fn` of each (x[n], y[n]) pair, stacked over n: under `lax.map` in chunks of
-    `per_example_chunk` examples, or one `jax.vmap` over the whole batch where that is None."""
-    chunk = per_example_chunk(spec, x.shape[0], x.dtype.itemsize)
-    if chunk is not None:
-        return lax.map(fn, (x, y), batch_size=chunk)
-    return jax.vmap(fn)((x, y))
+    Returns:
+      (N, kh, kw, C, K) dE/df of each example.
+    """
+    kh, kw = spec.kernel_size
+    ho, _, k = spec.h1_shape
+    n, c = x.shape[0], x.shape[-1]
+    unrolled = kh * kw * ho <= (PER_EXAMPLE_UNROLLED_MAX_TERMS if max_terms is None else max_terms)
+    sums = []
+    for tap in conv_taps(x, spec):  # (N, Ho, Wo, C) each
+        if unrolled:
+            rows = [tap[:, i, :, None, :] * delta1[:, i, :, :, None] for i in range(ho)]  # (N, Wo, K, C)
+            sums.append(jnp.sum(functools.reduce(jnp.add, rows), axis=1))
+        else:
+            sums.append(jnp.sum(tap[:, :, :, None, :] * delta1[..., None], axis=(1, 2)))
+    # sums: kh kw arrays of (N, K, C) -> (N, kh, kw, C, K)
+    return jnp.stack(sums, axis=1).reshape(n, kh, kw, k, c).swapaxes(-1, -2)

@@ -258,7 +258,7 @@ def test_filter_grad_conv_parts_are_separate_convs():
 
 
 @pytest.mark.parametrize(
-    "channels, filters, kernel, batch, whole_batch_bytes",
+    "channels, filters, kernel, batch, max_terms",
     [
         (3, 1, 3, 5, None),
         (3, 1, 3, 300, None),
@@ -270,14 +270,14 @@ def test_filter_grad_conv_parts_are_separate_convs():
     ],
 )
 def test_per_example_grads_never_group_a_conv_and_equal_the_slides_float64(
-    channels, filters, kernel, batch, whole_batch_bytes, monkeypatch
+    channels, filters, kernel, batch, max_terms, monkeypatch
 ):
-    # One filter on several channels (taps, dE/df as XLA's conv for a batch), over the whole
-    # batch and (whole_batch_bytes 0) in lax.map chunks, the Toeplitz form's picks (2 filters;
-    # 8 filters, 5x5) and the patches (8 filters, 3x3): per example there must be no grouped
-    # conv, which is what vmapping the conv dE/df would give.
-    if whole_batch_bytes is not None:
-        monkeypatch.setattr(batched, "PER_EXAMPLE_WHOLE_BATCH_BYTES", whole_batch_bytes)
+    # One filter on several channels (taps, dE/df by filter_grad_rows: its row sums written out,
+    # and with max_terms 0 as reductions), the Toeplitz form's picks (2 filters; 8 filters, 5x5)
+    # and the patches (8 filters, 3x3): per example there must be no grouped conv, which is what
+    # vmapping the conv dE/df would give.
+    if max_terms is not None:
+        monkeypatch.setattr(batched, "PER_EXAMPLE_UNROLLED_MAX_TERMS", max_terms)
     spec = jaxbp.ConvNetSpec(in_shape=(6, 6, channels), n_filters=filters, kernel_size=kernel, n_out=3)
     params, x, y = problem(spec, 7, batch)
     groups = conv_group_counts(lambda p, x, y: jaxbp.per_example_manual_grads(p, x, y, spec), params, x, y)
@@ -287,30 +287,52 @@ def test_per_example_grads_never_group_a_conv_and_equal_the_slides_float64(
     chex.assert_trees_all_close(per_example, slides(params, x, y, spec)[1], rtol=1e-10, atol=1e-13)
 
 
-def test_per_example_path_runs_the_whole_batch_up_to_its_working_set(monkeypatch):
-    # After the taps forward, one vmap over the whole batch while the batch's per_example_bytes
-    # stay under PER_EXAMPLE_WHOLE_BATCH_BYTES, then lax.map (a scan) in working_set_chunk's
-    # chunks; with other forwards always the whole batch.
-    taps = jaxbp.ConvNetSpec(in_shape=(28, 28, 1), n_filters=1, kernel_size=5, n_out=10)
-    assert batched.per_example_formulation(taps, 1024).forward == "taps"
-    # x 784, Z1/H1/delta1 3 x 576, dE/dW 576 x 10, R 24 rows x 6 blocks x 5 x 8 columns
-    assert batched.per_example_bytes(taps, 4) == 4 * (784 + 3 * 576 + 5760 + 24 * 6 * 5 * 8)
-    assert batched.per_example_chunk(taps, 1024, 4) is None  # 55 MiB
-    assert batched.per_example_chunk(taps, 2048, 4) == batched.working_set_chunk(taps, 2048, 4) == 128
-    patches = jaxbp.ConvNetSpec(in_shape=(28, 28, 1), n_filters=8, kernel_size=3, n_out=10)
-    assert batched.per_example_chunk(patches, 8192, 4) is None
+@pytest.mark.parametrize("max_terms", [None, 0])
+def test_filter_grad_rows_is_each_examples_conv_of_delta1_and_x_float64(max_terms):
+    # Any filters, stride, padding and dilation: for each example the slides' dE/df,
+    # conv(delta1, X) (jaxbp.ops, the example's C as the conv's batch), written-out row sums and
+    # reductions alike.
+    spec = jaxbp.ConvNetSpec(
+        in_shape=(9, 8, 2),
+        n_filters=3,
+        kernel_size=(3, 2),
+        stride=(2, 1),
+        padding=((1, 2), (0, 1)),
+        dilation=2,
+    )
+    _, x, _ = problem(spec, 5, 4)
+    delta1 = jax.random.normal(jax.random.key(6), (4, *spec.h1_shape), x.dtype)
+    got = batched.filter_grad_rows(x, delta1, spec, max_terms=max_terms)
+    want = jnp.stack(
+        [
+            jaxbp.ops.conv2d_filter_vjp_sum(
+                x[n : n + 1], delta1[n : n + 1], kernel_size=spec.kernel_size, **spec.conv_kwargs
+            )
+            for n in range(4)
+        ]
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
 
-    spec = jaxbp.ConvNetSpec(in_shape=(6, 6, 1), n_filters=1, kernel_size=3, n_out=3)
-    params, x, y = problem(spec, 3, 300)
 
-    def scans():  # a new function each time: make_jaxpr caches its traces by the function
+def test_filter_grad_rows_writes_out_the_row_sums_up_to_its_term_limit(monkeypatch):
+    # kh kw Ho = 3 * 3 * 26 = 234 terms: written out (every reduction over the columns j alone)
+    # at the default limit, one reduction over (i, j) per tap below it; and the per-example path
+    # after the taps forward is batch-wide (no scan, no vmapped dots).
+    spec = jaxbp.ConvNetSpec(in_shape=(28, 28, 1), n_filters=1, kernel_size=3, n_out=3)
+    assert batched.PER_EXAMPLE_UNROLLED_MAX_TERMS >= 234
+    params, x, y = problem(spec, 3, 6)
+
+    def reduced_axes():  # a new function each time: make_jaxpr caches its traces by the function
         fn = lambda p, x, y: jaxbp.per_example_manual_grads(p, x, y, spec)  # noqa: E731
-        return [e for e in primitives(fn, params, x, y) if e.primitive.name == "scan"]
+        eqns = primitives(fn, params, x, y)
+        assert "scan" not in {e.primitive.name for e in eqns}
+        dots = [e for e in eqns if e.primitive.name == "dot_general"]
+        assert dots and not any(e.params["dimension_numbers"][1][0] for e in dots)  # no batch axes
+        return sorted({tuple(e.params["axes"]) for e in eqns if e.primitive.name == "reduce_sum"})
 
-    assert batched.per_example_chunk(spec, 300, 8) is None and not scans()
-    limit = 300 * batched.per_example_bytes(spec, 8) - 1
-    monkeypatch.setattr(batched, "PER_EXAMPLE_WHOLE_BATCH_BYTES", limit)
-    assert batched.per_example_chunk(spec, 300, 8) == 128 and scans()
+    assert reduced_axes() == [(1,)]
+    monkeypatch.setattr(batched, "PER_EXAMPLE_UNROLLED_MAX_TERMS", 233)
+    assert reduced_axes() == [(1, 2)]
 
 
 def test_bad_formulation_and_unbatched_input_raise():

@@ -116,7 +116,7 @@ def test_check_variants_drops_a_variant_whose_update_disagrees():
 
 def test_per_example_without_filter_grad_is_the_per_example_dW_and_db_float64():
     # The floor `per_ex_no_df` times must be the per-example gradients' own dE/dW and dE/db, in
-    # each forward form the per-example path takes: the taps (under lax.map chunks), the
+    # each forward form the per-example path takes: the taps (the whole batch at once), the
     # patches (3x3, 8 filters) and the Toeplitz form (5x5, 8 filters).
     import jax
 
@@ -317,26 +317,22 @@ def test_an_empty_grid_writes_its_table(tmp_path):
 bench_per_example = load_experiment("bench_per_example")
 
 
-def test_per_example_bench_runs_end_to_end_and_names_the_rules_pick(tmp_path, monkeypatch):
-    # Two small taps points, one sample each; the limit set between them, so that the smaller
-    # batch is timed as the whole batch's pick and the larger as the chunks'. The script checks
-    # whole and chunks against the shipped per-example gradients before timing.
-    spec = jaxbp.ConvNetSpec(in_shape=(8, 8, 1), n_filters=1, kernel_size=3, n_out=10)
-    limit = 200 * batched.per_example_bytes(spec, 4)
-    monkeypatch.setattr(batched, "PER_EXAMPLE_WHOLE_BATCH_BYTES", limit)
+def test_per_example_bench_runs_end_to_end_and_checks_every_method(tmp_path):
+    # Two small taps points, one sample each. The script checks every method against the shipped
+    # per-example gradients before timing; 8x8 with 3x3 writes out 3 * 3 * 6 = 54 terms.
     args = ["--batches", "150", "250", "--inputs", "8x8x1", "--kernels", "3", "--filters", "1"]
     args += ["--repeats", "1", "--min-sample-s", "0.001", "--out", str(tmp_path)]
     bench_per_example.main(args)
     payload = json.loads((tmp_path / "bench_per_example.json").read_text())
     assert payload["command"].endswith("--min-sample-s 0.001 --out " + str(tmp_path))
     results = payload["results"]
-    assert [(r["point"]["batch"], r["pick"], r["chunk"]) for r in results] == [
-        (150, "whole", 128),
-        (250, "chunks", 128),
+    assert [(r["point"]["batch"], r["chunk"], r["unrolled_terms"], r["unrolled"]) for r in results] == [
+        (150, 128, 54, True),
+        (250, 128, 54, True),
     ]
     for r in results:
-        assert set(r["times"]) == {"batch_grad", "per_ex", "whole", "chunks"} and r["check_rel_error"] < 1e-10
-    assert "| 8x8x1 | 3 | 1 | 250 | 128 |" in (tmp_path / "bench_per_example.md").read_text()
+        assert set(r["times"]) == set(bench_per_example.METHODS) and r["check_rel_error"] < 1e-10
+    assert "| 8x8x1 | 3 | 1 | 250 | 128 | 54 |" in (tmp_path / "bench_per_example.md").read_text()
 
 
 def test_generated_kernels_count_the_fusions_not_library_calls_or_copies():
