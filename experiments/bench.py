@@ -10,7 +10,8 @@ it times, interleaved round by round with warm-up excluded:
   manual_vmap      the step with vmap of the per-example manual backward, then a mean (the core's
                    original path)
   autodiff_vmap    the step with vmap of per-example jax.grad, then a mean
-  per_ex_manual    per-example gradients, jaxbp.per_example_manual_grads (vmap of the manual backward)
+  per_ex_manual    per-example gradients, jaxbp.per_example_manual_grads (with one filter the whole
+                   batch's terms at once, else vmap of the manual backward of one example)
   per_ex_autodiff  per-example gradients, vmap of jax.grad of the per-example loss
   per_ex_dW_write  writing an array the size of the per-example dE/dW (N x D x n_out) and nothing
                    else: a floor under any per-example gradient
@@ -448,9 +449,9 @@ def per_example_without_filter_grad(params, x, y, spec):
     from jaxbp import batched
 
     form = batched.per_example_formulation(spec, x.shape[0], itemsize=x.dtype.itemsize)
-    if form.forward == "taps":  # the whole batch's terms at once, as per_example_grads has them
-        H1, _, delta2, _ = batched.slide_terms(params, x, y, spec, "taps", 1)
-        return H1[:, :, None] * delta2[:, None, :], delta2
+    if form.forward == "taps":  # the whole batch's terms at once; jit drops the unused dE/df
+        grads = batched.per_example_grads_taps(params, x, y, spec)
+        return grads.W, grads.b
 
     def example(xy):  # one example, as `jaxbp.batched.value_and_grads_example` runs it
         x, y = xy
@@ -459,7 +460,7 @@ def per_example_without_filter_grad(params, x, y, spec):
         delta2 = (o - y) * o * (1 - o)  # dE/dZ2; dE/db is delta2 itself
         return jnp.outer(h1, delta2), delta2  # dE/dW = H1 delta2^T
 
-    return jax.vmap(example)((x, y))  # vmapped as per_example_grads vmaps
+    return jax.vmap(example)((x, y))  # vmapped as per_example_grads vmaps other forwards
 
 
 def variant_methods(jax, jaxbp, spec, batch, opt):

@@ -12,11 +12,12 @@ round:
   per_ex       jaxbp.per_example_manual_grads as shipped
   reduce       the same with filter_grad_rows' sums as one reduction over (i, j) each
                (its form past PER_EXAMPLE_UNROLLED_MAX_TERMS terms)
+  rows_chunks  per_ex's batch-wide path under lax.map in chunks of working_set_chunk examples
   vmap         jax.vmap of jaxbp.batched.value_and_grads_example over the whole batch
   chunks       the same under lax.map in chunks of working_set_chunk examples
 
 Each sample is as many calls as fill --min-sample-s (`jaxbp.tune.interleaved_samples`, after a
-warm-up call), each call waited for and only its last output kept. (The runs before
+warm-up call), on the CPU each call waited for, and only the last output kept. (The runs before
 filter_grad_rows kept every output of a sample until it ended: fresh buffers for each call,
 which inflated the per-example times against the batch gradient's.) Before timing, every method
 is checked against per_ex in float64 on a batch of 5 (relative error < 1e-10). Writes
@@ -43,17 +44,7 @@ from bench import machine_info  # noqa: E402
 from bench import summarize  # noqa: E402
 from bench import write_results  # noqa: E402
 
-METHODS = ("batch_grad", "per_ex", "reduce", "vmap", "chunks")
-
-
-def per_example_reduced(params, x, y, spec):
-    """`jaxbp.per_example_manual_grads` after the taps, with dE/df's sums as reductions."""
-    import jaxbp
-    from jaxbp import batched
-
-    H1, _, delta2, delta1 = batched.slide_terms(params, x, y, spec, "taps", 1)
-    f = batched.filter_grad_rows(x, delta1, spec, max_terms=0)
-    return jaxbp.Params(f=f, W=H1[:, :, None] * delta2[:, None, :], b=delta2)
+METHODS = ("batch_grad", "per_ex", "reduce", "rows_chunks", "vmap", "chunks")
 
 
 def methods(jax, jaxbp, spec, batch, itemsize, chunk=None):
@@ -70,10 +61,21 @@ def methods(jax, jaxbp, spec, batch, itemsize, chunk=None):
     def example(p):
         return lambda xy: batched.value_and_grads_example(p, *xy, spec, formulation=form)[1]
 
+    def rows_chunks(p, x, y):  # the batch-wide path on chunks of examples, a remainder last
+        whole = x.shape[0] - x.shape[0] % chunk
+        split = lambda a: a[:whole].reshape(-1, chunk, *a.shape[1:])  # noqa: E731
+        out = lax.map(lambda xy: batched.per_example_grads_taps(p, *xy, spec), (split(x), split(y)))
+        out = jax.tree.map(lambda a: a.reshape(whole, *a.shape[2:]), out)
+        if whole == x.shape[0]:
+            return out
+        rest = batched.per_example_grads_taps(p, x[whole:], y[whole:], spec)
+        return jax.tree.map(lambda a, b: jax.numpy.concatenate([a, b]), out, rest)
+
     return {
         "batch_grad": jit(lambda p, x, y: jaxbp.manual_value_and_grads(p, x, y, spec)),
         "per_ex": jit(lambda p, x, y: jaxbp.per_example_manual_grads(p, x, y, spec)),
-        "reduce": jit(lambda p, x, y: per_example_reduced(p, x, y, spec)),
+        "reduce": jit(lambda p, x, y: batched.per_example_grads_taps(p, x, y, spec, max_terms=0)),
+        "rows_chunks": jit(rows_chunks),
         "vmap": jit(lambda p, x, y: jax.vmap(example(p))((x, y))),
         "chunks": jit(lambda p, x, y: lax.map(example(p), (x, y), batch_size=chunk)),
     }
@@ -127,12 +129,11 @@ def run_point(jax, jaxbp, in_shape, kernel, filters, batch, args) -> dict:
     fns = methods(jax, jaxbp, spec, batch, 4)
     calls = {name: jaxbp.tune.timed_calls(fn, jargs) for name, fn in fns.items()}
     samples = jaxbp.tune.interleaved_samples(calls, args.repeats, args.min_sample_s)
-    ho = spec.h1_shape[0]
     return {
         "point": {"input": list(in_shape), "kernel": kernel, "filters": filters, "batch": batch},
         "chunk": batched.working_set_chunk(spec, batch, 4),
-        "unrolled_terms": kernel * kernel * ho,
-        "unrolled": kernel * kernel * ho <= batched.PER_EXAMPLE_UNROLLED_MAX_TERMS,
+        "unrolled_terms": batched.rows_terms(spec),
+        "unrolled": batched.rows_terms(spec) <= batched.PER_EXAMPLE_UNROLLED_MAX_TERMS,
         "check_rel_error": error,
         "times": {name: summarize(s) for name, s in samples.items()},
     }
@@ -152,9 +153,12 @@ def markdown(results, info, command) -> str:
         f"{info['max_terms']}; past it `per_ex` is `reduce`). `/b`: over the batch gradient alone; "
         "`vmap/per_ex` > 1: the shipped path faster than the vmapped one.",
         "",
-        "| input | k | K | batch | chunk | terms | batch_grad | per_ex | reduce | vmap | chunks "
-        "| per_ex/b | reduce/b | vmap/b | chunks/b | vmap/per_ex |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| input | k | K | batch | chunk | terms | "
+        + " | ".join(METHODS)
+        + " | "
+        + " | ".join(f"{m}/b" for m in METHODS[1:])
+        + " | vmap/per_ex |",
+        "|---" * (7 + 2 * (len(METHODS) - 1)) + "|",
     ]
     for r in results:
         p = r["point"]

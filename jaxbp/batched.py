@@ -867,7 +867,7 @@ def per_example_formulation(spec: ConvNetSpec, batch: int, itemsize: int = 4) ->
     Per example, dE/df after the taps forward is one (jb K, Ho nb) x (Ho nb, kh span C) matmul
     per example with the Toeplitz form, against kh*kw dots with the taps. With one filter the
     per-example gradients took 1.29-2.6x, 1.33-2.5x, 1.57-2.7x, 1.34-2.6x, 1.48-3.7x and
-    (with the whole batch, `per_example_chunk`, git 6b78109) 1.32-2.9x the
+    (with the whole batch up to 96 MiB, git 6b78109) 1.32-2.9x the
     batch gradient in five bench grids (bench.md as committed in 8c4561e and 87b3da5, and with
     git 540461b, 7377a9d and 82cbba1 in its header, the last with the taps' whole batch at 3x3,
     which sped up the batch gradient more than the per-example one), where the grid of e199a4c,
@@ -909,24 +909,42 @@ def value_and_grads_example(
 def per_example_grads(params: Params, x: jax.Array, y: jax.Array, spec: ConvNetSpec) -> Params:
     """Per-example gradients of a batch, each leaf with a leading axis N, nothing summed over N.
 
-    After the taps forward (one filter on few channels, `per_example_formulation`) the slides'
-    terms of the whole batch at once (`slide_terms` with n = 1), dE/dW = H1 delta2^T and dE/db =
-    delta2 per example as broadcast products, and dE/df by `filter_grad_rows`. Otherwise
-    `jax.vmap` of `value_and_grads_example` (the patches or the Toeplitz form: batched dots).
-
-    With one filter the vmapped Toeplitz dE/df took 1.0-2.3x the batch gradient in the grid
-    (experiments/results/bench_amd_epyc_tuned_rerun.md, ``pe/b``), with the taps' kh*kw dots
-    per example 2.5-4.1x; `filter_grad_rows` is what brought it down
-    (experiments/bench_per_example.py times both). With 8 or more filters most of the time goes
-    into writing the output: the per-example dE/dW alone is N x D x n_out numbers
-    (experiments/bench.py times that write alone as ``per_ex_dW_write``).
+    After the taps forward (one filter on few channels, `per_example_formulation`)
+    `per_example_grads_taps`, the whole batch at once; otherwise `jax.vmap` of
+    `value_and_grads_example` over the whole batch (the patches or the Toeplitz form: batched
+    dots). With 8 or more filters most of the time goes into writing the output: the
+    per-example dE/dW alone is N x D x n_out numbers (experiments/bench.py times that write
+    alone as ``per_ex_dW_write``).
     """
     form = per_example_formulation(spec, x.shape[0], itemsize=x.dtype.itemsize)
     if form.forward == "taps":
-        H1, _, delta2, delta1 = slide_terms(params, x, y, spec, "taps", 1)
-        dE_dW = H1[:, :, None] * delta2[:, None, :]  # H1[n] delta2[n]^T, (N, D, n_out)
-        return Params(f=filter_grad_rows(x, delta1, spec), W=dE_dW, b=delta2)
+        return per_example_grads_taps(params, x, y, spec)
     return jax.vmap(lambda x, y: value_and_grads_example(params, x, y, spec, formulation=form)[1])(x, y)
+
+
+def per_example_grads_taps(
+    params: Params, x: jax.Array, y: jax.Array, spec: ConvNetSpec, max_terms: int | None = None
+) -> Params:
+    """Per-example gradients after the taps forward: the slides' terms of the whole batch at once
+    (`slide_terms` with n = 1), dE/dW = H1 delta2^T and dE/db = delta2 of each example, and
+    dE/df by `filter_grad_rows` (``max_terms`` is its).
+
+    With one filter, vmapping `value_and_grads_example` (the Toeplitz form's dE/df, a few
+    numbers per batched dot) took 1.33-3.77x the batch gradient, over the whole batch or in
+    `lax.map` chunks (the better of the two 0.96-2.18x), where this took 0.94-1.37x
+    (experiments/results/bench_per_example.md, 12 points). Chunks of this under `lax.map` ran
+    slower than the whole batch at every batch timed, 256 to 4096 (``rows_chunks`` there): the
+    output, the per-example dE/dW, is written either way, and the loop copies it once more.
+    """
+    H1, _, delta2, delta1 = slide_terms(params, x, y, spec, "taps", 1)
+    dE_dW = H1[:, :, None] * delta2[:, None, :]  # H1[n] delta2[n]^T, (N, D, n_out)
+    return Params(f=filter_grad_rows(x, delta1, spec, max_terms), W=dE_dW, b=delta2)
+
+
+def rows_terms(spec: ConvNetSpec) -> int:
+    """kh kw Ho: the products `filter_grad_rows` writes out, Ho for each tap."""
+    kh, kw = spec.kernel_size
+    return kh * kw * spec.h1_shape[0]
 
 
 def filter_grad_rows(
@@ -942,17 +960,17 @@ def filter_grad_rows(
     The slides' conv(delta1, X) of one example, for every example at once. Each inner sum is Ho
     broadcast products of (N, Wo, K, C) row slices, which XLA fuses into one elementwise loop
     over the examples, as it does the taps forward's sum over taps; what is left to reduce is Wo
-    numbers per output. The same contraction as one reduction over (i, j) ran 1.3-2x slower
-    here (XLA's CPU reductions; experiments/bench_per_example.py, ``reduce``), and vmapping a
-    batch of one's dE/df gives batched dots of a few numbers each. Past
-    `PER_EXAMPLE_UNROLLED_MAX_TERMS` terms (kh kw Ho; 700 at 32x32 with 5x5) it is that one
-    reduction, which compiles in a bounded time: the written-out sums compile in about 2 ms a
-    term.
+    numbers per output. (K, C) and not (C, K): C is the minor axis, K = 1 where this runs.
+    The same contraction as one reduction over (i, j) per tap ran 1.06-1.8x slower
+    (XLA's CPU reductions; ``reduce`` in experiments/results/bench_per_example.md). Past
+    ``max_terms`` written-out products (`rows_terms`, kh kw Ho: 700 at 32x32 with 5x5; None for
+    `PER_EXAMPLE_UNROLLED_MAX_TERMS`) it is that reduction, whose compile time does not grow
+    with Ho: the written-out sums took about 2 ms of compile time a term.
 
     Args:
       x: (N, H, W, C) batch.
       delta1: (N, Ho, Wo, K) dE/dZ1 of each example.
-      max_terms: the most terms written out; None for `PER_EXAMPLE_UNROLLED_MAX_TERMS`.
+      max_terms: the most products written out.
 
     Returns:
       (N, kh, kw, C, K) dE/df of each example.
@@ -960,7 +978,7 @@ def filter_grad_rows(
     kh, kw = spec.kernel_size
     ho, _, k = spec.h1_shape
     n, c = x.shape[0], x.shape[-1]
-    unrolled = kh * kw * ho <= (PER_EXAMPLE_UNROLLED_MAX_TERMS if max_terms is None else max_terms)
+    unrolled = rows_terms(spec) <= (PER_EXAMPLE_UNROLLED_MAX_TERMS if max_terms is None else max_terms)
     sums = []
     for tap in conv_taps(x, spec):  # (N, Ho, Wo, C) each
         if unrolled:
