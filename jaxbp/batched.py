@@ -930,11 +930,15 @@ def per_example_grads_taps(
     dE/df by `filter_grad_rows` (``max_terms`` is its).
 
     With one filter, vmapping `value_and_grads_example` (the Toeplitz form's dE/df, a few
-    numbers per batched dot) took 1.33-3.77x the batch gradient, over the whole batch or in
-    `lax.map` chunks (the better of the two 0.96-2.18x), where this took 0.94-1.37x
-    (experiments/results/bench_per_example.md, 12 points). Chunks of this under `lax.map` ran
-    slower than the whole batch at every batch timed, 256 to 4096 (``rows_chunks`` there): the
-    output, the per-example dE/dW, is written either way, and the loop copies it once more.
+    numbers per batched dot) took 0.95-2.15x the batch gradient at batch 32-1024, the better of
+    the whole batch and `lax.map` chunks, where this took 0.95-1.74x, within 1.2x at 8 of the 12
+    points, and was 1.02-2.99x faster than the vmapped whole batch
+    (experiments/results/bench_per_example.md). At batch 4096 each call writes 94-147 MB of
+    fresh per-example dE/dW (N x D x n_out numbers), and this took 2.2-3.0x. The same
+    path under `lax.map` in chunks of `working_set_chunk` examples (``rows_chunks`` there) took
+    1.16-2.3x the whole batch's time with 28x28x1 at batch 256-4096, 0.92-1.08x with 32x32x3
+    and 3x3 filters, and was faster only with 32x32x3 and 5x5 (1.06-1.21x at 256-4096): no
+    rule for chunks.
     """
     H1, _, delta2, delta1 = slide_terms(params, x, y, spec, "taps", 1)
     dE_dW = H1[:, :, None] * delta2[:, None, :]  # H1[n] delta2[n]^T, (N, D, n_out)
@@ -961,11 +965,13 @@ def filter_grad_rows(
     broadcast products of (N, Wo, K, C) row slices, which XLA fuses into one elementwise loop
     over the examples, as it does the taps forward's sum over taps; what is left to reduce is Wo
     numbers per output. (K, C) and not (C, K): C is the minor axis, K = 1 where this runs.
-    The same contraction as one reduction over (i, j) per tap ran 1.06-1.8x slower
-    (XLA's CPU reductions; ``reduce`` in experiments/results/bench_per_example.md). Past
+    The same contraction as one reduction over (i, j) per tap made the per-example gradients
+    1.01-1.79x slower at all 16 points of experiments/results/bench_per_example.md (``reduce``;
+    XLA's CPU reductions). Past
     ``max_terms`` written-out products (`rows_terms`, kh kw Ho: 700 at 32x32 with 5x5; None for
     `PER_EXAMPLE_UNROLLED_MAX_TERMS`) it is that reduction, whose compile time does not grow
-    with Ho: the written-out sums took about 2 ms of compile time a term.
+    with Ho: the written-out sums took about 2 ms of compile time a term (1.2 s more than the
+    vmapped path at 600 terms, a standalone timing, not committed).
 
     Args:
       x: (N, H, W, C) batch.
