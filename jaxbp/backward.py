@@ -11,8 +11,7 @@ For one example, with delta2 = dE/dZ2 and delta1 = dE/dZ1 (seed/READING.md):
 A batch gradient is the mean of the per-example gradients, matching `jaxbp.loss`, which is the
 mean of per-example losses. `manual_value_and_grads` computes it with `jaxbp.batched`, which
 writes that mean as one contraction over the batch (the same math, faster on XLA);
-`per_example_manual_grads` keeps the per-example gradients (equal to `jax.vmap` of the
-functions here; computed by `jaxbp.batched.per_example_grads`).
+`per_example_manual_grads` keeps the per-example gradients (equal to `jax.vmap` of the functions here).
 """
 
 from __future__ import annotations
