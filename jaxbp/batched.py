@@ -936,9 +936,8 @@ def per_example_grads_taps(
     (experiments/results/bench_per_example.md). At batch 4096 each call writes 94-147 MB of
     fresh per-example dE/dW (N x D x n_out numbers), and this took 2.2-3.0x. The same
     path under `lax.map` in chunks of `working_set_chunk` examples (``rows_chunks`` there) took
-    1.16-2.3x the whole batch's time with 28x28x1 at batch 256-4096, 0.92-1.08x with 32x32x3
-    and 3x3 filters, and was faster only with 32x32x3 and 5x5 (1.06-1.21x at 256-4096): no
-    rule for chunks.
+    1.16-2.3x the whole batch's time with 28x28x1 at batch 256-4096, 0.92-1.09x with 32x32x3
+    and 3x3 filters, and 0.83-0.94x with 32x32x3 and 5x5: no rule for chunks.
     """
     H1, _, delta2, delta1 = slide_terms(params, x, y, spec, "taps", 1)
     dE_dW = H1[:, :, None] * delta2[:, None, :]  # H1[n] delta2[n]^T, (N, D, n_out)
@@ -966,7 +965,7 @@ def filter_grad_rows(
     over the examples, as it does the taps forward's sum over taps; what is left to reduce is Wo
     numbers per output. (K, C) and not (C, K): C is the minor axis, K = 1 where this runs.
     The same contraction as one reduction over (i, j) per tap made the per-example gradients
-    1.01-1.79x slower at all 16 points of experiments/results/bench_per_example.md (``reduce``;
+    1.01-1.80x slower at all 16 points of experiments/results/bench_per_example.md (``reduce``;
     XLA's CPU reductions). Past
     ``max_terms`` written-out products (`rows_terms`, kh kw Ho: 700 at 32x32 with 5x5; None for
     `PER_EXAMPLE_UNROLLED_MAX_TERMS`) it is that reduction, whose compile time does not grow
