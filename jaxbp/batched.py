@@ -728,7 +728,17 @@ def slide_terms(
     # H1 and delta1 are kept as (m, D) matrices: with few filters the (m, Ho, Wo, K) layout has
     # a minor axis of 1 to 8 numbers, and XLA's CPU loops over it ran 3.5x slower (measured at
     # batch 256, 28x28x1, 5x5, one filter: 8.9 ms against 2.5 ms for the whole gradient).
-    H1 = ops.sigmoid(Z1.reshape(m, -1))
+    Z1 = Z1.reshape(m, -1)
+    if forward != "taps":
+        # A matmul's or conv's Z1 is written out anyway; the barrier keeps the sigmoid on this
+        # (m, D) view. Without it XLA moves the reshape past the sigmoid, onto the product's
+        # (rows, jb K) or (rows, K) shape, and XLA's CPU compiler took 0.25 s for a sigmoid whose
+        # minor axis is 32 numbers (16: 0.11 s, 24: 0.17 s) against 0.03-0.05 s for any other
+        # width tried (4-256; tanh and exp alone 0.03-0.04 at every width). With it the step
+        # compiled 0.2-0.37 s faster with 8 Toeplitz-form or 32 filters, and ran no slower
+        # (experiments/results/bench_amd_epyc_sigmoid.md). The taps' Z1 stays fused with it.
+        Z1 = lax.optimization_barrier(Z1)
+    H1 = ops.sigmoid(Z1)
     O = ops.sigmoid(jnp.dot(H1, params.W, precision=spec.precision) + params.b[None, :])
     delta2 = (O - y) * (O * (1 - O)) / n  # (m, n_out): dE/dZ2 (of the mean loss for n > 1)
     dE_dH1 = jnp.dot(delta2, params.W.T, precision=spec.precision)  # W delta2, (m, D)
