@@ -607,3 +607,21 @@ def test_tune_times_the_tuned_pick_beside_the_rules_step(tmp_path):
         assert f"| {p['batch']} | 8x8x1 | 3 | 8 | {tune['rule']} | {tune['best']} |" in text
     assert "- the tuned manual step (--tune) at least as fast as jax.grad: " in text
     assert "picked another formulation than the rule at " in text
+
+
+bench_compile_sigmoid = load_experiment("bench_compile_sigmoid")
+
+
+def test_compile_sigmoid_bench_runs_end_to_end_and_times_with_and_without_the_barrier(tmp_path):
+    # One compile each, small arrays: every width and op timed, every point's batch gradient
+    # compiled with and without the barrier, and the taps point (no barrier there) named as such.
+    args = ["--numbers", "1024", "--repeats", "1", "--out", str(tmp_path)]
+    bench_compile_sigmoid.main(args)
+    payload = json.loads((tmp_path / "bench_compile_sigmoid.json").read_text())
+    widths = payload["results"]["widths"]
+    assert [w["width"] for w in widths] == list(bench_compile_sigmoid.WIDTHS)
+    assert all(w[k] > 0 for w in widths for k in ("sigmoid", "tanh", "exp"))
+    steps = payload["results"]["steps"]
+    assert [s["formulation"].split("/")[0] for s in steps] == ["toeplitz", "toeplitz", "patches", "taps"]
+    assert all(s["shipped_s"] > 0 and s["no_barrier_s"] > 0 and s["autodiff_s"] > 0 for s in steps)
+    assert "| 256 | 28x28x1 | 3 | 1 | taps/" in (tmp_path / "bench_compile_sigmoid.md").read_text()
