@@ -729,7 +729,7 @@ def slide_terms(
     # a minor axis of 1 to 8 numbers, and XLA's CPU loops over it ran 3.5x slower (measured at
     # batch 256, 28x28x1, 5x5, one filter: 8.9 ms against 2.5 ms for the whole gradient).
     Z1 = Z1.reshape(m, -1)
-    if forward != "taps":
+    if forward != "taps" and jax.default_backend() == "cpu":
         # A matmul's or conv's Z1 is written out anyway; the barrier keeps the sigmoid on this
         # (m, D) view. Without it XLA moves the reshape past the sigmoid, onto the product's
         # (rows, jb K) or (rows, K) shape, and XLA's CPU compiler took 0.25 s for a sigmoid whose
@@ -737,7 +737,9 @@ def slide_terms(
         # widths tried, 4-256 (tanh and exp: 0.04 s at every width). With it the batch gradient
         # compiled in 0.24-0.42 s against 0.54-0.68 s with 8 filters in the Toeplitz form or 32
         # filters (experiments/results/bench_compile_sigmoid.md), and the steps ran no slower
-        # (bench_amd_epyc_sigmoid.md). The taps' Z1 is never written: it stays fused.
+        # (bench_amd_epyc_sigmoid.md). The taps' Z1 is never written: it stays fused. Only on
+        # the CPU: the slow compile is its LLVM backend's, and an accelerator's XLA may fuse the
+        # sigmoid into the product (unmeasured).
         Z1 = lax.optimization_barrier(Z1)
     H1 = ops.sigmoid(Z1)
     O = ops.sigmoid(jnp.dot(H1, params.W, precision=spec.precision) + params.b[None, :])
