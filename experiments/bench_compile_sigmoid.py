@@ -48,6 +48,12 @@ def compile_s(jax, fn, args, repeats: int, options: dict) -> float:
     return best
 
 
+def barriers(jax, fn, args) -> int:
+    """How many optimization barriers the lowered fn(*args) holds: the check that the step is
+    timed with and without the barrier, as labelled."""
+    return jax.jit(lambda *a: fn(*a)).lower(*args).as_text().count("optimization_barrier")  # fresh: no cache
+
+
 def main(argv=None) -> None:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
@@ -82,10 +88,12 @@ def main(argv=None) -> None:
         y = jnp.zeros((batch, 10), jnp.float32)
         grad = lambda p, x, y, spec=spec: batched.value_and_grads(p, x, y, spec)  # noqa: E731
         shipped = compile_s(jax, grad, (params, x, y), args.repeats, options)
+        shipped_barriers = barriers(jax, grad, (params, x, y))
         barrier = jax.lax.optimization_barrier
         jax.lax.optimization_barrier = lambda v: v  # the sigmoid on the product's shape
         try:
             unbarred = compile_s(jax, grad, (params, x, y), args.repeats, options)
+            unbarred_barriers = barriers(jax, grad, (params, x, y))
         finally:
             jax.lax.optimization_barrier = barrier
         autodiff_grad = lambda p, x, y, spec=spec: jaxbp.autodiff_value_and_grads(p, x, y, spec)  # noqa: E731
@@ -96,7 +104,9 @@ def main(argv=None) -> None:
                 "point": {"batch": batch, "input": list(in_shape), "kernel": kernel, "filters": filters},
                 "formulation": form.label(),
                 "shipped_s": shipped,
+                "shipped_barriers": shipped_barriers,
                 "no_barrier_s": unbarred,
+                "no_barrier_barriers": unbarred_barriers,
                 "autodiff_s": autodiff,
             }
         )

@@ -733,13 +733,14 @@ def slide_terms(
         # A matmul's or conv's Z1 is written out anyway; the barrier keeps the sigmoid on this
         # (m, D) view. Without it XLA moves the reshape past the sigmoid, onto the product's
         # (rows, jb K) or (rows, K) shape, and XLA's CPU compiler took 0.25 s for a sigmoid whose
-        # minor axis is 32 numbers (16: 0.11 s, 24: 0.17 s) against 0.03-0.06 s for the other
-        # widths tried, 4-256 (tanh and exp: 0.04 s at every width). With it the batch gradient
-        # compiled in 0.24-0.42 s against 0.54-0.68 s with 8 filters in the Toeplitz form or 32
-        # filters (experiments/results/bench_compile_sigmoid.md), and the steps ran no slower
-        # (bench_amd_epyc_sigmoid.md). The taps' Z1 is never written: it stays fused. Only on
-        # the CPU: the slow compile is its LLVM backend's, and an accelerator's XLA may fuse the
-        # sigmoid into the product (unmeasured).
+        # minor axis is 32 numbers (16: 0.11 s, 24: 0.17 s) against 0.03-0.05 s for the other
+        # widths tried, 4-256 (tanh and exp: 0.03-0.04 s at every width). With it the gradient
+        # compiled in 0.24-0.40 s against 0.54-0.68 s with 8 filters in the Toeplitz form or 32
+        # filters (experiments/results/bench_compile_sigmoid.md); the steps' run time stayed
+        # within the noise (0.97x the run before's, median, bench_amd_epyc_sigmoid.md). The
+        # taps' Z1 is never written: it stays fused. Only on the CPU: the slow compile is its
+        # LLVM backend's, and an accelerator's XLA may fuse the sigmoid into the product
+        # (unmeasured).
         Z1 = lax.optimization_barrier(Z1)
     H1 = ops.sigmoid(Z1)
     O = ops.sigmoid(jnp.dot(H1, params.W, precision=spec.precision) + params.b[None, :])
