@@ -873,9 +873,9 @@ def per_example_formulation(spec: ConvNetSpec, batch: int, itemsize: int = 4) ->
     """The formulation for a vmapped batch of one, whole: `choose_formulation`'s forward form, and
     for dE/df the same form, except after the taps the Toeplitz form. `per_example_grads` vmaps
     it except after the taps, where it computes the batch's terms at once (`filter_grad_rows`);
-    the history below is of the vmapped taps forward, for `value_and_grads_example`. On the CPU never XLA's
-    conv for dE/df: vmapped over examples, that conv is a grouped conv with one group per
-    example, which XLA's CPU runs slowly. Off the CPU the conv (cuDNN's grouped convolutions),
+    the history below is of the vmapped taps forward, for `value_and_grads_example`. On the CPU
+    never XLA's conv for dE/df: vmapped over examples, that conv is a grouped conv with one
+    group per example, which XLA's CPU runs slowly. Off the CPU the conv (cuDNN's grouped convolutions),
     unmeasured.
 
     Per example, dE/df after the taps forward is one (jb K, Ho nb) x (Ho nb, kh span C) matmul
@@ -948,8 +948,8 @@ def per_example_grads_taps(
     the whole batch and `lax.map` chunks, where this took 0.95-1.74x, within 1.2x at 8 of the 12
     points, and was 1.02-2.99x faster than the vmapped whole batch
     (experiments/results/bench_per_example.md). At batch 4096 each call writes 94-147 MB of
-    fresh per-example dE/dW (N x D x n_out numbers), and this took 2.2-3.0x. The same
-    path under `lax.map` in chunks of `working_set_chunk` examples (``rows_chunks`` there) took
+    fresh per-example dE/dW (N x D x n_out numbers), and this took 2.2-3.0x. The same path
+    under `lax.map` in chunks of `working_set_chunk` examples (``rows_chunks`` there) took
     1.16-2.3x the whole batch's time with 28x28x1 at batch 256-4096, 0.92-1.09x with 32x32x3
     and 3x3 filters, and 0.83-0.94x with 32x32x3 and 5x5: no rule for chunks.
     """
@@ -980,11 +980,10 @@ def filter_grad_rows(
     numbers per output. (K, C) and not (C, K): C is the minor axis, K = 1 where this runs.
     The same contraction as one reduction over (i, j) per tap made the per-example gradients
     1.01-1.80x slower at all 16 points of experiments/results/bench_per_example.md (``reduce``;
-    XLA's CPU reductions). Past
-    ``max_terms`` written-out products (`rows_terms`, kh kw Ho: 700 at 32x32 with 5x5; None for
-    `PER_EXAMPLE_UNROLLED_MAX_TERMS`) it is that reduction, whose compile time does not grow
-    with Ho: the written-out sums took about 2 ms of compile time a term (1.2 s more than the
-    vmapped path at 600 terms, a standalone timing, not committed).
+    XLA's CPU reductions). Past ``max_terms`` written-out products (`rows_terms`, kh kw Ho: 700
+    at 32x32 with 5x5; None for `PER_EXAMPLE_UNROLLED_MAX_TERMS`) it is that reduction, whose
+    compile time does not grow with Ho: the written-out sums took about 2 ms of compile time a
+    term (1.2 s more than the vmapped path at 600 terms, a standalone timing, not committed).
 
     Args:
       x: (N, H, W, C) batch.
