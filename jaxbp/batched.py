@@ -39,7 +39,9 @@ shape of the work XLA sees, and on a CPU that is where the time goes (measured b
   with tap_ab a strided slice of the padded input: XLA fuses the slices, multiply-adds and the
   sigmoid into one loop, so neither P nor Z1 is written. dE/df is then XLA's conv with the
   batch as its contracted axis (Eigen's, with `jaxbp.compiler_options()`; in parts, below).
-  With one filter P @ f is a matrix-vector product that only pays for writing P.
+  With one filter P @ f is a matrix-vector product that only pays for writing P. From 3 input
+  channels on the channels are contracted first, U = X_pad f (kh kw K numbers per pixel, one
+  small matmul), and the fused loop adds kh*kw shifted slices of U instead of kh*kw*C products.
 * **Weight-gradient sums written small axis first.** dE/dW = H1^T delta2 and dE/df = P^T delta1
   contract over the examples; written as (n_out, D) and (K, kh kw C) they ran 1.2-3x faster
   than in the params' (D, n_out) and (kh kw C, K), so the chunks' sums stay transposed and are
@@ -257,6 +259,18 @@ class Formulation(NamedTuple):
 #   and 5.2% behind at the other 2 (28x28x1, 5x5, 3 filters: taps/toeplitz 2.55 against 2.62 ms;
 #   32x32x3, 3x3, 5 filters: taps/conv and the patches 7.11 and 7.12 against 7.49); the fastest
 #   taps pair took 0.95-1.85x and the patches 0.95-3.11x the Toeplitz pair's time.
+# * The taps' channels contracted first (`conv_forward_tap_products`), measured after the rules
+#   above (experiments/results/bench_tap_products.md: the update step, one filter, 32x32xC
+#   inputs, C = 2, 3, 5, 7, batch 32, 256, 1024, 3x3 and 5x5, 5 interleaved repeats): from 3
+#   channels on it was faster than the per-channel loop at all 18 points, by 1.05-1.64x
+#   (batch 1024, 32x32x3, 5x5: 13.6 against 18.4 ms), and compiled faster at all 18 (0.29
+#   against 0.40 s at batch 32, 32x32x3, 5x5); with 2 channels it was slower at 4 of 6 points
+#   (0.73-0.93x the per-channel loop's speed) and faster at the other 2 (1.06 and 1.19x): hence
+#   TAPS_CONTRACT_CHANNELS_FROM = 3. With one channel there is nothing to contract. U holds
+#   kh kw K numbers per input pixel where the loop reads C; the chunk is still sized by the
+#   working set of the per-channel loop (`working_set_chunk`), not retuned. The unchunked rule
+#   (TAPS_UNCHUNKED_MAX_TERMS) counts kh*kw*C terms as measured with the per-channel loop, so
+#   it is unchanged: in the grid only 3x3 filters on one channel run unchunked.
 # On a GPU (one NVIDIA H200, jax 0.11.2, full float32; experiments/results/
 # bench_formulations_gpu.md, batch 256, 28x28x1, 5x5, the only shape compared there) the step
 # is a few kernel launches long (the manual step 0.06-0.11 ms in the quick grid). The patches
@@ -275,6 +289,7 @@ TAPS_BELOW_CHANNELS_X_FILTERS = 8
 TAPS_MAX_FILTERS = 1
 TOEPLITZ_BELOW_FILTERS = 8
 TAPS_UNCHUNKED_MAX_TERMS = 9
+TAPS_CONTRACT_CHANNELS_FROM = 3
 TAPS_UNCHUNKED_WORKING_SET_BYTES = 48 * 2**20
 CHUNK_WORKING_SET_BYTES = 16 * 2**20
 MAX_CHUNK = 128
@@ -438,17 +453,57 @@ def conv_forward_taps(x: jax.Array, f: jax.Array, spec: ConvNetSpec) -> jax.Arra
 
     Each term is a broadcast multiply of an (N, Ho, Wo, 1) slice by a (K,) row of f, so the whole
     sum is one elementwise loop (kh*kw*C multiply-adds per output) that XLA fuses with its consumer.
+    From `TAPS_CONTRACT_CHANNELS_FROM` input channels on, the channels are contracted first
+    (`conv_forward_tap_products`), and the loop has kh*kw terms.
 
     Returns:
       (N, Ho, Wo, K) Z1.
     """
     kh, kw, c_in, _ = f.shape
+    if c_in >= TAPS_CONTRACT_CHANNELS_FROM:
+        return conv_forward_tap_products(x, f, spec)
     taps = conv_taps(x, spec)
     z = None
     for t, tap in enumerate(taps):
         a, b = divmod(t, kw)
         for c in range(c_in):
             term = tap[..., c : c + 1] * f[a, b, c][None, None, None, :]
+            z = term if z is None else z + term
+    return z
+
+
+def conv_forward_tap_products(x: jax.Array, f: jax.Array, spec: ConvNetSpec) -> jax.Array:
+    r"""Z1 = conv(X, f) as a shift-and-add over the taps of U, each pixel's products with every tap.
+
+    .. math::
+       U[n, h, w, (a, b, k)] &= \sum_c X_{pad}[n, h, w, c]\, f[a, b, c, k] \\
+       Z_1[n, i, j, k] &= \sum_{a, b} U[n,\, a d_h + i s_h,\, b d_w + j s_w,\, (a, b, k)]
+
+    The sum over c is moved inside, and the same as in `conv_forward_taps`. U is one
+    (N Hp Wp, C) x (C, kh kw K) matmul, which writes kh kw K numbers per input pixel; the loop
+    that XLA fuses with the sigmoid then has kh*kw terms instead of kh*kw*C. With 3 channels
+    that ran faster and compiled faster than the per-channel loop; with 2 it ran slower
+    (`TAPS_CONTRACT_CHANNELS_FROM`).
+
+    Returns:
+      (N, Ho, Wo, K) Z1.
+    """
+    kh, kw, c_in, k = f.shape
+    x_pad = pad_input(x, spec)
+    taps_by_channel = f.transpose(2, 0, 1, 3).reshape(c_in, kh * kw * k)  # row c: f[:, :, c, :]
+    u = jnp.dot(x_pad, taps_by_channel, precision=spec.precision).reshape(*x_pad.shape[:3], kh, kw, k)
+    (sh, sw), (dh, dw) = spec.stride, spec.dilation
+    ho, wo, _ = spec.h1_shape
+    n = x.shape[0]
+    z = None
+    for a in range(kh):
+        for b in range(kw):
+            term = lax.slice(
+                u,
+                (0, a * dh, b * dw, a, b, 0),
+                (n, a * dh + (ho - 1) * sh + 1, b * dw + (wo - 1) * sw + 1, a + 1, b + 1, k),
+                (1, sh, sw, 1, 1, 1),
+            ).reshape(n, ho, wo, k)
             z = term if z is None else z + term
     return z
 

@@ -92,6 +92,28 @@ def test_taps_reassemble_the_convolution():
     np.testing.assert_allclose(batched.conv_forward_patches(patches, params.f, spec), conv, rtol=1e-12)
 
 
+@pytest.mark.parametrize("channels", [2, 3, 4])
+def test_taps_contract_the_channels_first_from_the_threshold_and_reassemble_the_convolution(channels):
+    spec = jaxbp.ConvNetSpec(
+        in_shape=(9, 7, channels),
+        n_filters=2,
+        kernel_size=(3, 2),
+        stride=(2, 1),
+        padding=((1, 2), (0, 1)),
+        dilation=2,
+    )
+    params, x, _ = problem(spec, 2, 3)
+    conv = batched.conv_forward_conv(x, params.f, spec)
+    np.testing.assert_allclose(batched.conv_forward_tap_products(x, params.f, spec), conv, rtol=1e-12)
+    np.testing.assert_allclose(batched.conv_forward_taps(x, params.f, spec), conv, rtol=1e-12)
+    # The contracted form is the only one with a matmul (U = X_pad f); the per-channel loop has
+    # kh*kw*C multiplies.
+    jaxpr = str(jax.make_jaxpr(lambda x, f: batched.conv_forward_taps(x, f, spec))(x, params.f))
+    contracted = channels >= batched.TAPS_CONTRACT_CHANNELS_FROM
+    assert ("dot_general" in jaxpr) == contracted
+    assert jaxpr.count(" mul ") == (0 if contracted else 6 * channels)
+
+
 def test_toeplitz_rows_and_band_reassemble_the_convolution():
     # Wo = 6 with a stride of 1 and a dilation of 2 in W, and 3 with a stride of 2: one block of
     # 4 and a padded one, and a single block narrower than TOEPLITZ_BLOCK.

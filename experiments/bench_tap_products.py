@@ -1,0 +1,188 @@
+"""The taps forward with the input channels contracted first, against the per-channel loop.
+
+With one filter on few channels the batch step's forward is the taps' shift-and-add, which
+XLA fuses with the sigmoid into one elementwise loop (`jaxbp.batched.conv_forward_taps`). Per
+channel, that loop has kh*kw*C terms; from `TAPS_CONTRACT_CHANNELS_FROM` channels on it has
+kh*kw, over U = X_pad f, each pixel's products with every tap (one small matmul,
+`conv_forward_tap_products`). This script times, interleaved round by round, the jitted update
+step (`make_update_step(grads="manual")`) with the channels contracted first and with the
+per-channel loop (`TAPS_CONTRACT_CHANNELS_FROM` set to 1 and past the channel count while each
+step is traced, so both forms at every channel count), with the jax.grad step as a baseline in
+the same process; and each step's compile time (lower + compile, the fastest of
+--compile-repeats fresh jits). Both forms' gradients are compared in float32
+before timing. Writes experiments/results/<name>.json and .md.
+
+    python experiments/bench_tap_products.py            # about 5 minutes on 2 cores
+    python experiments/bench_tap_products.py --quick    # one point per channel count
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import shlex
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import machine_info  # noqa: E402
+from bench import write_results  # noqa: E402
+
+CHANNELS = (2, 3, 5, 7)
+BATCHES = (32, 256, 1024)
+KERNELS = (3, 5)
+METHODS = ("products", "per_channel", "autodiff")
+
+
+def step_and_args(jax, jaxbp, spec, batch: int, grads: str, contract_from: int | None):
+    """The compiled update step, its arguments, its compile seconds and the matmuls of its lowered
+    program (the check that each form is timed as labelled: the products have one more, U);
+    `contract_from` patches TAPS_CONTRACT_CHANNELS_FROM while the step is traced (None: as
+    shipped)."""
+    import jax.numpy as jnp
+
+    from jaxbp import batched
+
+    params = jaxbp.init_params(jax.random.key(0), spec)
+    x = jax.random.normal(jax.random.key(1), (batch, *spec.in_shape), jnp.float32)
+    y = jax.random.uniform(jax.random.key(2), (batch, spec.n_out), jnp.float32)
+    optimizer = jaxbp.sgd(0.1)
+    args = (params, optimizer.init(params), x, y)
+    shipped = batched.TAPS_CONTRACT_CHANNELS_FROM
+    if contract_from is not None:
+        batched.TAPS_CONTRACT_CHANNELS_FROM = contract_from
+    try:
+        step = jaxbp.make_update_step(spec, optimizer, grads=grads)
+        start = time.perf_counter()
+        lowered = step.lower(*args)
+        compiled = lowered.compile()
+        seconds = time.perf_counter() - start
+    finally:
+        batched.TAPS_CONTRACT_CHANNELS_FROM = shipped
+    return compiled, args, seconds, lowered.as_text().count("dot_general")
+
+
+def main(argv=None) -> None:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--channels", type=int, nargs="+", default=list(CHANNELS), help="input channels C")
+    parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES), help="batch sizes")
+    parser.add_argument("--kernels", type=int, nargs="+", default=list(KERNELS), help="square kernel sizes")
+    parser.add_argument("--size", type=int, default=32, help="input height and width (default 32)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed samples per method (default 5)")
+    parser.add_argument("--compile-repeats", type=int, default=3, help="compiles per step; fastest counts")
+    parser.add_argument("--min-sample-s", type=float, default=0.05, help="seconds per timed sample")
+    parser.add_argument("--quick", action="store_true", help="batch 256, 5x5 only; 2 repeats")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"), help="folder")
+    parser.add_argument("--name", default="bench_tap_products", help="file stem of the outputs")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batches, args.kernels, args.repeats, args.compile_repeats = [256], [5], 2, 1
+    if min(args.channels) < 1 or min(args.batches) < 1 or min(args.kernels) < 1:
+        parser.error("--channels, --batches and --kernels must be positive")
+    if args.repeats < 1 or args.compile_repeats < 1 or args.min_sample_s <= 0:
+        parser.error("--repeats and --compile-repeats must be >= 1, --min-sample-s > 0")
+    import jax
+
+    import jaxbp
+    from jaxbp import batched
+    from jaxbp.tune import interleaved_samples
+    from jaxbp.tune import timed_calls
+
+    results = []
+    for c, batch, kernel in itertools.product(args.channels, args.batches, args.kernels):
+        spec = jaxbp.ConvNetSpec(
+            in_shape=(args.size, args.size, c), n_filters=1, kernel_size=kernel, n_out=10
+        )
+        form = batched.choose_formulation(spec, batch)
+        variants = {
+            "products": ("manual", 1),
+            "per_channel": ("manual", c + 1),
+            "autodiff": ("autodiff", None),
+        }
+        compiled, compile_s, dots = {}, {}, {}
+        for name, (grads, contract_from) in variants.items():
+            best = float("inf")
+            for _ in range(args.compile_repeats):
+                fn, fn_args, seconds, dots[name] = step_and_args(
+                    jax, jaxbp, spec, batch, grads, contract_from
+                )
+                best = min(best, seconds)
+            compiled[name], compile_s[name] = (fn, fn_args), best
+        outs = {name: fn(*fn_args) for name, (fn, fn_args) in compiled.items()}
+        # The updated params of both manual forms, relative to the largest of each leaf.
+        rel_diff = max(
+            float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / max(1e-30, np.max(np.abs(np.asarray(b)))))
+            for a, b in zip(jax.tree.leaves(outs["products"][0]), jax.tree.leaves(outs["per_channel"][0]))
+        )
+        calls = {name: timed_calls(fn, fn_args) for name, (fn, fn_args) in compiled.items()}
+        samples = interleaved_samples(calls, args.repeats, args.min_sample_s)
+        times = {
+            name: {
+                "median_ms": 1e3 * float(np.median(s)),
+                "q1_ms": 1e3 * float(np.percentile(s, 25)),
+                "q3_ms": 1e3 * float(np.percentile(s, 75)),
+            }
+            for name, s in samples.items()
+        }
+        results.append(
+            {
+                "point": {"batch": batch, "input": list(spec.in_shape), "kernel": kernel, "filters": 1},
+                "formulation": form.label(),
+                "params_rel_diff": rel_diff,
+                "times": times,
+                "compile_s": compile_s,
+                "matmuls": dots,
+            }
+        )
+        print(f"C {c}, batch {batch}, {kernel}x{kernel} done", file=sys.stderr, flush=True)
+
+    info = machine_info(jax, {})
+    command = shlex.join(
+        ["python", "experiments/bench_tap_products.py", *(sys.argv[1:] if argv is None else argv)]
+    )
+    rows = []
+    for r in results:
+        p, t, cs = r["point"], r["times"], r["compile_s"]
+        rows.append(
+            f"| {p['batch']} | {'x'.join(map(str, p['input']))} | {p['kernel']} | {r['formulation']} "
+            f"| {t['products']['median_ms']:.3g} | {t['per_channel']['median_ms']:.3g} "
+            f"| {t['autodiff']['median_ms']:.3g} "
+            f"| {t['per_channel']['median_ms'] / t['products']['median_ms']:.2f} "
+            f"| {cs['products']:.2f} | {cs['per_channel']:.2f} | {cs['autodiff']:.2f} "
+            f"| {r['params_rel_diff']:.1e} |"
+        )
+    faster = [
+        r for r in results if r["times"]["products"]["median_ms"] < r["times"]["per_channel"]["median_ms"]
+    ]
+    lines = [
+        "# The taps forward: input channels contracted first (products) or per channel",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {info['cpu']}, {info['cores']} cores. jax {info['jax']}, jaxlib {info['jaxlib']}; "
+        f"git {info['git_commit']}; {info['date_utc']}.",
+        "",
+        f"Median ms per update step of {args.repeats} interleaved samples (quartiles in the JSON), one "
+        "filter, 10 outputs, VALID, float32. `products`: the manual step with the channels "
+        "contracted first (U = X_pad f, then kh*kw terms); `per_channel`: with the kh*kw*C-term loop; "
+        "the step as shipped is `products` from TAPS_CONTRACT_CHANNELS_FROM = "
+        f"{batched.TAPS_CONTRACT_CHANNELS_FROM} channels on. `autodiff`: the jax.grad step. `pc/pr`: "
+        "per_channel over products (> 1: the products faster). Compile: seconds, the fastest of "
+        f"{args.compile_repeats}. `diff`: the "
+        "largest difference of the two manual steps' updated params, relative to each leaf's largest.",
+        "",
+        "| batch | input | k | formulation | products | per_channel | jax.grad | pc/pr "
+        "| compile products | compile per_channel | compile jax.grad | diff |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        f"Products faster at {len(faster)} of {len(results)} points.",
+    ]
+    write_results(args.out, args.name, info, command, results, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
