@@ -262,10 +262,12 @@ class Formulation(NamedTuple):
 # * The taps' channels contracted first (`conv_forward_tap_products`), measured after the rules
 #   above (experiments/results/bench_tap_products.md: the update step, one filter, 32x32xC
 #   inputs, C = 2, 3, 5, 7, batch 32, 256, 1024, 3x3 and 5x5, 5 interleaved repeats): from 3
-#   channels on it was faster than the per-channel loop at all 18 points, by 1.05-1.64x
-#   (batch 1024, 32x32x3, 5x5: 13.6 against 18.4 ms), and compiled faster at all 18 (0.29
-#   against 0.40 s at batch 32, 32x32x3, 5x5); with 2 channels it was slower at 4 of 6 points
-#   (0.73-0.93x the per-channel loop's speed) and faster at the other 2 (1.06 and 1.19x): hence
+#   channels on it was faster than the per-channel loop at all 18 points, by 1.00-1.74x (batch
+#   1024, 32x32x3, 5x5: 13.1 against 17.8 ms), and compiled faster at 17 (batch 32, 32x32x3,
+#   5x5: 0.28 against 0.37 s; 2% slower at the 18th); with 2 channels it was 0.78-1.08x the
+#   per-channel loop's speed, slower by more than 5% at 2 of 6 points (batch 1024, 3x3: 10.0
+#   against 7.8 ms) and faster by more than 5% at 1. A first run of the same command (not kept)
+#   had the same sides at C >= 3 (1.05-1.64x) and C = 2 slower at 4 of 6 points: hence
 #   TAPS_CONTRACT_CHANNELS_FROM = 3. With one channel there is nothing to contract. U holds
 #   kh kw K numbers per input pixel where the loop reads C; the chunk is still sized by the
 #   working set of the per-channel loop (`working_set_chunk`), not retuned. The unchunked rule
@@ -481,9 +483,9 @@ def conv_forward_tap_products(x: jax.Array, f: jax.Array, spec: ConvNetSpec) -> 
 
     The sum over c is moved inside, and the same as in `conv_forward_taps`. U is one
     (N Hp Wp, C) x (C, kh kw K) matmul, which writes kh kw K numbers per input pixel; the loop
-    that XLA fuses with the sigmoid then has kh*kw terms instead of kh*kw*C. With 3 channels
-    that ran faster and compiled faster than the per-channel loop; with 2 it ran slower
-    (`TAPS_CONTRACT_CHANNELS_FROM`).
+    that XLA fuses with the sigmoid then has kh*kw terms instead of kh*kw*C. From 3 channels
+    on that ran up to 1.7x faster than the per-channel loop and compiled faster; with 2 it was
+    as fast or slower (`TAPS_CONTRACT_CHANNELS_FROM`).
 
     Returns:
       (N, Ho, Wo, K) Z1.
