@@ -13,6 +13,9 @@ round:
   reduce       the same with filter_grad_rows' sums as one reduction over (i, j) each
                (its form past PER_EXAMPLE_UNROLLED_MAX_TERMS terms)
   rows_chunks  per_ex's batch-wide path under lax.map in chunks of working_set_chunk examples
+  products     per_ex with the taps forward's input channels contracted first (the batch
+               step's form from 3 channels on, `conv_forward_tap_products`), the whole batch
+  products_chunks  the same under lax.map in chunks of working_set_chunk examples
   vmap         jax.vmap of jaxbp.batched.value_and_grads_example over the whole batch
   chunks       the same under lax.map in chunks of working_set_chunk examples
 
@@ -44,7 +47,7 @@ from bench import machine_info  # noqa: E402
 from bench import summarize  # noqa: E402
 from bench import write_results  # noqa: E402
 
-METHODS = ("batch_grad", "per_ex", "reduce", "rows_chunks", "vmap", "chunks")
+METHODS = ("batch_grad", "per_ex", "reduce", "rows_chunks", "products", "products_chunks", "vmap", "chunks")
 
 
 def methods(jax, jaxbp, spec, batch, itemsize, chunk=None):
@@ -61,14 +64,15 @@ def methods(jax, jaxbp, spec, batch, itemsize, chunk=None):
     def example(p):
         return lambda xy: batched.value_and_grads_example(p, *xy, spec, formulation=form)[1]
 
-    def rows_chunks(p, x, y):  # the batch-wide path on chunks of examples, a remainder last
+    def rows_chunks(p, x, y, contract_channels=False):  # the batch-wide path on chunks, a remainder last
+        rows = lambda x, y: batched.per_example_grads_taps(p, x, y, spec, contract_channels=contract_channels)  # noqa: E731
         whole = x.shape[0] - x.shape[0] % chunk
         split = lambda a: a[:whole].reshape(-1, chunk, *a.shape[1:])  # noqa: E731
-        out = lax.map(lambda xy: batched.per_example_grads_taps(p, *xy, spec), (split(x), split(y)))
+        out = lax.map(lambda xy: rows(*xy), (split(x), split(y)))
         out = jax.tree.map(lambda a: a.reshape(whole, *a.shape[2:]), out)
         if whole == x.shape[0]:
             return out
-        rest = batched.per_example_grads_taps(p, x[whole:], y[whole:], spec)
+        rest = rows(x[whole:], y[whole:])
         return jax.tree.map(lambda a, b: jax.numpy.concatenate([a, b]), out, rest)
 
     return {
@@ -76,6 +80,10 @@ def methods(jax, jaxbp, spec, batch, itemsize, chunk=None):
         "per_ex": jit(lambda p, x, y: jaxbp.per_example_manual_grads(p, x, y, spec)),
         "reduce": jit(lambda p, x, y: batched.per_example_grads_taps(p, x, y, spec, max_terms=0)),
         "rows_chunks": jit(rows_chunks),
+        "products": jit(
+            lambda p, x, y: batched.per_example_grads_taps(p, x, y, spec, contract_channels=True)
+        ),
+        "products_chunks": jit(lambda p, x, y: rows_chunks(p, x, y, contract_channels=True)),
         "vmap": jit(lambda p, x, y: jax.vmap(example(p))((x, y))),
         "chunks": jit(lambda p, x, y: lax.map(example(p), (x, y), batch_size=chunk)),
     }

@@ -448,21 +448,25 @@ def conv_patches(x: jax.Array, spec: ConvNetSpec) -> jax.Array:
     return jnp.concatenate(rows, axis=-1).reshape(-1, kh * kw * c)
 
 
-def conv_forward_taps(x: jax.Array, f: jax.Array, spec: ConvNetSpec) -> jax.Array:
+def conv_forward_taps(
+    x: jax.Array, f: jax.Array, spec: ConvNetSpec, contract_channels: bool | None = None
+) -> jax.Array:
     r"""Z1 = conv(X, f) as a shift-and-add over taps and input channels.
 
     .. math:: Z_1[n, i, j, k] = \sum_{a, b, c} \mathrm{tap}_{ab}(X)[n, i, j, c]\, f[a, b, c, k]
 
     Each term is a broadcast multiply of an (N, Ho, Wo, 1) slice by a (K,) row of f, so the whole
     sum is one elementwise loop (kh*kw*C multiply-adds per output) that XLA fuses with its consumer.
-    From `TAPS_CONTRACT_CHANNELS_FROM` input channels on, the channels are contracted first
-    (`conv_forward_tap_products`), and the loop has kh*kw terms.
+    With ``contract_channels`` (None: from `TAPS_CONTRACT_CHANNELS_FROM` input channels on) the
+    channels are contracted first (`conv_forward_tap_products`), and the loop has kh*kw terms.
 
     Returns:
       (N, Ho, Wo, K) Z1.
     """
     kh, kw, c_in, _ = f.shape
-    if c_in >= TAPS_CONTRACT_CHANNELS_FROM:
+    if contract_channels is None:
+        contract_channels = c_in >= TAPS_CONTRACT_CHANNELS_FROM
+    if contract_channels:
         return conv_forward_tap_products(x, f, spec)
     taps = conv_taps(x, spec)
     z = None
@@ -542,9 +546,10 @@ def conv_forward(
     *,
     patches: jax.Array | None = None,
     rows: jax.Array | None = None,
+    contract_channels: bool | None = None,
 ) -> jax.Array:
     """Z1 = conv(X, f) in the named form, with the patches or row slabs given (built from x if
-    not), so that dE/df can reuse them.
+    not), so that dE/df can reuse them; ``contract_channels`` is `conv_forward_taps`'.
 
     Returns:
       (N, Ho, Wo, K) Z1.
@@ -554,7 +559,7 @@ def conv_forward(
     if form == "toeplitz":
         return conv_forward_toeplitz(toeplitz_rows(x, spec) if rows is None else rows, f, spec)
     if form == "taps":
-        return conv_forward_taps(x, f, spec)
+        return conv_forward_taps(x, f, spec, contract_channels)
     return conv_forward_conv(x, f, spec)
 
 
@@ -769,9 +774,11 @@ def slide_terms(
     *,
     patches: jax.Array | None = None,
     rows: jax.Array | None = None,
+    contract_channels: bool | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     r"""(H1, O, delta2, delta1) of m examples: the slides' forward and their per-example deltas,
     nothing contracted over the examples yet, delta2 carrying a mean's 1/n (n = 1: none).
+    ``patches``, ``rows`` and ``contract_channels`` are `conv_forward`'s.
 
     .. math::
        \delta_2 = (O - Y) \odot O (1 - O) / n, \qquad
@@ -781,7 +788,9 @@ def slide_terms(
       H1 (m, D), O (m, n_out), delta2 (m, n_out) and delta1 (m, Ho, Wo, K).
     """
     m = x.shape[0]
-    Z1 = conv_forward(x, params.f, spec, forward, patches=patches, rows=rows)
+    Z1 = conv_forward(
+        x, params.f, spec, forward, patches=patches, rows=rows, contract_channels=contract_channels
+    )
     # H1 and delta1 are kept as (m, D) matrices: with few filters the (m, Ho, Wo, K) layout has
     # a minor axis of 1 to 8 numbers, and XLA's CPU loops over it ran 3.5x slower (measured at
     # batch 256, 28x28x1, 5x5, one filter: 8.9 ms against 2.5 ms for the whole gradient).
@@ -994,11 +1003,21 @@ def per_example_grads(params: Params, x: jax.Array, y: jax.Array, spec: ConvNetS
 
 
 def per_example_grads_taps(
-    params: Params, x: jax.Array, y: jax.Array, spec: ConvNetSpec, max_terms: int | None = None
+    params: Params,
+    x: jax.Array,
+    y: jax.Array,
+    spec: ConvNetSpec,
+    max_terms: int | None = None,
+    contract_channels: bool = False,
 ) -> Params:
     """Per-example gradients after the taps forward: the slides' terms of the whole batch at once
     (`slide_terms` with n = 1), dE/dW = H1 delta2^T and dE/db = delta2 of each example, and
     dE/df by `filter_grad_rows` (``max_terms`` is its).
+
+    The taps forward keeps the per-channel loop unless ``contract_channels``: over the whole batch
+    `conv_forward_tap_products` writes U, kh kw numbers per input pixel for all N examples (105 MB
+    at batch 1024 of 32x32x3 with 5x5), and at batch 1024 of 32x32x3 this path took 1.8-2.9x
+    longer with it (experiments/results/bench_per_example.md, ``products``).
 
     With one filter, vmapping `value_and_grads_example` (the Toeplitz form's dE/df, a few
     numbers per batched dot) took 0.95-2.15x the batch gradient at batch 32-1024, the better of
@@ -1010,7 +1029,7 @@ def per_example_grads_taps(
     1.16-2.3x the whole batch's time with 28x28x1 at batch 256-4096, 0.92-1.09x with 32x32x3
     and 3x3 filters, and 0.83-0.94x with 32x32x3 and 5x5: no rule for chunks.
     """
-    H1, _, delta2, delta1 = slide_terms(params, x, y, spec, "taps", 1)
+    H1, _, delta2, delta1 = slide_terms(params, x, y, spec, "taps", 1, contract_channels=contract_channels)
     dE_dW = H1[:, :, None] * delta2[:, None, :]  # H1[n] delta2[n]^T, (N, D, n_out)
     return Params(f=filter_grad_rows(x, delta1, spec, max_terms), W=dE_dW, b=delta2)
 
