@@ -329,6 +329,23 @@ def test_per_example_grads_never_group_a_conv_and_equal_the_slides_float64(
     chex.assert_trees_all_close(per_example, slides(params, x, y, spec)[1], rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.parametrize("contract_channels", [False, True])
+def test_per_example_taps_with_and_without_the_channels_contracted_equal_the_slides_float64(
+    contract_channels,
+):
+    # Three channels: the batch step contracts them first (TAPS_CONTRACT_CHANNELS_FROM); the
+    # per-example path does not unless asked (its forward then has U's matmul: one more dot).
+    spec = jaxbp.ConvNetSpec(in_shape=(7, 6, 3), n_filters=1, kernel_size=(3, 2), stride=(1, 2), n_out=2)
+    assert 3 >= batched.TAPS_CONTRACT_CHANNELS_FROM
+    params, x, y = problem(spec, 11, 4)
+    fn = lambda p, x, y: batched.per_example_grads_taps(p, x, y, spec, contract_channels=contract_channels)  # noqa: E731
+    slides = jax.vmap(jaxbp.backward.value_and_manual_grads_example, in_axes=(None, 0, 0, None))
+    chex.assert_trees_all_close(fn(params, x, y), slides(params, x, y, spec)[1], rtol=1e-10, atol=1e-13)
+    dots = str(jax.make_jaxpr(fn)(params, x, y)).count("dot_general")
+    shipped = str(jax.make_jaxpr(lambda *a: jaxbp.per_example_manual_grads(*a, spec))(params, x, y))
+    assert dots == shipped.count("dot_general") + contract_channels
+
+
 @pytest.mark.parametrize("max_terms", [None, 0])
 def test_filter_grad_rows_is_each_examples_conv_of_delta1_and_x_float64(max_terms):
     # Any filters, stride, padding and dilation: for each example the slides' dE/df,
