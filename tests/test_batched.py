@@ -72,15 +72,20 @@ def test_chosen_formulation_is_the_default_and_known():
         )
 
 
-def test_taps_reassemble_the_convolution():
-    spec = jaxbp.ConvNetSpec(
-        in_shape=(9, 7, 2),
-        n_filters=3,
+def odd_spec(channels: int, filters: int, stride=(2, 1)) -> jaxbp.ConvNetSpec:
+    """A non-square 3x2 kernel, a stride, asymmetric padding and a dilation of 2, on a 9x7 input."""
+    return jaxbp.ConvNetSpec(
+        in_shape=(9, 7, channels),
+        n_filters=filters,
         kernel_size=(3, 2),
-        stride=(2, 1),
+        stride=stride,
         padding=((1, 2), (0, 1)),
         dilation=2,
     )
+
+
+def test_taps_reassemble_the_convolution():
+    spec = odd_spec(2, 3)
     params, x, _ = problem(spec, 1, 3)
     taps = batched.conv_taps(x, spec)
     assert len(taps) == 6 and all(t.shape == (3, *spec.h1_shape[:2], 2) for t in taps)
@@ -94,14 +99,7 @@ def test_taps_reassemble_the_convolution():
 
 @pytest.mark.parametrize("channels", [2, 3, 4])
 def test_taps_contract_the_channels_first_from_the_threshold_and_reassemble_the_convolution(channels):
-    spec = jaxbp.ConvNetSpec(
-        in_shape=(9, 7, channels),
-        n_filters=2,
-        kernel_size=(3, 2),
-        stride=(2, 1),
-        padding=((1, 2), (0, 1)),
-        dilation=2,
-    )
+    spec = odd_spec(channels, 2)
     params, x, _ = problem(spec, 2, 3)
     conv = batched.conv_forward_conv(x, params.f, spec)
     np.testing.assert_allclose(batched.conv_forward_tap_products(x, params.f, spec), conv, rtol=1e-12)
@@ -118,14 +116,7 @@ def test_toeplitz_rows_and_band_reassemble_the_convolution():
     # Wo = 6 with a stride of 1 and a dilation of 2 in W, and 3 with a stride of 2: one block of
     # 4 and a padded one, and a single block narrower than TOEPLITZ_BLOCK.
     for stride in ((2, 1), (1, 2)):
-        spec = jaxbp.ConvNetSpec(
-            in_shape=(9, 7, 2),
-            n_filters=3,
-            kernel_size=(3, 2),
-            stride=stride,
-            padding=((1, 2), (0, 1)),
-            dilation=2,
-        )
+        spec = odd_spec(2, 3, stride)
         params, x, _ = problem(spec, 1, 3)
         (kh, kw), (_, sw), (_, dw) = spec.kernel_size, spec.stride, spec.dilation
         ho, wo, _ = spec.h1_shape
