@@ -12,7 +12,7 @@ the same process; and each step's compile time (lower + compile, the fastest of
 --compile-repeats fresh jits). Both forms' gradients are compared in float32
 before timing. Writes experiments/results/<name>.json and .md.
 
-    python experiments/bench_tap_products.py            # about 5 minutes on 2 cores
+    python experiments/bench_tap_products.py            # about 3 minutes on 2 cores
     python experiments/bench_tap_products.py --quick    # one point per channel count
 """
 

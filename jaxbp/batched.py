@@ -266,9 +266,11 @@ class Formulation(NamedTuple):
 #   1024, 32x32x3, 5x5: 13.1 against 17.8 ms), and compiled faster at 17 (batch 32, 32x32x3,
 #   5x5: 0.28 against 0.37 s; 2% slower at the 18th); with 2 channels it was 0.78-1.08x the
 #   per-channel loop's speed, slower by more than 5% at 2 of 6 points (batch 1024, 3x3: 10.0
-#   against 7.8 ms) and faster by more than 5% at 1. A first run of the same command (not kept)
-#   had the same sides at C >= 3 (1.05-1.64x) and C = 2 slower at 4 of 6 points: hence
-#   TAPS_CONTRACT_CHANNELS_FROM = 3. With one channel there is nothing to contract. U holds
+#   against 7.8 ms) and faster by more than 5% at 1. A first run of the same command (committed
+#   in c7e4372, replaced in 21af73a) had the same sides at C >= 3 (1.05-1.64x) and C = 2
+#   slower at 4 of 6 points: hence TAPS_CONTRACT_CHANNELS_FROM = 3. With one channel there is
+#   nothing to contract. The per-example paths keep the per-channel loop (they write U for
+#   every example, `per_example_grads_taps`, `value_and_grads_example`). U holds
 #   kh kw K numbers per input pixel where the loop reads C; the chunk is still sized by the
 #   working set of the per-channel loop (`working_set_chunk`), not retuned. The unchunked rule
 #   (TAPS_UNCHUNKED_MAX_TERMS) counts kh*kw*C terms as measured with the per-channel loop, so
@@ -347,7 +349,8 @@ def conv_filter_grad_parts(batch: int, backend: str | None = None) -> int:
 
 
 def taps_terms(spec: ConvNetSpec) -> int:
-    """kh kw C: the taps forward's multiply-adds per output position and filter."""
+    """kh kw C: the per-channel taps loop's multiply-adds per output position and filter (what the
+    unchunked rule counts; with the channels contracted first the loop has kh kw)."""
     kh, kw = spec.kernel_size
     return kh * kw * spec.in_shape[2]
 
@@ -451,14 +454,14 @@ def conv_patches(x: jax.Array, spec: ConvNetSpec) -> jax.Array:
 def conv_forward_taps(
     x: jax.Array, f: jax.Array, spec: ConvNetSpec, contract_channels: bool | None = None
 ) -> jax.Array:
-    r"""Z1 = conv(X, f) as a shift-and-add over taps and input channels.
+    r"""Z1 = conv(X, f) as a shift-and-add over taps: with ``contract_channels`` (None: from
+    `TAPS_CONTRACT_CHANNELS_FROM` input channels on) over the taps of the channels' products
+    (`conv_forward_tap_products`), else over taps and input channels, here:
 
     .. math:: Z_1[n, i, j, k] = \sum_{a, b, c} \mathrm{tap}_{ab}(X)[n, i, j, c]\, f[a, b, c, k]
 
     Each term is a broadcast multiply of an (N, Ho, Wo, 1) slice by a (K,) row of f, so the whole
     sum is one elementwise loop (kh*kw*C multiply-adds per output) that XLA fuses with its consumer.
-    With ``contract_channels`` (None: from `TAPS_CONTRACT_CHANNELS_FROM` input channels on) the
-    channels are contracted first (`conv_forward_tap_products`), and the loop has kh*kw terms.
 
     Returns:
       (N, Ho, Wo, K) Z1.
@@ -485,11 +488,11 @@ def conv_forward_tap_products(x: jax.Array, f: jax.Array, spec: ConvNetSpec) -> 
        U[n, h, w, (a, b, k)] &= \sum_c X_{pad}[n, h, w, c]\, f[a, b, c, k] \\
        Z_1[n, i, j, k] &= \sum_{a, b} U[n,\, a d_h + i s_h,\, b d_w + j s_w,\, (a, b, k)]
 
-    The sum over c is moved inside, and the same as in `conv_forward_taps`. U is one
+    The sum over c is taken first; otherwise as in `conv_forward_taps`. U is one
     (N Hp Wp, C) x (C, kh kw K) matmul, which writes kh kw K numbers per input pixel; the loop
     that XLA fuses with the sigmoid then has kh*kw terms instead of kh*kw*C. From 3 channels
-    on that ran up to 1.7x faster than the per-channel loop and compiled faster; with 2 it was
-    as fast or slower (`TAPS_CONTRACT_CHANNELS_FROM`).
+    on that ran up to 1.7x faster than the per-channel loop and compiled faster; with 2 it ran
+    at 0.78-1.08x the loop's speed (`TAPS_CONTRACT_CHANNELS_FROM`).
 
     Returns:
       (N, Ho, Wo, K) Z1.
@@ -824,6 +827,7 @@ def chunk_sums(
     form: Formulation,
     n: int,
     transposed: bool = True,
+    contract_channels: bool | None = None,
 ) -> tuple[jax.Array, Params]:
     """(sum of E, sums of dE/dparams) over the examples of one chunk, each already divided by n.
 
@@ -831,12 +835,15 @@ def chunk_sums(
     With ``transposed`` the two weight gradients come small axis first, f as (K, kh kw C) and W
     as (n_out, D) (see `untranspose`): faster for sums over several examples, and slower for a
     single vmapped example, where the transpose back is one per example (per-example gradients,
-    batch 256, 28x28x1, 8 filters: 52 ms transposed against 29).
+    batch 256, 28x28x1, 8 filters: 52 ms transposed against 29). ``contract_channels`` is
+    `conv_forward_taps`'.
     """
     forms = (form.forward, form.filter_grad)
     patches = conv_patches(x, spec) if "patches" in forms else None
     rows = toeplitz_rows(x, spec) if "toeplitz" in forms else None
-    H1, O, delta2, delta1 = slide_terms(params, x, y, spec, form.forward, n, patches=patches, rows=rows)
+    H1, O, delta2, delta1 = slide_terms(
+        params, x, y, spec, form.forward, n, patches=patches, rows=rows, contract_channels=contract_channels
+    )
     E = 0.5 * jnp.sum((O - y) ** 2) / n
     if transposed:
         # (dE/dW)^T = sum_n delta2[n] H1[n]^T written (n_out, D): the same contraction over the
@@ -879,6 +886,7 @@ def value_and_grads(
     spec: ConvNetSpec,
     *,
     formulation: Formulation | None = None,
+    contract_channels: bool | None = None,
 ) -> tuple[jax.Array, Params]:
     r"""(E, dE/dparams) of a batch: the means over examples, computed as contractions over N.
 
@@ -889,6 +897,8 @@ def value_and_grads(
       spec: the network.
       formulation: how to compute the two convolutions and in what chunks; None picks
         `choose_formulation`.
+      contract_channels: with the taps forward, whether the input channels are contracted first
+        (`conv_forward_taps`); None: from `TAPS_CONTRACT_CHANNELS_FROM` channels on.
 
     Returns:
       (E, Params(dE/df, dE/dW, dE/db)), E the mean of the per-example losses
@@ -905,17 +915,18 @@ def value_and_grads(
     else:
         form = check_formulation(formulation)
     chunk = n if form.chunk is None else min(form.chunk, n)
+    cc = contract_channels
     if n == 1:  # one example (what vmap sees for per-example gradients): no sum to transpose
-        return chunk_sums(params, x, y, spec, form, n, transposed=False)
+        return chunk_sums(params, x, y, spec, form, n, transposed=False, contract_channels=cc)
     if chunk == n:
-        E, sums = chunk_sums(params, x, y, spec, form, n)
+        E, sums = chunk_sums(params, x, y, spec, form, n, contract_channels=cc)
         return E, untranspose(sums, spec)
     n_scanned = n - n % chunk
 
     # The whole chunks under lax.scan, each adding its partial sums; a remainder (n not a
     # multiple of chunk) as one more, smaller chunk.
     def add_chunk(total, xy):
-        part = chunk_sums(params, *xy, spec, form, n)
+        part = chunk_sums(params, *xy, spec, form, n, contract_channels=cc)
         return jax.tree.map(jnp.add, total, part), None
 
     # The carry starts at zeros typed like the chunks' sums: zeros_like keeps an array's varying
@@ -979,11 +990,13 @@ def value_and_grads_example(
     and patches vmap into batched dots, where vmapping the per-example convolution of
     `jaxbp.backward` (dE/df = conv(X, delta1) with C as the conv's batch) gives a grouped
     convolution per example, which XLA's CPU backend runs slowly (experiments/bench.py,
-    per_ex_manual). None takes `per_example_formulation`.
+    per_ex_manual). None takes `per_example_formulation`. The taps forward keeps its per-channel
+    loop (``contract_channels=False``), as `per_example_grads_taps` does: vmapped,
+    `conv_forward_tap_products` writes U for every example of the batch.
     """
     if formulation is None:
         formulation = per_example_formulation(spec, 1, itemsize=jnp.asarray(x).dtype.itemsize)
-    return value_and_grads(params, x[None], y[None], spec, formulation=formulation)
+    return value_and_grads(params, x[None], y[None], spec, formulation=formulation, contract_channels=False)
 
 
 def per_example_grads(params: Params, x: jax.Array, y: jax.Array, spec: ConvNetSpec) -> Params:
@@ -1015,9 +1028,9 @@ def per_example_grads_taps(
     dE/df by `filter_grad_rows` (``max_terms`` is its).
 
     The taps forward keeps the per-channel loop unless ``contract_channels``: over the whole batch
-    `conv_forward_tap_products` writes U, kh kw numbers per input pixel for all N examples (105 MB
-    at batch 1024 of 32x32x3 with 5x5). There this path took 2.7-2.9x as long with it, and
-    0.90-1.38x in `lax.map` chunks; at batch 32 and 256 0.87-1.05x
+    `conv_forward_tap_products` writes U, kh kw K numbers per input pixel (K = 1 here) for all N
+    examples (105 MB at batch 1024 of 32x32x3 with 5x5). There this path took 2.7-2.9x as long
+    with it, and 0.90-1.38x in `lax.map` chunks; at batch 32 and 256 of 32x32x3 0.87-1.05x
     (experiments/results/bench_per_example_products.md, ``products`` and ``products_chunks``).
 
     With one filter, vmapping `value_and_grads_example` (the Toeplitz form's dE/df, a few

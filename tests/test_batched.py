@@ -72,15 +72,15 @@ def test_chosen_formulation_is_the_default_and_known():
         )
 
 
-def odd_spec(channels: int, filters: int, stride=(2, 1)) -> jaxbp.ConvNetSpec:
-    """A non-square 3x2 kernel, a stride, asymmetric padding and a dilation of 2, on a 9x7 input."""
+def odd_spec(channels: int, filters: int, stride=(2, 1), dilation=(2, 2)) -> jaxbp.ConvNetSpec:
+    """A non-square 3x2 kernel, a stride, asymmetric padding and a dilation, on a 9x7 input."""
     return jaxbp.ConvNetSpec(
         in_shape=(9, 7, channels),
         n_filters=filters,
         kernel_size=(3, 2),
         stride=stride,
         padding=((1, 2), (0, 1)),
-        dilation=2,
+        dilation=dilation,
     )
 
 
@@ -99,7 +99,7 @@ def test_taps_reassemble_the_convolution():
 
 @pytest.mark.parametrize("channels", [2, 3, 4])
 def test_taps_contract_the_channels_first_from_the_threshold_and_reassemble_the_convolution(channels):
-    spec = odd_spec(channels, 2)
+    spec = odd_spec(channels, 2, dilation=(2, 1))  # dh != dw: the slices of U must not swap them
     params, x, _ = problem(spec, 2, 3)
     conv = batched.conv_forward_conv(x, params.f, spec)
     np.testing.assert_allclose(batched.conv_forward_tap_products(x, params.f, spec), conv, rtol=1e-12)
@@ -335,6 +335,21 @@ def test_per_example_taps_with_and_without_the_channels_contracted_equal_the_sli
     dots = str(jax.make_jaxpr(fn)(params, x, y)).count("dot_general")
     shipped = str(jax.make_jaxpr(lambda *a: jaxbp.per_example_manual_grads(*a, spec))(params, x, y))
     assert dots == shipped.count("dot_general") + contract_channels
+    # The vmapped per-example function keeps the per-channel loop too; a batch of one through
+    # value_and_grads contracts (U's one more matmul).
+    taps = batched.Formulation("taps", "toeplitz")
+    example = lambda p, x, y: batched.value_and_grads_example(p, x, y, spec, formulation=taps)  # noqa: E731
+    vmapped = str(jax.make_jaxpr(jax.vmap(example, in_axes=(None, 0, 0)))(params, x, y))
+    one = lambda p, x, y: batched.value_and_grads(p, x[None], y[None], spec, formulation=taps)  # noqa: E731
+    assert (
+        str(jax.make_jaxpr(one)(params, x[0], y[0])).count("dot_general") == vmapped.count("dot_general") + 1
+    )
+    chex.assert_trees_all_close(
+        jax.vmap(example, in_axes=(None, 0, 0))(params, x, y)[1],
+        slides(params, x, y, spec)[1],
+        rtol=1e-10,
+        atol=1e-13,
+    )
 
 
 @pytest.mark.parametrize("max_terms", [None, 0])
