@@ -1029,9 +1029,10 @@ def per_example_grads_taps(
 
     The taps forward keeps the per-channel loop unless ``contract_channels``: over the whole batch
     `conv_forward_tap_products` writes U, kh kw K numbers per input pixel (K = 1 here) for all N
-    examples (105 MB at batch 1024 of 32x32x3 with 5x5). There this path took 2.7-2.9x as long
-    with it, and 0.90-1.38x in `lax.map` chunks; at batch 32 and 256 of 32x32x3 0.87-1.05x
-    (experiments/results/bench_per_example_products.md, ``products`` and ``products_chunks``).
+    examples (105 MB at batch 1024 of 32x32x3 with 5x5). There this path took 1.5-3.0x as long
+    with it (3x3 and 5x5), and 0.96-1.05x in `lax.map` chunks; at batch 32 and 256 of 32x32x3
+    0.92-1.25x, in chunks 0.86-1.25x (experiments/results/bench_per_example_products.md,
+    ``products`` and ``products_chunks``): no rule for it.
 
     With one filter, vmapping `value_and_grads_example` (the Toeplitz form's dE/df, a few
     numbers per batched dot) took 0.95-2.15x the batch gradient at batch 32-1024, the better of
