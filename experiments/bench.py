@@ -81,6 +81,7 @@ import os
 import platform
 import re
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -593,6 +594,13 @@ def machine_info(jax, peer_versions) -> dict:
         "git_commit": commit,
         **peer_versions,
     }
+
+
+def script_command(file: str, argv=None) -> str:
+    """How an experiment script ran, as its results record it: ``python experiments/<name>.py``
+    and `argv` (None: this process's arguments). `file` is the script's ``__file__``."""
+    args = sys.argv[1:] if argv is None else argv
+    return shlex.join(["python", f"experiments/{os.path.basename(file)}", *args])
 
 
 def write_results(

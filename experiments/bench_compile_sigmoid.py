@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import machine_info  # noqa: E402
+from bench import script_command  # noqa: E402
 from bench import write_results  # noqa: E402
 
 WIDTHS = (4, 8, 10, 16, 24, 32, 40, 64, 128, 256)
@@ -113,9 +113,7 @@ def main(argv=None) -> None:
         print(f"point {batch} {in_shape} {kernel} {filters} done", file=sys.stderr, flush=True)
 
     info = machine_info(jax, {})
-    command = shlex.join(
-        ["python", "experiments/bench_compile_sigmoid.py", *(sys.argv[1:] if argv is None else argv)]
-    )
+    command = script_command(__file__, argv)
     lines = [
         "# Compile time of an elementwise sigmoid by the width of its minor axis (CPU)",
         "",

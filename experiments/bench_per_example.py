@@ -37,13 +37,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import shlex
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import machine_info  # noqa: E402
+from bench import script_command  # noqa: E402
 from bench import summarize  # noqa: E402
 from bench import write_results  # noqa: E402
 
@@ -217,9 +217,7 @@ def main(argv=None) -> None:
     info = machine_info(jax, {})
     info["load_average"] = [round(v, 2) for v in os.getloadavg()]
     info["max_terms"] = jaxbp.batched.PER_EXAMPLE_UNROLLED_MAX_TERMS
-    command = shlex.join(
-        ["python", "experiments/bench_per_example.py", *(sys.argv[1:] if argv is None else argv)]
-    )
+    command = script_command(__file__, argv)
     write_results(args.out, args.name, info, command, results, markdown(results, info, command))
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import shlex
 import sys
 import time
 
@@ -29,6 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import machine_info  # noqa: E402
+from bench import script_command  # noqa: E402
 from bench import write_results  # noqa: E402
 
 CHANNELS = (2, 3, 5, 7)
@@ -141,9 +141,7 @@ def main(argv=None) -> None:
         print(f"C {c}, batch {batch}, {kernel}x{kernel} done", file=sys.stderr, flush=True)
 
     info = machine_info(jax, {})
-    command = shlex.join(
-        ["python", "experiments/bench_tap_products.py", *(sys.argv[1:] if argv is None else argv)]
-    )
+    command = script_command(__file__, argv)
     rows = []
     for r in results:
         p, t, cs = r["point"], r["times"], r["compile_s"]
