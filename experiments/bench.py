@@ -777,12 +777,19 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
             if (name if name in peers else "jax") != process:
                 time.sleep(SETTLE_S)
             process = name if name in peers else "jax"
+            # Untimed calls of the same method first (`jaxbp.tune.interleaved_samples`): the
+            # first call after a program that freed hundreds of MB (the per-example methods)
+            # ran up to 2.1x slower, and at 1-2 calls a sample timed that.
             if name in peers:
                 try:
+                    if args.warm_calls:
+                        call(args.warm_calls)
                     samples[name].append(call(inner[name]))
                 except PeerDiedError as err:
                     drop_peer(name, err)
             else:
+                if args.warm_calls:
+                    call(args.warm_calls)
                 start = time.perf_counter()
                 call(inner[name])
                 samples[name].append((time.perf_counter() - start) / inner[name])
@@ -1095,6 +1102,14 @@ def device_lines(info: dict) -> list[str]:
     ]
 
 
+def warm_text(info) -> str:
+    """How each sample was started: results before --warm-calls have no such key (none were made)."""
+    warm = info.get("warm_calls", 0)
+    if not warm:
+        return "Each sample was timed without untimed calls before it (the protocol before --warm-calls)."
+    return f"Each sample followed {warm} untimed call(s) of its own method (--warm-calls)."
+
+
 def markdown(results, info, command) -> str:
     def ms(r, name):
         v = r["times"].get(name)
@@ -1121,7 +1136,7 @@ def markdown(results, info, command) -> str:
         "forward, dE/dW and dE/db without dE/df over the batch gradient, a tighter floor; "
         "`%mm`: manual GFLOP/s over the matmul's in the same run; "
         "compile in seconds; kernels: the fusions XLA generates code for in each step; "
-        "mem: XLA's peak estimate for the manual step.",
+        "mem: XLA's peak estimate for the manual step. " + warm_text(info),
         "",
         "| batch | input | k | K | manual | autodiff | manual_vmap | autodiff_vmap | torch | numpy "
         "| per-ex manual | per-ex autodiff | batch | ad/m | pt/m | pe/b | dW/b | nodf/b | GFLOP/s "
@@ -1308,6 +1323,12 @@ def parse_args(argv=None):
         "--min-sample-s", type=float, default=0.02, help="each sample runs at least this long"
     )
     parser.add_argument(
+        "--warm-calls",
+        type=int,
+        default=1,
+        help="untimed calls of a method right before each of its samples (0: none, as before 2026-12-03)",
+    )
+    parser.add_argument(
         "--matmul-n", type=int, help="size of the reference matmul (default 1024 on the CPU, else 8192)"
     )
     parser.add_argument("--formulations", action="store_true", help="also time each manual formulation")
@@ -1394,6 +1415,8 @@ def main(argv=None) -> None:
         raise SystemExit("--chunks only applies with --formulations")
     if args.chunks is not None and min(args.chunks) < 1:
         raise SystemExit(f"--chunks must be positive numbers of examples, got {args.chunks}")
+    if args.warm_calls < 0:
+        raise SystemExit(f"--warm-calls must be 0 or more, got {args.warm_calls}")
     grid = dict(QUICK if args.quick else GRID)
     for key, value in (("batch", args.batches), ("filters", args.filters), ("kernel", args.kernels)):
         if value:
@@ -1435,6 +1458,7 @@ def main(argv=None) -> None:
         "precision": args.precision,
         "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
         "matmul_n": args.matmul_n,
+        "warm_calls": args.warm_calls,
         **({"tree_commit": args.tree_commit} if args.tree_commit else {}),
         "load_start": os.getloadavg(),
     }

@@ -166,17 +166,29 @@ def timed_calls(fn: Callable, args: tuple) -> Callable[[int], None]:
     return each if jax.default_backend() == "cpu" else queued
 
 
-def interleaved_samples(calls: dict, repeats: int, min_sample_s: float) -> dict[object, list[float]]:
+WARM_CALLS = 1  # untimed calls of a method right before each of its samples (`interleaved_samples`)
+
+
+def interleaved_samples(
+    calls: dict, repeats: int, min_sample_s: float, warm_calls: int = WARM_CALLS
+) -> dict[object, list[float]]:
     """Seconds per call, `repeats` samples of each of `calls` (name -> call(inner)), round by round.
 
     Each round starts one method later: in a fixed order the first method of a round, after a
     pause or another process, read up to 2.7x slower at batch 1 than the same program timed
-    later in the round (experiments/bench.py)."""
+    later in the round (experiments/bench.py). Each sample follows `warm_calls` untimed calls of
+    its own method: the first call after another program that had freed hundreds of MB ran up to
+    2.1x slower (the batch gradient at batch 1024, 32x32x3, 3x3, 32 filters: 127 ms right after
+    the per-example gradients without dE/df, 67 alone), and a sample of one call timed that
+    instead of the method.
+    """
     inner = {name: calibrate(call, min_sample_s) for name, call in calls.items()}
     samples = {name: [] for name in calls}
     order = list(calls)
     for round_ in range(repeats):
         for name in order[round_ % len(order) :] + order[: round_ % len(order)]:
+            if warm_calls:
+                calls[name](warm_calls)
             start = time.perf_counter()
             calls[name](inner[name])
             samples[name].append((time.perf_counter() - start) / inner[name])

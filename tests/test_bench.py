@@ -314,6 +314,37 @@ def test_an_empty_grid_writes_its_table(tmp_path):
     assert json.loads((tmp_path / "bench.json").read_text())["results"] == []
 
 
+def test_each_sample_follows_untimed_calls_of_its_own_method(tmp_path, monkeypatch):
+    # Every JAX method's call(inner) is recorded: after calibration (a warm-up call and one sample
+    # of one call, as min_sample_s is 0), each timed sample of one call follows --warm-calls of
+    # the same method.
+    made = jaxbp.tune.timed_calls
+    inners = []
+
+    def recorded(fn, args):
+        call = made(fn, args)
+
+        def each(inner):
+            inners.append(inner)
+            return call(inner)
+
+        return each
+
+    monkeypatch.setattr(jaxbp.tune, "timed_calls", recorded)
+    args = ["--no-peers", "--batches", "2", "--filters", "1", "--inputs", "8x8x1", "--kernels", "3"]
+    args += ["--repeats", "2", "--min-sample-s", "0", "--warm-calls", "3", "--quiet", "--out", str(tmp_path)]
+    bench.main(args)
+    payload = json.loads((tmp_path / "bench.json").read_text())
+    assert payload["machine"]["warm_calls"] == 3
+    methods = len(payload["results"][0]["times"]) - 1  # all but the matmul
+    assert inners[: 2 * methods] == [1] * (2 * methods)  # calibration
+    assert inners[2 * methods :] == [3, 1] * (2 * methods)  # 2 rounds: warm calls, then the sample
+    assert "Each sample followed 3 untimed call(s) of its own method" in (tmp_path / "bench.md").read_text()
+    with pytest.raises(SystemExit, match="--warm-calls must be 0 or more"):
+        bench.main(["--no-peers", "--warm-calls", "-1", "--out", str(tmp_path / "refused")])
+    assert not (tmp_path / "refused").exists()  # refused before anything was timed or written
+
+
 bench_per_example = load_experiment("bench_per_example")
 
 

@@ -6,6 +6,7 @@ median it measured, and that its pick computes the same update as the rule's.
 """
 
 import json
+import time
 
 import chex
 import jax
@@ -107,15 +108,31 @@ def test_the_pick_is_the_smallest_median_and_the_rule_wins_a_tie(monkeypatch):
     assert jaxbp.tune_formulation(SPEC, 64, candidates=[other], repeats=1).best == rule
 
 
-def test_interleaved_rounds_start_one_method_later_each_round():
+@pytest.mark.parametrize("warm_calls", [0, 1, 2])
+def test_interleaved_rounds_start_one_method_later_each_round(warm_calls):
     order = []
     calls = {name: (lambda inner, name=name: order.append((name, inner))) for name in "abc"}
-    samples = tune.interleaved_samples(calls, repeats=3, min_sample_s=0.0)
+    samples = tune.interleaved_samples(calls, repeats=3, min_sample_s=0.0, warm_calls=warm_calls)
     # calibrate: a warm-up call and one sample of one call per method; then the rounds.
     assert order[:6] == [("a", 1), ("a", 1), ("b", 1), ("b", 1), ("c", 1), ("c", 1)]
-    assert "".join(name for name, _ in order[6:]) == "abc" + "bca" + "cab"
+
+    # Each sample (1 call here) right after `warm_calls` untimed calls of the same method.
+    def sample(name):
+        return [(name, warm_calls), (name, 1)] if warm_calls else [(name, 1)]
+
+    expected = [call for name in "abc" + "bca" + "cab" for call in sample(name)]
+    assert order[6:] == expected
     assert {k: len(v) for k, v in samples.items()} == {"a": 3, "b": 3, "c": 3}
     assert all(s >= 0 for v in samples.values() for s in v)
+
+
+def test_a_sample_times_only_its_own_calls_not_the_warm_ones():
+    # The warm call is slow and the timed ones fast: the samples are the fast ones.
+    def call(inner):
+        time.sleep(0.05 if inner == 3 else 0.0)
+
+    samples = tune.interleaved_samples({"a": call}, repeats=2, min_sample_s=0.0, warm_calls=3)
+    assert max(samples["a"]) < 0.025
 
 
 @pytest.mark.parametrize(
