@@ -20,8 +20,10 @@ round:
   chunks       the same under lax.map in chunks of working_set_chunk examples
 
 Each sample is as many calls as fill --min-sample-s (`jaxbp.tune.interleaved_samples`, after a
-warm-up call), on the CPU each call waited for, and only the last output kept. (The runs before
-filter_grad_rows kept every output of a sample until it ended: fresh buffers for each call,
+warm-up call), right after --warm-calls untimed calls of the same method (1; none before
+2026-12-03: in experiments/bench.py a program timed right after one that had freed hundreds of
+MB read up to 2.1x slower), on the CPU each call waited for, and only the last output kept.
+(The runs before filter_grad_rows kept every output of a sample until it ended: fresh buffers for each call,
 which inflated the per-example times against the batch gradient's.) Before timing, every method
 is checked against per_ex in float64 on a batch of 5 (relative error < 1e-10). Writes
 experiments/results/<name>.json and .md.
@@ -45,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import machine_info  # noqa: E402
 from bench import script_command  # noqa: E402
 from bench import summarize  # noqa: E402
+from bench import warm_text  # noqa: E402
 from bench import write_results  # noqa: E402
 
 METHODS = ("batch_grad", "per_ex", "reduce", "rows_chunks", "products", "products_chunks", "vmap", "chunks")
@@ -136,7 +139,7 @@ def run_point(jax, jaxbp, in_shape, kernel, filters, batch, args) -> dict:
     jargs = problem(jax, jaxbp, spec, batch, np.float32)
     fns = methods(jax, jaxbp, spec, batch, 4)
     calls = {name: jaxbp.tune.timed_calls(fn, jargs) for name, fn in fns.items()}
-    samples = jaxbp.tune.interleaved_samples(calls, args.repeats, args.min_sample_s)
+    samples = jaxbp.tune.interleaved_samples(calls, args.repeats, args.min_sample_s, args.warm_calls)
     return {
         "point": {"input": list(in_shape), "kernel": kernel, "filters": filters, "batch": batch},
         "chunk": batched.working_set_chunk(spec, batch, 4),
@@ -159,7 +162,7 @@ def markdown(results, info, command) -> str:
         "Median ms per call over the repeats, interleaved (IQR in the JSON). `terms`: kh kw Ho, the "
         "products `filter_grad_rows` writes out per tap row sum (up to "
         f"{info['max_terms']}; past it `per_ex` is `reduce`). `/b`: over the batch gradient alone; "
-        "`vmap/per_ex` > 1: the shipped path faster than the vmapped one.",
+        "`vmap/per_ex` > 1: the shipped path faster than the vmapped one. " + warm_text(info),
         "",
         "| input | k | K | batch | chunk | terms | "
         + " | ".join(METHODS)
@@ -200,9 +203,10 @@ def main(argv=None) -> None:
     parser.add_argument("--min-sample-s", type=float, default=0.02, help="each sample at least this long")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"), help="folder")
     parser.add_argument("--name", default="bench_per_example", help="file stem of the outputs")
+    parser.add_argument("--warm-calls", type=int, default=1, help="untimed calls before a sample")
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.min_sample_s <= 0:
-        parser.error("--repeats must be >= 1 and --min-sample-s > 0")
+    if args.repeats < 1 or args.min_sample_s <= 0 or args.warm_calls < 0:
+        parser.error("--repeats must be >= 1, --min-sample-s > 0 and --warm-calls >= 0")
     import jax
 
     import jaxbp
@@ -217,6 +221,7 @@ def main(argv=None) -> None:
     info = machine_info(jax, {})
     info["load_average"] = [round(v, 2) for v in os.getloadavg()]
     info["max_terms"] = jaxbp.batched.PER_EXAMPLE_UNROLLED_MAX_TERMS
+    info["warm_calls"] = args.warm_calls
     command = script_command(__file__, argv)
     write_results(args.out, args.name, info, command, results, markdown(results, info, command))
 

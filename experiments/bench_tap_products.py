@@ -29,6 +29,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import machine_info  # noqa: E402
 from bench import script_command  # noqa: E402
+from bench import warm_text  # noqa: E402
 from bench import write_results  # noqa: E402
 
 CHANNELS = (2, 3, 5, 7)
@@ -78,13 +79,14 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="batch 256, 5x5 only; 2 repeats")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"), help="folder")
     parser.add_argument("--name", default="bench_tap_products", help="file stem of the outputs")
+    parser.add_argument("--warm-calls", type=int, default=1, help="untimed calls before a sample")
     args = parser.parse_args(argv)
     if args.quick:
         args.batches, args.kernels, args.repeats, args.compile_repeats = [256], [5], 2, 1
     if min(args.channels) < 1 or min(args.batches) < 1 or min(args.kernels) < 1:
         parser.error("--channels, --batches and --kernels must be positive")
-    if args.repeats < 1 or args.compile_repeats < 1 or args.min_sample_s <= 0:
-        parser.error("--repeats and --compile-repeats must be >= 1, --min-sample-s > 0")
+    if args.repeats < 1 or args.compile_repeats < 1 or args.min_sample_s <= 0 or args.warm_calls < 0:
+        parser.error("--repeats and --compile-repeats must be >= 1, --min-sample-s > 0, --warm-calls >= 0")
     import jax
 
     import jaxbp
@@ -119,7 +121,7 @@ def main(argv=None) -> None:
             for a, b in zip(jax.tree.leaves(outs["products"][0]), jax.tree.leaves(outs["per_channel"][0]))
         )
         calls = {name: timed_calls(fn, fn_args) for name, (fn, fn_args) in compiled.items()}
-        samples = interleaved_samples(calls, args.repeats, args.min_sample_s)
+        samples = interleaved_samples(calls, args.repeats, args.min_sample_s, args.warm_calls)
         times = {
             name: {
                 "median_ms": 1e3 * float(np.median(s)),
@@ -141,6 +143,7 @@ def main(argv=None) -> None:
         print(f"C {c}, batch {batch}, {kernel}x{kernel} done", file=sys.stderr, flush=True)
 
     info = machine_info(jax, {})
+    info["warm_calls"] = args.warm_calls
     command = script_command(__file__, argv)
     rows = []
     for r in results:
@@ -170,7 +173,8 @@ def main(argv=None) -> None:
         f"{batched.TAPS_CONTRACT_CHANNELS_FROM} channels on. `autodiff`: the jax.grad step. `pc/pr`: "
         "per_channel over products (> 1: the products faster). Compile: seconds, the fastest of "
         f"{args.compile_repeats}. `diff`: the "
-        "largest difference of the two manual steps' updated params, relative to each leaf's largest.",
+        "largest difference of the two manual steps' updated params, relative to each leaf's largest. "
+        + warm_text(info),
         "",
         "| batch | input | k | formulation | products | per_channel | jax.grad | pc/pr "
         "| compile products | compile per_channel | compile jax.grad | diff |",

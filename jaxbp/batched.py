@@ -1031,7 +1031,9 @@ def per_example_grads_taps(
     numbers per batched dot) took 0.95-2.15x the batch gradient at batch 32-1024, the better of
     the whole batch and `lax.map` chunks, where this took 0.95-1.74x, within 1.2x at 8 of the 12
     points, and was 1.02-2.99x faster than the vmapped whole batch
-    (experiments/results/bench_per_example.md). At batch 4096 each call writes 94-147 MB of
+    (experiments/results/bench_per_example.md; rerun with an untimed call before each sample
+    and the batch step's channels contracted first, bench_per_example_warm.md: 0.95-2.35x,
+    within 1.2x at 6 of 12, all on 28x28x1). At batch 4096 each call writes 94-147 MB of
     fresh per-example dE/dW (N x D x n_out numbers), and this took 2.2-3.0x. The same path
     under `lax.map` in chunks of `working_set_chunk` examples (``rows_chunks`` there) took
     1.16-2.3x the whole batch's time with 28x28x1 at batch 256-4096, 0.92-1.09x with 32x32x3

@@ -363,7 +363,9 @@ def test_per_example_bench_runs_end_to_end_and_checks_every_method(tmp_path):
     ]
     for r in results:
         assert set(r["times"]) == set(bench_per_example.METHODS) and r["check_rel_error"] < 1e-10
-    assert "| 8x8x1 | 3 | 1 | 250 | 128 | 54 |" in (tmp_path / "bench_per_example.md").read_text()
+    text = (tmp_path / "bench_per_example.md").read_text()
+    assert "| 8x8x1 | 3 | 1 | 250 | 128 | 54 |" in text
+    assert payload["machine"]["warm_calls"] == 1 and "Each sample followed 1 untimed call(s)" in text
 
 
 def test_generated_kernels_count_the_fusions_not_library_calls_or_copies():
@@ -686,3 +688,4 @@ def test_tap_products_bench_runs_end_to_end_and_times_both_forms(tmp_path):
         assert r["params_rel_diff"] < 1e-5  # float32: measured 9.0e-8 to 2.1e-7 in the committed run
     text = (tmp_path / "bench_tap_products.md").read_text()
     assert "| 4 | 8x8x3 | 3 | taps/" in text and "Products faster at " in text
+    assert payload["machine"]["warm_calls"] == 1 and "Each sample followed 1 untimed call(s)" in text
