@@ -779,7 +779,7 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
             process = name if name in peers else "jax"
             # Untimed calls of the same method first (`jaxbp.tune.interleaved_samples`): the
             # first call after a program that freed hundreds of MB (the per-example methods)
-            # ran up to 2.1x slower, and at 1-2 calls a sample timed that.
+            # ran up to 2.2x slower, and at 1-2 calls a sample timed that.
             if name in peers:
                 try:
                     if args.warm_calls:
@@ -1326,7 +1326,7 @@ def parse_args(argv=None):
         "--warm-calls",
         type=int,
         default=1,
-        help="untimed calls of a method right before each of its samples (0: none, as before 2026-12-03)",
+        help="untimed calls of a method right before each of its samples (0: none, as before git 98889c7)",
     )
     parser.add_argument(
         "--matmul-n", type=int, help="size of the reference matmul (default 1024 on the CPU, else 8192)"

@@ -20,9 +20,9 @@ round:
   chunks       the same under lax.map in chunks of working_set_chunk examples
 
 Each sample is as many calls as fill --min-sample-s (`jaxbp.tune.interleaved_samples`, after a
-warm-up call), right after --warm-calls untimed calls of the same method (1; none before
-2026-12-03: in experiments/bench.py a program timed right after one that had freed hundreds of
-MB read up to 2.1x slower), on the CPU each call waited for, and only the last output kept.
+warm-up call), right after --warm-calls untimed calls of the same method (1; none in the runs
+before git 98889c7: in experiments/bench.py a program timed right after one that had freed
+hundreds of MB read up to 2.2x slower), on the CPU each call waited for, and only the last output kept.
 (The runs before filter_grad_rows kept every output of a sample until it ended: fresh buffers for each call,
 which inflated the per-example times against the batch gradient's.) Before timing, every method
 is checked against per_ex in float64 on a batch of 5 (relative error < 1e-10). Writes

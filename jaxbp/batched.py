@@ -806,8 +806,9 @@ def slide_terms(
     delta2 = (O - y) * (O * (1 - O)) / n  # (m, n_out): dE/dZ2 (of the mean loss for n > 1)
     # W delta2 as (m, D), contracting W's minor (n_out) axis as it is stored. Written with an
     # explicit W.T, at m = 1 XLA's CPU made this dot a loop fusion over W instead of a library
-    # dot, and the batch-1 step with 32 filters took 1.15-1.45x as long (28x28x1, 5x5: 0.339 ms
-    # against 0.232; 3 of the 4 points with 32 filters; from m = 32 on the same program).
+    # dot, and the batch-1 step with 32 filters took 1.15-1.45x as long at 3 of the 4 points
+    # (28x28x1, 5x5: 0.337 ms against 0.232) and 0.94x at the fourth; from m = 32 on XLA
+    # compiles both forms to the same program.
     dE_dH1 = lax.dot_general(delta2, params.W, (((1,), (1,)), ((), ())), precision=spec.precision)
     delta1 = (dE_dH1 * (H1 * (1 - H1))).reshape(m, *spec.h1_shape)  # dE/dZ1, one fused pass
     return H1, O, delta2, delta1
@@ -1034,7 +1035,8 @@ def per_example_grads_taps(
     (experiments/results/bench_per_example.md; rerun with an untimed call before each sample
     and the batch step's channels contracted first, bench_per_example_warm.md: 0.95-2.35x,
     within 1.2x at 6 of 12, all on 28x28x1). At batch 4096 each call writes 94-147 MB of
-    fresh per-example dE/dW (N x D x n_out numbers), and this took 2.2-3.0x. The same path
+    fresh per-example dE/dW (N x D x n_out numbers), and this took 2.2-3.0x (2.82-3.42x in the
+    rerun). The same path
     under `lax.map` in chunks of `working_set_chunk` examples (``rows_chunks`` there) took
     1.16-2.3x the whole batch's time with 28x28x1 at batch 256-4096, 0.92-1.09x with 32x32x3
     and 3x3 filters, and 0.83-0.94x with 32x32x3 and 5x5: no rule for chunks.

@@ -178,8 +178,8 @@ def interleaved_samples(
     pause or another process, read up to 2.7x slower at batch 1 than the same program timed
     later in the round (experiments/bench.py). Each sample follows `warm_calls` untimed calls of
     its own method: the first call after another program that had freed hundreds of MB ran up to
-    2.1x slower (the batch gradient at batch 1024, 32x32x3, 3x3, 32 filters: 127 ms right after
-    the per-example gradients without dE/df, 67 alone), and a sample of one call timed that
+    2.2x slower (the batch gradient at batch 1024, 28x28x1, 3x3, 32 filters: 79 ms right after
+    the per-example gradients without dE/df, 37 alone), and a sample of one call timed that
     instead of the method.
     """
     inner = {name: calibrate(call, min_sample_s) for name, call in calls.items()}
@@ -212,7 +212,8 @@ def tune_formulation(
 
     Each candidate is jitted and compiled, warmed up, and timed on the same random batch, the
     candidates interleaved round by round; a sample is as many calls as fill `min_sample_s`
-    (on the CPU each call waited for, on an accelerator queued and the last waited for). The
+    (on the CPU each call waited for, on an accelerator queued and the last waited for), right
+    after `WARM_CALLS` untimed calls of the same candidate (`interleaved_samples`). The
     gradients do not depend on which is picked, up to float rounding; only the time does.
 
     Args:
@@ -233,7 +234,8 @@ def tune_formulation(
         XLA options) on the same kind of machine (CPU model, caches and SIMD extensions, usable
         cores, XLA_FLAGS, backend and device kind; jax, jaxlib and jaxbp versions) is read from
         it instead of timed, if it was timed with at least `repeats` samples of at least
-        `min_sample_s`; else the question is timed and its entry added or replaced. The seed is
+        `min_sample_s`, each after an untimed call (entries written before jaxbp recorded that
+        are timed again); else the question is timed and its entry added or replaced. The seed is
         not part of the question. A file that is not such a cache raises a ValueError and is
         left as it is; a tuning that cannot be written is returned all the same, with a
         warning. Two processes writing one file at once may lose one's entry (each rewrites
@@ -275,7 +277,10 @@ def tune_formulation(
         stored = read_cache(cache).get(key)
         if stored is not None:
             tuning, done = read_entry(stored, cache)
-            if done["repeats"] >= repeats and done["min_sample_s"] >= min_sample_s:
+            # Timed as now: enough samples, long enough, each after an untimed call (entries
+            # from before `interleaved_samples` made those have none, and are timed again).
+            thorough = done["repeats"] >= repeats and done["min_sample_s"] >= min_sample_s
+            if thorough and done["warm_calls"] >= WARM_CALLS:
                 say(
                     f"tune: {tuning.best.label()} (from {cache}: tuned {done['date_utc']}, "
                     f"{done['repeats']} samples of at least {done['min_sample_s']} s)"
@@ -401,6 +406,7 @@ def write_cache_entry(path: Path, key: str, tuning: Tuning, repeats: int, min_sa
         "compile_s": [[list(f), s] for f, s in tuning.compile_s.items()],
         "repeats": repeats,
         "min_sample_s": min_sample_s,
+        "warm_calls": WARM_CALLS,
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -415,7 +421,8 @@ def write_cache_entry(path: Path, key: str, tuning: Tuning, repeats: int, min_sa
 
 def read_entry(stored, path: Path) -> tuple[Tuning, dict]:
     """A `Tuning` from its cache entry (Formulations stored as their field lists), and how it
-    was timed: {"repeats", "min_sample_s", "date_utc"}."""
+    was timed: {"repeats", "min_sample_s", "warm_calls", "date_utc"} (warm_calls 0 for entries
+    written before it was recorded)."""
 
     def form(fields):
         return batched.check_formulation(Formulation(*fields))
@@ -427,6 +434,7 @@ def read_entry(stored, path: Path) -> tuple[Tuning, dict]:
         done = {
             "repeats": int(stored["repeats"]),
             "min_sample_s": float(stored["min_sample_s"]),
+            "warm_calls": int(stored.get("warm_calls", 0)),
             "date_utc": str(stored["date_utc"]),
         }
         if not {best, rule} <= set(times_ms) or any(len(t) != 3 for t in times_ms.values()):

@@ -315,17 +315,20 @@ def test_an_empty_grid_writes_its_table(tmp_path):
 
 
 def test_each_sample_follows_untimed_calls_of_its_own_method(tmp_path, monkeypatch):
-    # Every JAX method's call(inner) is recorded: after calibration (a warm-up call and one sample
-    # of one call, as min_sample_s is 0), each timed sample of one call follows --warm-calls of
-    # the same method.
+    # Every JAX method's call(inner) is recorded with the method it calls: after calibration (a
+    # warm-up call and one sample of one call, as min_sample_s is 0), each timed sample of one
+    # call follows --warm-calls calls of the same method. The warm calls are made slow here, and
+    # no sample includes them.
     made = jaxbp.tune.timed_calls
-    inners = []
+    record = []
 
     def recorded(fn, args):
         call = made(fn, args)
 
         def each(inner):
-            inners.append(inner)
+            record.append((fn, inner))
+            if inner == 3:
+                time.sleep(0.05)
             return call(inner)
 
         return each
@@ -336,9 +339,15 @@ def test_each_sample_follows_untimed_calls_of_its_own_method(tmp_path, monkeypat
     bench.main(args)
     payload = json.loads((tmp_path / "bench.json").read_text())
     assert payload["machine"]["warm_calls"] == 3
-    methods = len(payload["results"][0]["times"]) - 1  # all but the matmul
-    assert inners[: 2 * methods] == [1] * (2 * methods)  # calibration
-    assert inners[2 * methods :] == [3, 1] * (2 * methods)  # 2 rounds: warm calls, then the sample
+    times = payload["results"][0]["times"]
+    methods = len(times) - 1  # all but the matmul
+    assert [inner for _, inner in record[: 2 * methods]] == [1] * (2 * methods)  # calibration
+    rounds = record[2 * methods :]
+    assert len(rounds) == 2 * 2 * methods  # 2 rounds: a warm call and a sample per method
+    for (warm_fn, warm), (fn, inner) in zip(rounds[::2], rounds[1::2]):
+        assert (warm, inner) == (3, 1) and warm_fn is fn
+    assert len({id(fn) for fn, _ in rounds}) == methods  # every method sampled
+    assert all(t["median_ms"] < 25 for name, t in times.items() if name != "matmul")  # 50 ms warm calls
     assert "Each sample followed 3 untimed call(s) of its own method" in (tmp_path / "bench.md").read_text()
     with pytest.raises(SystemExit, match="--warm-calls must be 0 or more"):
         bench.main(["--no-peers", "--warm-calls", "-1", "--out", str(tmp_path / "refused")])

@@ -203,6 +203,26 @@ def test_a_cached_tuning_is_read_back_instead_of_timed_and_a_new_question_is_add
     assert not list(path.parent.glob(".*.tmp"))  # written through temporary files, renamed
 
 
+def test_a_cached_tuning_timed_without_untimed_calls_is_timed_again(tmp_path, monkeypatch):
+    # An entry written before the cache recorded warm_calls (its samples had no untimed call
+    # before them) does not answer the question: timed again, and replaced with warm_calls.
+    path = tmp_path / "cpu.json"
+    rule = batched.choose_formulation(SPEC, 64)
+    other = rule._replace(chunk=16)
+    medians = {rule: 2.0, other: 1.5}
+    monkeypatch.setattr(tune, "interleaved_samples", fake_samples(medians.get))
+    assert jaxbp.tune_formulation(SPEC, 64, candidates=[other], repeats=2, cache=path).best == other
+    stored = json.loads(path.read_text())
+    (entry,) = stored["tunings"].values()
+    assert entry["warm_calls"] == tune.WARM_CALLS
+    del entry["warm_calls"]
+    path.write_text(json.dumps(stored))
+    medians[other] = 3.0  # what a timing now finds
+    assert jaxbp.tune_formulation(SPEC, 64, candidates=[other], repeats=1, cache=path).best == rule
+    (entry,) = json.loads(path.read_text())["tunings"].values()
+    assert entry["warm_calls"] == tune.WARM_CALLS and entry["repeats"] == 1
+
+
 def test_a_tuning_that_cannot_be_written_is_returned_with_a_warning(tmp_path, monkeypatch):
     path = tmp_path / "cpu.json"
     rule = batched.choose_formulation(SPEC, 4)
