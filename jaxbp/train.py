@@ -105,7 +105,7 @@ def make_update_step(
         `jaxbp.batched.value_and_grads` (how the two convolutions are computed, in what chunks);
         None lets `choose_formulation` pick it per batch size (with a mesh, per device's share
         of the batch, which is also what a given chunk divides). Its chunks were tuned on one
-        CPU and were not the fastest on another (README, "On a second CPU"):
+        CPU and were not the fastest on another (experiments/PERFORMANCE.md, "On a second CPU"):
         ``jaxbp.tune_formulation(spec, n).best`` is the fastest of a few candidates timed on
         this machine (n per device under a mesh). A ValueError for other grads or a `Network`,
         a TypeError for anything but a `jaxbp.Formulation`.

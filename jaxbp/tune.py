@@ -3,10 +3,11 @@
 `jaxbp.batched.choose_formulation` is a rule fitted to measurements on one 2-core Intel Xeon. On a
 2-core AMD EPYC the same programs ranked differently: chunks of 32 examples were the fastest at
 most 8- and 32-filter points of batch 256 and 1024, where the rule's chunk took 1.23-1.51x the
-best time at 6 of 8 batch-1024 points (README, "On a second CPU"). Which formulation is fastest
-is a property of the machine (its caches, its SIMD, the XLA build), not of the math, so, as
-cuDNN's benchmark mode and XLA's GPU autotuner do, `tune_formulation` compiles a few candidate
-formulations of the same gradients, times them here, interleaved, and returns the fastest.
+best time at 6 of 8 batch-1024 points (experiments/PERFORMANCE.md, "On a second CPU"). Which
+formulation is fastest is a property of the machine (its caches, its SIMD, the XLA build), not
+of the math, so, as cuDNN's benchmark mode and XLA's GPU autotuner do, `tune_formulation`
+compiles a few candidate formulations of the same gradients, times them here, interleaved, and
+returns the fastest.
 
 Every candidate computes the same means (each form is checked against jax.grad in float64 to
 1e-10 by tests/test_batched.py); the choice changes the speed and the order of float sums,
