@@ -52,7 +52,7 @@ print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices(), 'torc
 bench="$py experiments/bench.py --quiet --out $out ${TREE_COMMIT:+--tree-commit $TREE_COMMIT}"
 stage smoke 150 $bench --batches 32 --filters 1 --inputs 28x28x1 --kernels 5 --repeats 1 --peers torch \
     --precision float32 --out /tmp/smoke || exit 1
-# PyTorch under torch.compile with CUDA graphs has no GPU number yet (README, "On a GPU"): first
+# PyTorch under torch.compile with CUDA graphs has no GPU number yet (experiments/PERFORMANCE.md, "On a GPU"): first
 # the probe, which shows in the log whether its first steps survive, then the quick grid with
 # it as a peer (a peer that dies is reported and the grid goes on).
 stage probe_torch_compile 90 $py experiments/probe_torch_compile.py reduce-overhead float32 cuda
