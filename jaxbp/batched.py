@@ -275,6 +275,19 @@ class Formulation(NamedTuple):
 #   working set of the per-channel loop (`working_set_chunk`), not retuned. The unchunked rule
 #   (TAPS_UNCHUNKED_MAX_TERMS) counts kh*kw*C terms as measured with the per-channel loop, so
 #   it is unchanged: in the grid only 3x3 filters on one channel run unchunked.
+# * A single example with one filter on 2 or more channels: dE/df in the Toeplitz form, the
+#   forward still the taps (experiments/results/bench_formulations_one_filter_small_batch.md,
+#   AMD EPYC, 32x32xC, C = 2, 3, 5, 3x3 and 5x5, batch 1 and 32, the taps and Toeplitz pairs
+#   and the rule's forms at other chunks and parts, 5 interleaved repeats). At batch 1 XLA's
+#   conv for dE/df, the rule before, was the slow part: taps/toeplitz took 0.44-0.93x the rule's
+#   step's time at all 6 points (C = 3, 5x5: 0.066 against 0.149 ms; 0.93x at C = 2, 3x3), and
+#   toeplitz/toeplitz 0.92-1.03x taps/toeplitz's. The step compiled in 0.26-0.34 s against
+#   0.21-0.28 (13-17 kernels against 11-12; jax.grad 0.23-0.30): 2x the speed for a few
+#   hundredths of a second of compile time. With one channel the conv stays (28x28x1 in an
+#   uncommitted timing: toeplitz/toeplitz 0.051-0.055 ms against the rule's 0.048-0.049). At
+#   batch 32 the Toeplitz pair took 0.89-1.64x the rule's time, less at 1 of the 6 points, and
+#   taps/toeplitz 0.95-2.44x: the taps and the conv stay there. The vmapped per-example path
+#   already takes the Toeplitz dE/df after the taps (`per_example_formulation`, unchanged).
 # On a GPU (one NVIDIA H200, jax 0.11.2, full float32; experiments/results/
 # bench_formulations_gpu.md, batch 256, 28x28x1, 5x5, the only shape compared there) the step
 # is a few kernel launches long (the manual step 0.06-0.11 ms in the quick grid). The patches
@@ -294,6 +307,7 @@ TAPS_MAX_FILTERS = 1
 TOEPLITZ_BELOW_FILTERS = 8
 TAPS_UNCHUNKED_MAX_TERMS = 9
 TAPS_CONTRACT_CHANNELS_FROM = 3
+TAPS_ONE_EXAMPLE_TOEPLITZ_FROM_CHANNELS = 2
 TAPS_UNCHUNKED_WORKING_SET_BYTES = 48 * 2**20
 CHUNK_WORKING_SET_BYTES = 16 * 2**20
 MAX_CHUNK = 128
@@ -327,6 +341,8 @@ def choose_formulation(
     parts = conv_filter_grad_parts(batch, backend)
     c, k = spec.in_shape[2], spec.n_filters
     if k <= TAPS_MAX_FILTERS and c * k < TAPS_BELOW_CHANNELS_X_FILTERS:
+        if batch == 1 and c >= TAPS_ONE_EXAMPLE_TOEPLITZ_FROM_CHANNELS:
+            return Formulation("taps", "toeplitz", None)
         if taps_terms(spec) <= TAPS_UNCHUNKED_MAX_TERMS and (
             batch * taps_bytes_per_example(spec, itemsize) <= TAPS_UNCHUNKED_WORKING_SET_BYTES
         ):

@@ -230,9 +230,18 @@ def test_choose_formulation_by_backend_channels_filters_and_working_set():
     # Taps: 784 * (3 * 1 + 75) * 4 bytes = 245 kB per example, 68 in 16 MB, rounded to 64.
     one_filter = jaxbp.ConvNetSpec(in_shape=(32, 32, 3), n_filters=1, kernel_size=5, n_out=10)
     assert batched.choose_formulation(one_filter, 256, "cpu") == batched.Formulation("taps", "conv", 64, 4)
-    # One example: dE/df as XLA's conv (one part: there is one example), the forward the taps for
-    # one filter, else the patches.
-    assert batched.choose_formulation(few, 1, "cpu") == batched.Formulation("taps", "conv", None, 1)
+    # One example: the taps forward for one filter, dE/df in the Toeplitz form from 2 channels on
+    # (bench_formulations_one_filter_small_batch.md), else XLA's conv (one part: there is one
+    # example); with more filters the patches forward and the conv.
+    assert batched.choose_formulation(few, 1, "cpu") == batched.Formulation("taps", "toeplitz", None)
+    two = jaxbp.ConvNetSpec(in_shape=(8, 8, 2), n_filters=1, kernel_size=3, n_out=2)
+    assert batched.choose_formulation(two, 1, "cpu") == batched.Formulation("taps", "toeplitz", None)
+    one = jaxbp.ConvNetSpec(in_shape=(8, 8, 1), n_filters=1, kernel_size=3, n_out=2)
+    assert batched.choose_formulation(one, 1, "cpu") == batched.Formulation("taps", "conv", None, 1)
+    assert batched.choose_formulation(few, 2, "cpu") == batched.Formulation("taps", "conv", None, 2)
+    # The vmapped per-example path's formulation is what it was: the taps, the Toeplitz dE/df.
+    assert batched.per_example_formulation(few, 1) == batched.Formulation("taps", "toeplitz", None)
+    assert batched.per_example_formulation(one, 1) == batched.Formulation("taps", "toeplitz", None)
     assert batched.choose_formulation(seven, 1, "cpu") == batched.Formulation("patches", "conv", None)
     assert batched.choose_formulation(big, 1, "cpu") == batched.Formulation("patches", "conv", None)
 
