@@ -38,7 +38,8 @@ shape of the work XLA sees, and on a CPU that is where the time goes (measured b
 * **Taps (shift-and-add), for one filter on few channels.** ``Z1 = sum_ab tap_ab(X) f[a, b]``
   with tap_ab a strided slice of the padded input: XLA fuses the slices, multiply-adds and the
   sigmoid into one loop, so neither P nor Z1 is written. dE/df is then XLA's conv with the
-  batch as its contracted axis (Eigen's, with `jaxbp.compiler_options()`; in parts, below).
+  batch as its contracted axis (Eigen's, with `jaxbp.compiler_options()`; in parts, below),
+  except for a single example on 2 or more channels, where it is the Toeplitz form's.
   With one filter P @ f is a matrix-vector product that only pays for writing P. From 3 input
   channels on the channels are contracted first, U = X_pad f (kh kw K numbers per pixel, one
   small matmul), and the fused loop adds kh*kw shifted slices of U instead of kh*kw*C products.
@@ -49,7 +50,8 @@ shape of the work XLA sees, and on a CPU that is where the time goes (measured b
 * **Not vmap, and XLA's conv only where it measured faster.** Under vmap the per-example dE/df
   (a conv whose batch axis is C) becomes a grouped conv per example, which XLA's CPU runs
   slowly. The ``conv`` forms (XLA's convolution, with the batch as the contracted axis of
-  dE/df) serve dE/df after the taps, from 32 filters on and for a batch of one here, and both
+  dE/df) serve dE/df after the taps (but a single example on 2 or more channels), from 32
+  filters on and for a batch of one past the taps, and both
   convolutions on accelerators other than a GPU (not measured there; on a GPU the patches for
   both measured fastest, below). On the CPU dE/df's conv is split over the examples into a few
   convs that run at once (``conv_parts``): with 32 filters Eigen ran one such conv on one core.
@@ -210,7 +212,9 @@ class Formulation(NamedTuple):
 #   time. The rule stays until the same sweep has run on both with their caches recorded;
 #   meanwhile `jaxbp.tune_formulation` times the rule's pick against its forms at other chunks
 #   (and other pairs) on the machine at hand, for `make_update_step(..., formulation=...)`.
-# * A single example (bench_formulations_b1.md, sub-millisecond and noisy): dE/df as XLA's conv,
+# * (After the taps on 2 or more channels superseded by the single-example bullet further down,
+#   measured on the AMD EPYC only; the Xeon's bench_formulations_b1.md had no Toeplitz dE/df.)
+#   A single example (bench_formulations_b1.md, sub-millisecond and noisy): dE/df as XLA's conv,
 #   one op where the taps are kh*kw dots and the conv has no batch to group. The pick was within
 #   1.2x of the fastest formulation at 9 of 12 points, and 1.26-1.40x at three: with one filter
 #   and 3x3 the patches for dE/df won by 0.02-0.05 ms (32x32x3: 0.115 against 0.161 ms), and
@@ -281,9 +285,13 @@ class Formulation(NamedTuple):
 #   and the rule's forms at other chunks and parts, 5 interleaved repeats). At batch 1 XLA's
 #   conv for dE/df, the rule before, was the slow part: taps/toeplitz took 0.44-0.93x the rule's
 #   step's time at all 6 points (C = 3, 5x5: 0.066 against 0.149 ms; 0.93x at C = 2, 3x3), and
-#   toeplitz/toeplitz 0.92-1.03x taps/toeplitz's. The step compiled in 0.26-0.34 s against
-#   0.21-0.28 (13-17 kernels against 11-12; jax.grad 0.23-0.30): 2x the speed for a few
-#   hundredths of a second of compile time. With one channel the conv stays (28x28x1 in an
+#   toeplitz/toeplitz 0.92-1.03x taps/toeplitz's (within the noise; the taps forward is the
+#   one of batch 2 on and of the per-example path). The step compiled in 0.26-0.34 s against
+#   the rule's 0.21-0.38 (13-17 kernels against 11-12; jax.grad 0.23-0.30): 1.1-2.3x the speed
+#   for up to about a tenth of a second of compile time. In the grid after it
+#   (bench_amd_epyc_b1_toeplitz.md) the step at batch 1, 32x32x3 took 0.71-0.75x its time in
+#   the grid before. C = 4, 6, 7 and other image sizes follow by extrapolation, and the rule
+#   was not timed on the Xeon. With one channel the conv stays (28x28x1 in an
 #   uncommitted timing: toeplitz/toeplitz 0.051-0.055 ms against the rule's 0.048-0.049). At
 #   batch 32 the Toeplitz pair took 0.89-1.64x the rule's time, less at 1 of the 6 points, and
 #   taps/toeplitz 0.95-2.44x: the taps and the conv stay there. The vmapped per-example path

@@ -22,7 +22,9 @@ SPEC = jaxbp.ConvNetSpec(in_shape=(8, 8, 3), n_filters=8, kernel_size=(3, 3), n_
 SPEC_FORM = batched.Formulation("patches", "patches")
 
 
-@pytest.mark.parametrize("filters", [1, 8, 32])  # the rule: taps/conv, patches, patches/conv
+# The rule at 8x8x3, 3x3: one filter the taps (dE/df the Toeplitz form at batch 1, else the
+# conv), 8 filters the patches (dE/df the conv at batch 1), 32 the patches and the conv.
+@pytest.mark.parametrize("filters", [1, 8, 32])
 @pytest.mark.parametrize("batch", [1, 32, 256, 1024])
 def test_candidates_are_the_rules_forms_at_other_chunks_and_other_pairs(batch, filters):
     spec = jaxbp.ConvNetSpec(in_shape=(8, 8, 3), n_filters=filters, kernel_size=(3, 3), n_out=4)
