@@ -780,19 +780,17 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
             # Untimed calls of the same method first (`jaxbp.tune.interleaved_samples`): the
             # first call after a program that freed hundreds of MB (the per-example methods)
             # ran up to 2.2x slower, and at 1-2 calls a sample timed that.
-            if name in peers:
-                try:
-                    if args.warm_calls:
-                        call(args.warm_calls)
-                    samples[name].append(call(inner[name]))
-                except PeerDiedError as err:
-                    drop_peer(name, err)
-            else:
+            try:
                 if args.warm_calls:
                     call(args.warm_calls)
-                start = time.perf_counter()
-                call(inner[name])
-                samples[name].append((time.perf_counter() - start) / inner[name])
+                if name in peers:  # the peer times its own calls
+                    samples[name].append(call(inner[name]))
+                else:
+                    start = time.perf_counter()
+                    call(inner[name])
+                    samples[name].append((time.perf_counter() - start) / inner[name])
+            except PeerDiedError as err:  # only a peer's call raises it
+                drop_peer(name, err)
     result["times"] = {name: summarize(s) for name, s in samples.items()}
     result["inner_calls"] = inner
     t = {name: v["median_ms"] for name, v in result["times"].items()}

@@ -29,6 +29,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import machine_info  # noqa: E402
 from bench import script_command  # noqa: E402
+from bench import summarize  # noqa: E402
 from bench import warm_text  # noqa: E402
 from bench import write_results  # noqa: E402
 
@@ -122,14 +123,7 @@ def main(argv=None) -> None:
         )
         calls = {name: timed_calls(fn, fn_args) for name, (fn, fn_args) in compiled.items()}
         samples = interleaved_samples(calls, args.repeats, args.min_sample_s, args.warm_calls)
-        times = {
-            name: {
-                "median_ms": 1e3 * float(np.median(s)),
-                "q1_ms": 1e3 * float(np.percentile(s, 25)),
-                "q3_ms": 1e3 * float(np.percentile(s, 75)),
-            }
-            for name, s in samples.items()
-        }
+        times = {name: summarize(s) for name, s in samples.items()}
         results.append(
             {
                 "point": {"batch": batch, "input": list(spec.in_shape), "kernel": kernel, "filters": 1},
