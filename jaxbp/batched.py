@@ -939,29 +939,54 @@ def value_and_grads(
     if chunk == n:
         E, sums = chunk_sums(params, x, y, spec, form, n, contract_channels=contract_channels)
         return E, untranspose(sums, spec)
-    n_scanned = n - n % chunk
+    whole = n // chunk
 
-    # The whole chunks under lax.scan, each adding its partial sums; a remainder (n not a
-    # multiple of chunk) as one more, smaller chunk.
-    def add_chunk(total, xy):
-        part = chunk_sums(params, *xy, spec, form, n, contract_channels=contract_channels)
-        return jax.tree.map(jnp.add, total, part), None
+    # The loop carries two arrays: (dE/dW)^T, and E, dE/df and dE/db laid end to end in one
+    # vector. Each chunk adds into them with two fused kernels, started from two broadcasts of
+    # zeros, where a carry of four arrays took four adds and three broadcasts: each kernel XLA
+    # generates costs compile time on the CPU (experiments/PERFORMANCE.md, compile time).
+    # dE/dW stays apart: in the one vector with the rest, the step ran 1.05-1.11x slower with
+    # 32 filters (batch 256, 32x32x3, 5x5: XLA's fused concatenation is slower than an add
+    # across the D n_out numbers); the rest is at most a few thousand numbers.
+    shapes = [(), (spec.n_filters, params.f.size // spec.n_filters), params.b.shape]
+    offsets = np.cumsum([0, *(math.prod(shape) for shape in shapes)])
 
-    # The carry starts at zeros typed like the chunks' sums: zeros_like keeps an array's varying
-    # mesh axes, so under `jax.shard_map` (`jaxbp.parallel`) the zeros vary over the axes the
-    # shard of x and the params vary over, as the sums do (lax.scan requires equal carry types).
-    # That relies on JAX's automatic pcast (jax_auto_pcast, on by default in jax 0.10);
-    # tests/test_mesh.py runs shards over one chunk, and fails if it stops holding.
-    zero = jnp.zeros_like(x, shape=())
-    zero_sums = Params(f=filters_first(params.f), W=params.W.T, b=params.b)
-    zeros = (zero, jax.tree.map(lambda p: jnp.zeros_like(p) + zero, zero_sums))
-    xs = x[:n_scanned].reshape(-1, chunk, *x.shape[1:])
-    ys = y[:n_scanned].reshape(-1, chunk, *y.shape[1:])
-    total, _ = lax.scan(add_chunk, zeros, (xs, ys))
-    if n_scanned < n:
-        total, _ = add_chunk(total, (x[n_scanned:], y[n_scanned:]))
-    E, sums = total
-    return E, untranspose(sums, spec)
+    def add_chunk(total, x_chunk, y_chunk):
+        E, part = chunk_sums(params, x_chunk, y_chunk, spec, form, n, contract_channels=contract_channels)
+        E_f_b, W = total
+        return E_f_b + jnp.concatenate([E[None], part.f.ravel(), part.b]), W + part.W
+
+    # The whole chunks, each a row of x (and of y) flattened chunk by chunk, indexed by the
+    # loop. Scanning over x as (whole, chunk, H, W, C) made XLA copy all of x first where C = 1
+    # (the layouts it gave the unit axis differed), and slicing x at i chunk made the kernels
+    # that read the slice slower (the step 1.14-1.28x at batch 256 and 1024 of 32x32x3 with 3x3,
+    # one filter); a row of a matrix does neither. No negative indices: JAX's wrap of them puts
+    # a select into every kernel that reads the row, and the step took 1.16-1.19x as long with
+    # it at those two points (standalone timings, not committed).
+    x_rows = x[: whole * chunk].reshape(whole, -1)
+    y_rows = y[: whole * chunk].reshape(whole, -1)
+
+    def add_whole_chunk(i, total):
+        x_chunk, y_chunk = (
+            lax.dynamic_index_in_dim(rows, i, keepdims=False, allow_negative_indices=False).reshape(
+                chunk, *a.shape[1:]
+            )
+            for rows, a in ((x_rows, x), (y_rows, y))
+        )
+        return add_chunk(total, x_chunk, y_chunk)
+
+    # The zeros are typed like the chunks' sums: zeros_like keeps an array's varying mesh axes,
+    # so under `jax.shard_map` (`jaxbp.parallel`) the zeros vary over the axes the shard of x
+    # varies over, as the sums do (the loop requires equal carry types). That relies on JAX's
+    # automatic pcast (jax_auto_pcast, on by default in jax 0.10); tests/test_mesh.py runs
+    # shards over one chunk, and fails if it stops holding.
+    zeros = (jnp.zeros_like(x, shape=(offsets[-1],)), jnp.zeros_like(x, shape=params.W.T.shape))
+    total = lax.fori_loop(0, whole, add_whole_chunk, zeros)
+    if whole * chunk < n:  # the remainder, n not a multiple of chunk: one more, smaller chunk
+        total = add_chunk(total, x[whole * chunk :], y[whole * chunk :])
+    E_f_b, W = total
+    E, f, b = (E_f_b[a:z].reshape(shape) for a, z, shape in zip(offsets[:-1], offsets[1:], shapes))
+    return E, untranspose(Params(f=f, W=W, b=b), spec)
 
 
 def per_example_formulation(spec: ConvNetSpec, batch: int, itemsize: int = 4) -> Formulation:
