@@ -17,14 +17,15 @@ Same math as `jax.vmap` of the per-example backward followed by a mean; what cha
 shape of the work XLA sees, and on a CPU that is where the time goes (measured by
 ``python experiments/bench.py --formulations``, results in experiments/results/):
 
-* **Chunks of the batch.** Examples are independent until the gradient sums, so the batch is
-  cut into chunks of ``chunk`` examples, run one after another by `lax.scan`, each adding its
-  partial sums. A chunk's temporaries (patches, Z1, H1, delta1) stay a few MB and are reused from
-  chunk to chunk; one pass over the whole batch writes hundreds of MB of fresh buffers per step
-  at batch 1024, and on this CPU writing and page-faulting those cost more than the arithmetic
-  (at the largest grid point the patches of the whole batch are 240 MB; the step took 165 ms
-  in chunks of 32 against 422 ms unchunked, experiments/results/bench_formulations.md, and
-  jax.grad's step 290-321 ms in the bench.md runs).
+* **Chunks of the batch.** Examples are independent until the gradient sums, so the batch is cut
+  into chunks of ``chunk`` examples, run one after another in a loop (`lax.fori_loop`), each
+  adding its partial sums. A chunk's temporaries (patches, Z1, H1, delta1) stay a few MB and are
+  reused from chunk to chunk; one pass over the whole batch writes hundreds of MB of fresh
+  buffers per step at batch 1024, and on this CPU writing and page-faulting those cost more than
+  the arithmetic (at the largest grid point the patches of the whole batch are 240 MB; the step
+  took 165 ms in chunks of 32 against 422 ms unchunked,
+  experiments/results/bench_formulations.md, and jax.grad's step 290-321 ms in the bench.md
+  runs).
 * **Patches (im2col), built once, used twice.** ``P`` (M x kh kw C, M = N Ho Wo) holds every
   receptive field; then Z1 = P @ f and dE/df = P^T @ delta1 are two plain matmuls, the only form
   in which XLA's CPU reaches matmul speed for more than a few filters.
@@ -96,7 +97,7 @@ class Formulation(NamedTuple):
         the P of the forward when both use it), "toeplitz" (delta1^T R folded along the band,
         with the R of the forward when both use it) or "conv" (one XLA convolution with the
         batch as the contracted axis).
-      chunk: examples per `lax.scan` step; None runs the whole batch at once.
+      chunk: examples per step of the chunks' loop; None runs the whole batch at once.
       conv_parts: with dE/df as XLA's conv, that conv is split into this many convs over
         consecutive slices of a chunk's examples and summed (at most one part per example):
         Eigen runs the conv on one core, and XLA's CPU runtime runs independent convs at once.
@@ -219,20 +220,20 @@ class Formulation(NamedTuple):
 #   1.2x of the fastest formulation at 9 of 12 points, and 1.26-1.40x at three: with one filter
 #   and 3x3 the patches for dE/df won by 0.02-0.05 ms (32x32x3: 0.115 against 0.161 ms), and
 #   at 32x32x3, 5x5, 8 filters conv/patches by 0.10 ms.
-# * The taps with 9 terms or fewer (kh kw C <= 9: a 3x3 filter on one channel) run the whole
-#   batch while x, Z1, H1 and delta1 stay under TAPS_UNCHUNKED_WORKING_SET_BYTES. Under the
-#   chunks' lax.scan XLA fused the loop's dynamic slice of x into the 9-term taps loop, which
-#   then ran about 4x slower than over the whole batch (a standalone timing of the taps forward
-#   at batch 1024 of 28x28x1, not committed: 4.3-5.1 ms in chunks of 128 against 1.1-1.5
-#   whole); with 25 terms (5x5) it copied the slice out first, and the chunked forward took
-#   about 1.6x the whole one. The step at 28x28x1, 3x3, one filter, whole against chunks of
+# * The taps with 9 terms or fewer (kh kw C <= 9: a 3x3 filter on one channel) run the whole batch
+#   while x, Z1, H1 and delta1 stay under TAPS_UNCHUNKED_WORKING_SET_BYTES. Under the chunks' loop
+#   (then a lax.scan over x in chunks) XLA fused the loop's dynamic slice of x into the 9-term
+#   taps loop, which then ran about 4x slower than over the whole batch (a standalone timing of
+#   the taps forward at batch 1024 of 28x28x1, not committed: 4.3-5.1 ms in chunks of 128 against
+#   1.1-1.5 whole); with 25 terms (5x5) it copied the slice out first, and the chunked forward
+#   took about 1.6x the whole one. The step at 28x28x1, 3x3, one filter, whole against chunks of
 #   128, in four runs: batch 1024 4.8 against 7.2 ms (bench_formulations.md), 4.24 against 8.69
 #   (bench_formulations_one_filter_toeplitz.md), 4.01 against 8.01 (the batch gradient alone,
 #   standalone, not committed) and 4.58 against 8.55 (bench_taps_unchunked.md); batch 256
-#   0.91-1.44 against 1.23-1.69. At the other one-filter points of the grid (5x5, or 32x32x3)
-#   the chunks were as fast or faster in the two latest runs (batch 1024, 32x32x3, 3x3: 10.1 ms
-#   in 128 against 14.6 whole, standalone); at 28x28x1, 5x5, batch 256 the margin moved between
-#   runs (bench_formulations.md: 1.51 ms whole against 1.91 in chunks).
+#   0.91-1.44 against 1.23-1.69. At the other one-filter points of the grid (5x5, or 32x32x3) the
+#   chunks were as fast or faster in the two latest runs (batch 1024, 32x32x3, 3x3: 10.1 ms in 128
+#   against 14.6 whole, standalone); at 28x28x1, 5x5, batch 256 the margin moved between runs
+#   (bench_formulations.md: 1.51 ms whole against 1.91 in chunks).
 #   How large a batch: a standalone timing of the batch gradient at 28x28x1, 3x3 (not
 #   committed; x, Z1, H1 and delta1 in MiB in brackets) had the whole batch ahead with one
 #   filter at batch 2048 [22] (7.6 ms against 12.6 in 128 and 10.3 in 1024) and 4096 [44] (22.1
