@@ -41,7 +41,7 @@ With --variants, also steps that were measured and not adopted:
                                    (the dots and convs are Eigen's either way): compiles faster
                      (experimental options; one that this jaxlib does not know is reported and
                      skipped)
-  manual_unrolled    the manual step with its chunks as a Python loop instead of lax.scan: no
+  manual_unrolled    the manual step with its chunks as a Python loop instead of lax.fori_loop: no
                      loop, one copy of the chunk's program per chunk
 
 With --tune, also the step a user gets from timing the formulations on this machine:
@@ -1337,7 +1337,8 @@ def parse_args(argv=None):
         "--chunks",
         nargs="+",
         type=int,
-        help="with --formulations, the chunks (examples per scan step) the pick is also timed at, "
+        help="with --formulations, the chunks (examples per step of the chunks' loop) the pick is also "
+        "timed at, "
         f"besides the whole batch (default: {' '.join(map(str, FORMULATION_CHUNKS))})",
     )
     parser.add_argument("--variants", action="store_true", help="also time the variants (above)")

@@ -944,8 +944,9 @@ def value_and_grads(
 
     # The loop carries two arrays: (dE/dW)^T, and E, dE/df and dE/db laid end to end in one
     # vector. Each chunk adds into them with two fused kernels, started from two broadcasts of
-    # zeros, where a carry of four arrays took four adds and three broadcasts: each kernel XLA
-    # generates costs compile time on the CPU (experiments/PERFORMANCE.md, compile time).
+    # zeros, where a carry of four arrays took four adds and three broadcasts; in the update step
+    # reading the vector back costs one more kernel, E's slice (the others fuse into the update).
+    # Each kernel XLA generates costs compile time on the CPU (experiments/PERFORMANCE.md).
     # dE/dW stays apart: in the one vector with the rest, the step ran 1.05-1.11x slower with
     # 32 filters (batch 256, 32x32x3, 5x5: XLA's fused concatenation is slower than an add
     # across the D n_out numbers); the rest is at most a few thousand numbers.
@@ -961,9 +962,10 @@ def value_and_grads(
     # loop. Scanning over x as (whole, chunk, H, W, C) made XLA copy all of x first where C = 1
     # (the layouts it gave the unit axis differed), and slicing x at i chunk made the kernels
     # that read the slice slower (the step 1.14-1.28x at batch 256 and 1024 of 32x32x3 with 3x3,
-    # one filter); a row of a matrix does neither. No negative indices: JAX's wrap of them puts
-    # a select into every kernel that reads the row, and the step took 1.16-1.19x as long with
-    # it at those two points (standalone timings, not committed).
+    # one filter); a row of a matrix does neither. (With a remainder, n not a multiple of chunk,
+    # x's whole chunks are still copied out once, as the scan did.) No negative indices: JAX's
+    # wrap of them puts a select into every kernel that reads the row, and the step took
+    # 1.16-1.19x as long with it at those two points (standalone timings, not committed).
     x_rows = x[: whole * chunk].reshape(whole, -1)
     y_rows = y[: whole * chunk].reshape(whole, -1)
 
@@ -977,11 +979,12 @@ def value_and_grads(
         return add_chunk(total, x_chunk, y_chunk)
 
     # The zeros are typed like the chunks' sums: zeros_like keeps an array's varying mesh axes,
-    # so under `jax.shard_map` (`jaxbp.parallel`) the zeros vary over the axes the shard of x
-    # varies over, as the sums do (the loop requires equal carry types). That relies on JAX's
-    # automatic pcast (jax_auto_pcast, on by default in jax 0.10); tests/test_mesh.py runs
+    # so under `jax.shard_map` (`jaxbp.parallel`) the zeros vary over the axes the shard of x and
+    # the params vary over, as the sums do (the loop requires equal carry types). That relies on
+    # JAX's automatic pcast (jax_auto_pcast, on by default in jax 0.10); tests/test_mesh.py runs
     # shards over one chunk, and fails if it stops holding.
-    zeros = (jnp.zeros_like(x, shape=(offsets[-1],)), jnp.zeros_like(x, shape=params.W.T.shape))
+    zero = jnp.zeros_like(x, shape=()) + jnp.zeros_like(params.f, shape=())
+    zeros = (jnp.zeros(offsets[-1], x.dtype) + zero, jnp.zeros(params.W.T.shape, x.dtype) + zero)
     total = lax.fori_loop(0, whole, add_whole_chunk, zeros)
     if whole * chunk < n:  # the remainder, n not a multiple of chunk: one more, smaller chunk
         total = add_chunk(total, x[whole * chunk :], y[whole * chunk :])

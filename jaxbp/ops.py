@@ -125,10 +125,10 @@ def conv2d_filter_vjp_sum(
     The transposes are explicit so that the conv itself is the canonical NHWC x HWIO one. With
     the same reading given as dimension numbers ("CHWN", "IHWO", "HWNC"), XLA's CPU lays the
     operands out for Eigen's conv only at the top level of a program: inside `lax.scan` (the
-    chunks of `jaxbp.batched`) it ran the conv as written, 2-5.6x slower (batch 256, 32x32x3,
-    5x5, four filters, 16 chunks: 24 ms against 4.3; batch 1024, one filter: 16.7 against 8.8).
-    With `jaxbp.compiler_options()` (Eigen convs) the form as written was still 1.25-2.5x slower
-    per step (one or two filters, batch 256-1024; a standalone timing, not committed).
+    chunks of `jaxbp.batched`, as they were then) it ran the conv as written, 2-5.6x slower
+    (batch 256, 32x32x3, 5x5, four filters, 16 chunks: 24 ms against 4.3; batch 1024, one filter:
+    16.7 against 8.8). With `jaxbp.compiler_options()` (Eigen convs) the form as written was still
+    1.25-2.5x slower per step (one or two filters, batch 256-1024; standalone, not committed).
 
     Args:
       x: (N, H, W, C) inputs.

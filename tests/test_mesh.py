@@ -39,7 +39,7 @@ SCRIPT = textwrap.dedent(
                     np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * float(jnp.abs(b).max()))
                     assert a.dtype == dtype
             assert float(jnp.abs(ref.f - params0.f).max()) > 1e-3  # the params did move
-    # shards of 130 examples: more than one chunk (jaxbp.batched runs a lax.scan over chunks of
+    # shards of 130 examples: more than one chunk (jaxbp.batched runs a loop over chunks of
     # 128 and then the remainder of 2), whose carry must vary over the mesh axis as the sums do.
     # Measured: one step's params differ from one device's by at most 3.3e-16 of the largest
     # entry; the 1e-12 of the float64 runs above holds.

@@ -151,7 +151,8 @@ def test_formulation_reaches_the_manual_step_and_keeps_the_update():
     state = opt.init(params)
     default = jaxbp.make_update_step(SPEC, opt)(params, state, x, y)
     # The default here is the Toeplitz form for both, whole: no scan, no conv. Chunks of 2 of the 4
-    # examples run under one lax.scan; XLA's conv for both convolutions shows as two convs.
+    # examples run in one loop (a lax.fori_loop, a scan in the jaxpr: its trip count is static);
+    # XLA's conv for both convolutions shows as two convs.
     forms = ((jaxbp.Formulation("patches", "patches", 2), 1, 0), (jaxbp.Formulation("conv", "conv"), 0, 2))
     for form, scans, convs in forms:
         step = jaxbp.make_update_step(SPEC, opt, formulation=form)
