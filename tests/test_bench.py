@@ -398,6 +398,9 @@ def test_generated_kernels_count_the_fusions_not_library_calls_or_copies():
     fn = jax.jit(lambda p, x, y: jaxbp.manual_value_and_grads(p, x, y, spec))
     stats, compiled = bench.compile_stats(fn, (params, x, y))
     assert stats["kernels"] == bench.generated_kernels(compiled.as_text()) >= 1
+    # The compile time is its three parts: JAX's trace, JAX's lowering, XLA's compile.
+    parts = [stats[k] for k in ("trace_s", "lower_s", "xla_s")]
+    assert min(parts) > 0 and abs(sum(parts) - stats["compile_s"]) < 1e-6
 
 
 def test_compile_target_is_split_by_the_kernels_each_step_generates():
@@ -413,6 +416,16 @@ def test_compile_target_is_split_by_the_kernels_each_step_generates():
     assert lines[2].endswith("median 1.46, range 0.77-2.00")
     # Results from before the kernels were counted (--render of an old JSON) give no lines.
     assert bench.compile_by_kernels([{"compile": {"manual": {"compile_s": 1.0}}}]) == []
+    # With the compile time's parts recorded, their medians over the points, each step's.
+    for i, r in enumerate(results):
+        r["compile"]["manual"] |= {"trace_s": 0.01 * i, "lower_s": 0.02, "xla_s": 0.3 + 0.1 * i}
+        r["compile"]["autodiff"] |= {"trace_s": 0.04, "lower_s": 0.05, "xla_s": 0.2}
+    split = [line for line in bench.compile_by_kernels(results) if "where the compile time goes" in line]
+    assert split == [
+        "- where the compile time goes, medians over the points (JAX's trace + JAX's lowering + XLA's "
+        "compile): manual 0.015 + 0.020 + 0.450 s, jax.grad 0.040 + 0.050 + 0.200 s"
+    ]
+    assert not any("where the compile time goes" in line for line in lines)  # without the parts
 
 
 def test_compile_fit_is_the_least_squares_line_over_both_steps_and_is_plotted(tmp_path):
