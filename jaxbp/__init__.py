@@ -48,6 +48,8 @@ from jaxbp.network import slides_network
 from jaxbp.parallel import data_parallel_mean
 from jaxbp.params import Params
 from jaxbp.params import init_params
+from jaxbp.per_example import PerExampleGrads
+from jaxbp.per_example import make_per_example_grads
 from jaxbp.spec import ConvNetSpec
 from jaxbp.train import make_update_step
 from jaxbp.train import sgd

@@ -167,6 +167,22 @@ def timed_calls(fn: Callable, args: tuple) -> Callable[[int], None]:
     return each if jax.default_backend() == "cpu" else queued
 
 
+def timed_calls_into(fn: Callable, args: tuple, out) -> Callable[[int], None]:
+    """As `timed_calls`, for ``fn(*args, out)`` that writes into `out` (donates it): each call is
+    given the previous call's result, as a loop that reuses its per-example gradients does
+    (`jaxbp.make_per_example_grads`). `out` is the first call's, and is consumed."""
+    state = {"out": out}
+
+    def each(inner):
+        for _ in range(inner):
+            state["out"] = fn(*args, state["out"])
+            if jax.default_backend() == "cpu":
+                jax.block_until_ready(state["out"])
+        jax.block_until_ready(state["out"])
+
+    return each
+
+
 WARM_CALLS = 1  # untimed calls of a method right before each of its samples (`interleaved_samples`)
 
 

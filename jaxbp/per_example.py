@@ -1,0 +1,169 @@
+"""Per-example gradients that write into the arrays of the call before, chunk by chunk.
+
+A per-example gradient is big: dE/dW alone is N x D x n_out numbers (221 MB at batch 256 of
+28x28x1 with 3x3 filters and 32 of them). Each call of a jitted function gets fresh memory for
+its output and for its temporaries, and on Linux memory that glibc's malloc takes from the
+kernel (every block over 32 MiB) starts unmapped: the first write to each 4 KiB page is a page
+fault, in which the kernel maps and zeroes the page. On the 2-core VM jaxbp was measured on that
+took about 2 us a page, 0.5 ms per MB: writing that 221 MB array took 115 ms fresh and 14.8 ms
+into the array of the call before (54081 page faults a call against none; a standalone timing,
+the number of faults from getrusage, not committed). That is the arithmetic of
+``experiments/bench.py``'s ``per_ex_dW_write`` floor: it timed the kernel's page faults.
+
+So `make_per_example_grads` jits the per-example gradients with their output donated: pass the
+previous call's result as ``out`` and XLA writes the new gradients into its memory, which is
+already mapped. And where the whole batch's temporaries would be large it computes the
+gradients in chunks of examples (`per_example_chunk`), each written into its rows of ``out``,
+so that the temporaries stay a few MB, reused chunk after chunk, instead of fresh pages every
+call (73 MB of them at that point, about 35 ms of faults).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Union
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxbp import batched
+from jaxbp import model
+from jaxbp.backward import per_example_manual_grads
+from jaxbp.compile_options import compiler_options as default_compiler_options
+from jaxbp.network import Network
+from jaxbp.spec import ConvNetSpec
+
+GRADS = ("manual", "autodiff")
+
+
+def per_example_fn(spec: ConvNetSpec | Network, grads: str) -> Callable:
+    """``fn(params, x, y)``: the per-example gradients of a batch, each leaf with a leading N.
+
+    "manual" is `jaxbp.per_example_manual_grads`; "autodiff" is `jax.vmap` of `jax.grad` of the
+    per-example loss (the baseline it is checked and timed against).
+    """
+    if grads not in GRADS:
+        raise ValueError(f"grads must be one of {GRADS}, got {grads!r}")
+    if grads == "manual":
+        return lambda params, x, y: per_example_manual_grads(params, x, y, spec)
+    if isinstance(spec, Network):
+        return jax.vmap(jax.grad(spec.loss_example), in_axes=(None, 0, 0))
+    grad_example = jax.grad(model.loss_example)
+    return jax.vmap(lambda params, x, y: grad_example(params, x, y, spec), in_axes=(None, 0, 0))
+
+
+def per_example_chunk(spec: ConvNetSpec | Network, batch: int, itemsize: int = 4) -> int | None:
+    """Examples per chunk: `jaxbp.batched.working_set_chunk`'s, about 16 MB of temporaries, for
+    the slides' network; None (the whole batch) for a `Network` or where one chunk holds it."""
+    if isinstance(spec, Network):
+        return None
+    return batched.working_set_chunk(spec, batch, itemsize=itemsize)
+
+
+def grads_into(fn: Callable, params, x: jax.Array, y: jax.Array, out, chunk: int | None):
+    """``fn(params, x, y)`` written into `out` (a pytree of the same shapes), `chunk` examples at a
+    time (None: the whole batch at once). Pure: under `jax.jit` with `out` donated the writes are
+    in place, without it XLA copies `out` first."""
+    n = x.shape[0]
+    if chunk is None or chunk >= n:
+        return fn(params, x, y)  # donated, out's memory holds the result (same shapes)
+
+    def write(out, start, size):
+        g = fn(params, lax.dynamic_slice_in_dim(x, start, size), lax.dynamic_slice_in_dim(y, start, size))
+        return jax.tree.map(lambda o, a: lax.dynamic_update_slice_in_dim(o, a, start, 0), out, g)
+
+    whole = n // chunk
+    out = lax.fori_loop(0, whole, lambda i, out: write(out, i * chunk, chunk), out)
+    if whole * chunk < n:  # the remainder, n not a multiple of chunk
+        out = write(out, whole * chunk, n - whole * chunk)
+    return out
+
+
+def check_out(out, expected) -> None:
+    """A ValueError naming ``out`` unless it has `expected`'s structure, shapes and dtypes."""
+    if jax.tree.structure(out) != jax.tree.structure(expected):
+        raise ValueError(
+            f"out must be the per-example gradients of an earlier call, structured "
+            f"{jax.tree.structure(expected)}, got {jax.tree.structure(out)}"
+        )
+    for got, want in zip(jax.tree.leaves(out), jax.tree.leaves(expected)):
+        if (got.shape, got.dtype) != (want.shape, want.dtype):
+            raise ValueError(
+                f"out must hold this batch's per-example gradients: a leaf of shape {want.shape} and "
+                f"dtype {want.dtype}, got {got.shape} and {got.dtype}"
+            )
+
+
+class PerExampleGrads:
+    """``fn(params, x, y, out=None)``: jitted per-example gradients, written into ``out``.
+
+    Made by `make_per_example_grads`. ``out``, when given, is consumed: its arrays are donated
+    and deleted by the call, and the result lives in their memory (using them afterwards raises
+    JAX's "Array has been deleted"). Pass the result of the call before, once you are done with
+    it::
+
+        per_example = jaxbp.make_per_example_grads(spec)
+        g = None
+        for x, y in batches:
+            g = per_example(params, x, y, out=g)  # the previous g's memory, reused
+    """
+
+    def __init__(self, spec, grads: str, chunk, options: dict[str, object]):
+        self.spec, self.grads, self.chunk = spec, grads, chunk
+        self.fn = fn = per_example_fn(spec, grads)
+
+        def into(params, x, y, out):
+            check_out(out, jax.eval_shape(fn, params, x, y))  # at trace time: shapes are static
+            return grads_into(fn, params, x, y, out, self.chunk_for(x))
+
+        self._jitted = jax.jit(into, donate_argnums=3, keep_unused=True, compiler_options=options)
+
+    def chunk_for(self, x: jax.Array) -> int | None:
+        """The examples per chunk for batch `x` (None: all at once)."""
+        if self.chunk == "auto":
+            return per_example_chunk(self.spec, x.shape[0], x.dtype.itemsize)
+        return self.chunk
+
+    def __call__(self, params, x, y, out=None):
+        if out is None:  # fresh zeros, the shapes from an abstract evaluation (no compile)
+            out = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(self.fn, params, x, y))
+        return self._jitted(params, x, y, out)
+
+    def lower(self, params, x, y, out):
+        """The jitted function's lowering, for its compile time and HLO (benchmarks)."""
+        return self._jitted.lower(params, x, y, out)
+
+
+def make_per_example_grads(
+    spec: ConvNetSpec | Network,
+    *,
+    grads: str = "manual",
+    chunk: Union[int, None, str] = "auto",
+    compiler_options: dict[str, object] | None = None,
+) -> PerExampleGrads:
+    """Jitted per-example gradients of a batch that reuse the memory of the call before.
+
+    Args:
+      spec: the network: a `ConvNetSpec` or a `jaxbp.Network`.
+      grads: "manual" (`jaxbp.per_example_manual_grads`) or "autodiff" (vmap of jax.grad).
+      chunk: examples per chunk: "auto" for `per_example_chunk`'s, None for the whole batch at
+        once, or a positive int.
+      compiler_options: XLA options; None takes `jaxbp.compiler_options()`.
+
+    Returns:
+      a `PerExampleGrads`: ``fn(params, x, y, out=None) -> grads``, each leaf of grads with a
+      leading axis N; ``out``, a result of an earlier call with the same shapes, is donated.
+    """
+    if grads not in GRADS:
+        raise ValueError(f"grads must be one of {GRADS}, got {grads!r}")
+    if not isinstance(spec, (ConvNetSpec, Network)):
+        raise TypeError(f"spec must be a jaxbp.ConvNetSpec or jaxbp.Network, got {type(spec).__name__}")
+    if (
+        chunk != "auto"
+        and chunk is not None
+        and not (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 1)
+    ):
+        raise ValueError(f'chunk must be "auto", None or a positive int, got {chunk!r}')
+    options = default_compiler_options() if compiler_options is None else dict(compiler_options)
+    return PerExampleGrads(spec, grads, chunk, options)
