@@ -17,6 +17,10 @@ it times, interleaved round by round with warm-up excluded:
                    else: a floor under any per-example gradient
   per_ex_no_df     the per-example gradients without dE/df: the forward (in the per-example
                    path's forward form) and the per-example dE/dW and dE/db, a tighter floor
+  per_ex_manual_reused, per_ex_autodiff_reused, per_ex_dW_write_reused
+                   the same three written into the memory of the call before (each call given
+                   the last one's result, donated): jaxbp.make_per_example_grads, manual and
+                   jax.grad (both in its chunks past a working set), and the dE/dW write
   batch_grad       the batch gradient alone (jaxbp.manual_value_and_grads), the reference for
                    per_ex_manual
   torch            PyTorch autograd of the same network (NCHW) plus the SGD update, in a process
@@ -97,6 +101,14 @@ HEADLINE = dict(batch=256, filters=8, input=(28, 28, 1), kernel=5)
 GRID = dict(batch=(1, 32, 256, 1024), filters=(1, 8, 32), input=((28, 28, 1), (32, 32, 3)), kernel=(3, 5))
 QUICK = dict(batch=(32, 256), filters=(1, 8, 32), input=((28, 28, 1),), kernel=(5,))
 N_OUT = 10
+# The per-example methods (none at batch 1), and those that write into the last call's memory
+# with the fresh method each is compared with.
+PER_EXAMPLE_METHODS = ("per_ex_manual", "per_ex_autodiff", "per_ex_dW_write", "per_ex_no_df")
+REUSED_METHODS = {
+    "per_ex_manual_reused": "per_ex_manual",
+    "per_ex_autodiff_reused": "per_ex_autodiff",
+    "per_ex_dW_write_reused": "per_ex_dW_write",
+}
 LEARNING_RATE = 0.1
 FORMULATION_CHUNKS = (8, 32, 128)  # chunks timed beside the chosen one with --formulations
 FORMULATION_CONV_PARTS = (1, 2, 8)  # and, where the pick's dE/df is XLA's conv, its conv_parts
@@ -415,6 +427,14 @@ def jax_methods(
         "per_ex_no_df": jit(lambda p, s, x, y: per_example_without_filter_grad(p, x, y, spec)),
         "batch_grad": jit(lambda p, s, x, y: jaxbp.manual_value_and_grads(p, x, y, spec)),
     }
+    # The same three into the memory of the call before (their last argument, donated): the
+    # per-example gradients as jaxbp.make_per_example_grads computes them (in chunks past a
+    # working set), manual and jax.grad alike, and the dE/dW write.
+    reused = lambda fn: jit(fn, donate_argnums=4, keep_unused=True)  # noqa: E731
+    for grads in ("manual", "autodiff"):
+        into = jaxbp.make_per_example_grads(spec, grads=grads).into
+        methods[f"per_ex_{grads}_reused"] = reused(lambda p, s, x, y, out, into=into: into(p, x, y, out))
+    methods["per_ex_dW_write_reused"] = reused(lambda p, s, x, y, out: p.W[None, :, :1] * y[:, None, :])
     if chosen is not None:
         # Every pair of forms at the chunk the rule picks, and the rule's forms at other chunks.
         # XLA's conv for dE/df in the rule's parts wherever it appears (one on other backends).
@@ -728,15 +748,20 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
             opt = jaxbp.sgd(LEARNING_RATE)
             methods["manual_tuned"] = jaxbp.make_update_step(spec, opt, formulation=tuning.best)
     if batch == 1:
-        for name in ("per_ex_manual", "per_ex_autodiff", "per_ex_dW_write", "per_ex_no_df"):
+        for name in (*PER_EXAMPLE_METHODS, *REUSED_METHODS):
             methods.pop(name)  # per-example gradients of one example are the batch gradient
     if args.skip_vmap_steps:
         for name in ("manual_vmap", "autodiff_vmap"):
             methods.pop(name)
     compiled = {}
     result["compile"] = {}
+    outs = {}  # the reused methods' first `out`: the fresh method's result, the same shapes
     for name, fn in methods.items():
         try:
+            if name in REUSED_METHODS:
+                outs[name] = compiled[REUSED_METHODS[name]](*jargs)
+                result["compile"][name], compiled[name] = compile_stats(fn, (*jargs, outs[name]))
+                continue
             result["compile"][name], compiled[name] = compile_stats(fn, jargs)
         except Exception as err:  # an XLA option this jaxlib does not know (experimental ones come and go)
             if not (args.variants and name in variant_names(methods) and name != "manual_unrolled"):
@@ -760,7 +785,21 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
         for table in (calls, inner, samples):
             table.pop(name, None)
 
-    calls = {name: jaxbp.tune.timed_calls(c, jargs) for name, c in compiled.items()}
+    if outs:  # how far the reused results are from the fresh ones (float32; the tests check float64)
+        result["reused_rel_error"] = {}
+        for name, out in outs.items():
+            got = compiled[name](*jargs, out)  # consumes out: the result is the next call's
+            ref = compiled[REUSED_METHODS[name]](*jargs)
+            result["reused_rel_error"][name] = max(
+                rel_error(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref))
+            )
+            outs[name] = got
+    calls = {
+        name: jaxbp.tune.timed_calls_into(c, jargs, outs[name])
+        if name in outs
+        else jaxbp.tune.timed_calls(c, jargs)
+        for name, c in compiled.items()
+    }
     calls.update({name: peer_call(name) for name in peers})
     calls["matmul"] = matmul
     # Warm-up (excluded), then the number of calls per sample.
@@ -822,6 +861,10 @@ def run_point(point, args, jax, jaxbp, conns, matmul, progress) -> dict:
                 "per_ex_manual_over_batch_grad": t["per_ex_manual"] / t["batch_grad"],
                 "per_ex_dW_write_over_batch_grad": t["per_ex_dW_write"] / t["batch_grad"],
                 "per_ex_no_df_over_batch_grad": t["per_ex_no_df"] / t["batch_grad"],
+                "per_ex_manual_reused_over_batch_grad": t["per_ex_manual_reused"] / t["batch_grad"],
+                "per_ex_dW_write_reused_over_batch_grad": t["per_ex_dW_write_reused"] / t["batch_grad"],
+                "per_ex_autodiff_reused_over_manual_reused": t["per_ex_autodiff_reused"]
+                / t["per_ex_manual_reused"],
             }
             if "per_ex_manual" in t
             else {}
@@ -877,8 +920,23 @@ def targets_summary(results) -> list[str]:
             lambda v: v <= 1.2,
         ),
         (
+            "per-example within 1.2x of the batch gradient, into the last call's memory",
+            "per_ex_manual_reused_over_batch_grad",
+            lambda v: v <= 1.2,
+        ),
+        (
+            "per-example manual (into the last call's memory) at least as fast as jax.grad's",
+            "per_ex_autodiff_reused_over_manual_reused",
+            lambda v: v >= 1,
+        ),
+        (
             "writing the per-example dE/dW alone within 1.2x",
             "per_ex_dW_write_over_batch_grad",
+            lambda v: v <= 1.2,
+        ),
+        (
+            "writing the per-example dE/dW alone within 1.2x, into the last call's memory",
+            "per_ex_dW_write_reused_over_batch_grad",
             lambda v: v <= 1.2,
         ),
         (
@@ -1154,14 +1212,16 @@ def markdown(results, info, command) -> str:
         "manual over batch gradient; `dW/b`: writing an array the size of the per-example dE/dW "
         "(and nothing else) over the batch gradient, a floor under `pe/b`; `nodf/b`: the per-example "
         "forward, dE/dW and dE/db without dE/df over the batch gradient, a tighter floor; "
+        "`reused`: the same written into the last call's memory (`jaxbp.make_per_example_grads`, "
+        "donated), `pe/b` and `dW/b`, and `ad/m` per-example autodiff over manual; "
         "`%mm`: manual GFLOP/s over the matmul's in the same run; "
         "compile in seconds; kernels: the fusions XLA generates code for in each step; "
         "mem: XLA's peak estimate for the manual step. " + warm_text(info),
         "",
         "| batch | input | k | K | manual | autodiff | manual_vmap | autodiff_vmap | torch | numpy "
-        "| per-ex manual | per-ex autodiff | batch | ad/m | pt/m | pe/b | dW/b | nodf/b | GFLOP/s "
-        "| %mm | compile m/ad | kernels m/ad | mem MB |",
-        "|" + "---|" * 23,
+        "| per-ex manual | per-ex autodiff | batch | ad/m | pt/m | pe/b | dW/b | nodf/b "
+        "| reused pe/b | reused dW/b | reused ad/m | GFLOP/s | %mm | compile m/ad | kernels m/ad | mem MB |",
+        "|" + "---|" * 26,
     ]
     for r in results:
         p, d, c = r["point"], r["derived"], r["compile"]
@@ -1173,7 +1233,9 @@ def markdown(results, info, command) -> str:
             f"| {ms(r, 'torch')} | {ms(r, 'numpy')} | {ms(r, 'per_ex_manual')} | {ms(r, 'per_ex_autodiff')} "
             f"| {ms(r, 'batch_grad')} | {ratio('autodiff_over_manual')} | {ratio('torch_over_manual')} "
             f"| {ratio('per_ex_manual_over_batch_grad')} | {ratio('per_ex_dW_write_over_batch_grad')} "
-            f"| {ratio('per_ex_no_df_over_batch_grad')} | {d['manual_gflops']:.1f} "
+            f"| {ratio('per_ex_no_df_over_batch_grad')} | {ratio('per_ex_manual_reused_over_batch_grad')} "
+            f"| {ratio('per_ex_dW_write_reused_over_batch_grad')} "
+            f"| {ratio('per_ex_autodiff_reused_over_manual_reused')} | {d['manual_gflops']:.1f} "
             f"| {100 * d['manual_fraction_of_matmul']:.0f}% "
             f"| {c['manual']['compile_s']:.2f}/{c['autodiff']['compile_s']:.2f} "
             f"| {c['manual'].get('kernels', '-')}/{c['autodiff'].get('kernels', '-')} "

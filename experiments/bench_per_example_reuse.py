@@ -8,8 +8,10 @@ batch's temporaries would be large (`jaxbp.per_example`). This script times, for
   batch_grad      the batch gradient alone (jaxbp.manual_value_and_grads), the reference
   fresh           jax.jit of jaxbp.per_example_manual_grads: a fresh output every call
   reused_whole    make_per_example_grads(spec, chunk=None): the whole batch, into the last output
-  reused_chunks   make_per_example_grads(spec): in per_example_chunk's chunks (where that is
-                  the whole batch, the same program as reused_whole, not timed again)
+  reused_chunks   make_per_example_grads(spec, chunk=working_set_chunk): in chunks of about
+                  16 MB of temporaries (where one chunk holds the batch, the same program as
+                  reused_whole, not timed again); the default, chunk="auto", is one of the two
+                  (`jaxbp.per_example.per_example_chunk`, the table's `rule`)
   dW_fresh        writing an array the size of the per-example dE/dW (N x D x n_out), fresh
   dW_reused       the same into the last call's array
 
@@ -45,7 +47,7 @@ from bench_per_example import problem  # noqa: E402
 METHODS = ("batch_grad", "fresh", "reused_whole", "reused_chunks", "dW_fresh", "dW_reused")
 
 
-def calls(jax, jaxbp, spec, args, chunk="auto"):
+def calls(jax, jaxbp, spec, args):
     """name -> call(inner), each call of (params, x, y) of `args`; the reused ones thread their
     last output through (`jaxbp.tune.timed_calls_into`)."""
     from jaxbp import tune
@@ -56,6 +58,7 @@ def calls(jax, jaxbp, spec, args, chunk="auto"):
     dW = lambda p, x, y: p.W[None, :, :1] * y[:, None, :]  # noqa: E731
     dW_into = jit(lambda p, x, y, out: dW(p, x, y), donate_argnums=3, keep_unused=True)
     whole = jaxbp.make_per_example_grads(spec, chunk=None)
+    chunk = jaxbp.batched.working_set_chunk(spec, args[1].shape[0], args[1].dtype.itemsize)
     chunks = jaxbp.make_per_example_grads(spec, chunk=chunk)
     out = {
         "batch_grad": tune.timed_calls(batch, args),
@@ -64,7 +67,7 @@ def calls(jax, jaxbp, spec, args, chunk="auto"):
         "dW_fresh": tune.timed_calls(jit(dW), args),
         "dW_reused": tune.timed_calls_into(dW_into, args, jit(dW)(*args)),
     }
-    if chunks.chunk_for(args[1]) is not None:
+    if chunk is not None:
         out["reused_chunks"] = tune.timed_calls_into(chunks, args, chunks(*args))
     return out
 
@@ -103,12 +106,21 @@ def run_point(jax, jaxbp, in_shape, kernel, filters, batch, args) -> dict:
     samples = jaxbp.tune.interleaved_samples(fns, args.repeats, args.min_sample_s, args.warm_calls)
     return {
         "point": {"input": list(in_shape), "kernel": kernel, "filters": filters, "batch": batch},
-        "chunk": jaxbp.per_example.per_example_chunk(spec, batch, 4),
+        "chunk": jaxbp.batched.working_set_chunk(spec, batch, 4),
+        "rule_chunk": jaxbp.per_example.per_example_chunk(spec, batch, 4),
         "dW_bytes": 4 * batch * math.prod(spec.h1_shape) * spec.n_out,
         "check_rel_error": error,
         "times": {name: summarize(s) for name, s in samples.items()},
         "faults_per_call": {name: faults_per_call(jax, call) for name, call in fns.items()},
     }
+
+
+def rule_ms(r) -> float | None:
+    """The time of the reused method that `per_example_chunk` picks (None: not recorded)."""
+    if "rule_chunk" not in r:  # runs before the rule
+        return None
+    name = "reused_whole" if r["rule_chunk"] is None else "reused_chunks"
+    return r["times"][name]["median_ms"]
 
 
 def markdown(results, info, command) -> str:
@@ -122,41 +134,41 @@ def markdown(results, info, command) -> str:
         f"end. jax {info['jax']}, jaxlib {info['jaxlib']}; git {info['git_commit']}; {info['date_utc']}.",
         "",
         "Median ms per call over the repeats, interleaved (IQR in the JSON); `/b` over the batch "
-        "gradient alone. `chunk`: `per_example_chunk`'s examples per chunk (all: the whole batch, "
-        "`reused_chunks` not timed). `dW MB`: the per-example dE/dW. `faults`: minor page faults "
-        "per call (4 KiB pages mapped during the call), fresh / reused_whole / reused_chunks. "
+        "gradient alone. `chunk`: `working_set_chunk`'s examples per chunk, timed as `reused_chunks` "
+        "(all: the whole batch, not timed); `rule`: which of the two `per_example_chunk` picks, the "
+        "default of `make_per_example_grads`. `dW MB`: the per-example dE/dW. `faults`: minor page "
+        "faults per call (4 KiB pages mapped during the call), fresh / reused_whole / reused_chunks. "
         "`best/b`: the faster of the two reused methods over the batch gradient.",
         "",
-        "| input | k | K | batch | chunk | dW MB | "
+        "| input | k | K | batch | chunk | rule | dW MB | "
         + " | ".join(METHODS)
         + " | "
         + " | ".join(f"{m}/b" for m in METHODS[1:])
-        + " | best/b | faults |",
-        "|---" * (8 + 2 * (len(METHODS) - 1)) + "|",
+        + " | rule/b | best/b | faults |",
+        "|---" * (10 + 2 * (len(METHODS) - 1)) + "|",
     ]
+    best, rule, fresh = [], [], []
     for r in results:
         p, b = r["point"], ms(r, "batch_grad")
-        reused = [v for v in (ms(r, "reused_whole"), ms(r, "reused_chunks")) if v is not None]
+        best.append(min(v for v in (ms(r, "reused_whole"), ms(r, "reused_chunks")) if v is not None) / b)
+        rule.append(None if rule_ms(r) is None else rule_ms(r) / b)
+        fresh.append(ms(r, "fresh") / b)
         faults = " / ".join(
             cell(r["faults_per_call"].get(k), ".0f") for k in ("fresh", "reused_whole", "reused_chunks")
         )
+        picked = "-" if "rule_chunk" not in r else ("whole" if r["rule_chunk"] is None else "chunks")
         lines.append(
             f"| {'x'.join(map(str, p['input']))} | {p['kernel']} | {p['filters']} | {p['batch']} "
-            f"| {r['chunk'] or 'all'} | {r['dW_bytes'] / 1e6:.0f} "
+            f"| {r['chunk'] or 'all'} | {picked} | {r['dW_bytes'] / 1e6:.0f} "
             + "".join(f"| {cell(ms(r, k), '.3g')} " for k in METHODS)
             + "".join(f"| {cell(None if ms(r, k) is None else ms(r, k) / b, '.2f')} " for k in METHODS[1:])
-            + f"| {min(reused) / b:.2f} | {faults} |"
+            + f"| {cell(rule[-1], '.2f')} | {best[-1]:.2f} | {faults} |"
         )
-    best = [
-        min(v for v in (ms(r, "reused_whole"), ms(r, "reused_chunks")) if v) / ms(r, "batch_grad")
-        for r in results
-    ]
-    fresh = [ms(r, "fresh") / ms(r, "batch_grad") for r in results]
+    count = lambda vals: f"{sum(v <= 1.2 for v in vals)} of {len(vals)} (median {np.median(vals):.2f})"  # noqa: E731
     lines += [
         "",
-        f"- per-example within 1.2x of the batch gradient: fresh at {sum(v <= 1.2 for v in fresh)} of "
-        f"{len(results)} points (median {np.median(fresh):.2f}), the better reused at "
-        f"{sum(v <= 1.2 for v in best)} (median {np.median(best):.2f})",
+        f"- per-example within 1.2x of the batch gradient: fresh at {count(fresh)}, the better reused "
+        f"at {count(best)}" + ("" if None in rule else f", the rule's pick at {count(rule)}"),
     ]
     return "\n".join(lines) + "\n"
 

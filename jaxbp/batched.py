@@ -395,6 +395,14 @@ def toeplitz_multiply_ratio(spec: ConvNetSpec) -> Fraction:
     return Fraction(nb * jb * span, spec.h1_shape[1] * spec.kernel_size[1])
 
 
+def temporaries_per_example(spec: ConvNetSpec, itemsize: int = 4) -> int:
+    """Bytes of temporaries per example, estimated: Z1, H1 and delta1 (Ho Wo K numbers each), and
+    the patches or taps (Ho Wo kh kw C)."""
+    kh, kw = spec.kernel_size
+    ho, wo, k = spec.h1_shape
+    return itemsize * ho * wo * (3 * k + kh * kw * spec.in_shape[2])
+
+
 def working_set_chunk(
     spec: ConvNetSpec,
     batch: int,
@@ -404,10 +412,7 @@ def working_set_chunk(
 ) -> int | None:
     """Examples per chunk: the power of two nearest to `working_set` bytes of temporaries, at most
     `max_chunk` (None: no cap); None when that holds the whole batch."""
-    kh, kw = spec.kernel_size
-    ho, wo, k = spec.h1_shape
-    # Per example: Z1, H1 and delta1 (Ho Wo K each), and the patches or taps (Ho Wo kh kw C).
-    per_example = itemsize * ho * wo * (3 * k + kh * kw * spec.in_shape[2])
+    per_example = temporaries_per_example(spec, itemsize)
     chunk = 1 << max(0, round(math.log2(working_set / per_example)))  # nearest power of 2
     chunk = chunk if max_chunk is None else min(chunk, max_chunk)
     return None if chunk >= batch else chunk

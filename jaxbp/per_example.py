@@ -53,10 +53,33 @@ def per_example_fn(spec: ConvNetSpec | Network, grads: str) -> Callable:
     return jax.vmap(lambda params, x, y: grad_example(params, x, y, spec), in_axes=(None, 0, 0))
 
 
+# glibc's largest threshold for serving an allocation by mmap (32 MiB on 64-bit Linux): freed
+# blocks up to it are kept and reused, larger ones go back to the kernel, so temporaries past it
+# are fresh pages on every call.
+FRESH_PAGES_FROM = 32 * 2**20
+
+
 def per_example_chunk(spec: ConvNetSpec | Network, batch: int, itemsize: int = 4) -> int | None:
-    """Examples per chunk: `jaxbp.batched.working_set_chunk`'s, about 16 MB of temporaries, for
-    the slides' network; None (the whole batch) for a `Network` or where one chunk holds it."""
-    if isinstance(spec, Network):
+    """Examples per chunk for the slides' network on the CPU: `jaxbp.batched.working_set_chunk`'s
+    (about 16 MB of temporaries) where the whole batch's would pass `FRESH_PAGES_FROM`
+    (`jaxbp.batched.temporaries_per_example`), except after the taps forward (one filter on few
+    channels); else None, the whole batch. None for a `Network` and off the CPU.
+
+    Measured with the output reused (experiments/results/bench_per_example_reuse.md, AMD EPYC):
+    with 8 or 32 filters at batch 256 and 1024 the estimate passes 32 MiB at 14 of the 16
+    points; there the chunks took 0.52-0.76x the whole batch's time at 13, whose whole batch
+    cost 7.7-111 thousand page faults a call (the chunks' none), and 1.07x at the 14th (the
+    Toeplitz form at batch 256, 32x32x3, 5x5: its temporaries are smaller than estimated, no
+    faults whole). At the two under it (22 and 28 MiB) the chunks took 1.18x and 1.26x. After
+    the taps forward the whole batch's temporaries are small (no faults at any of the 12
+    one-filter points), and the chunks took 1.63x and 1.98x the whole batch's time at batch 256
+    and 1024 of 28x28x1 with 3x3 (1.28x and 1.17x with 5x5, 0.92-1.09x on 32x32x3).
+    """
+    if isinstance(spec, Network) or jax.default_backend() != "cpu":
+        return None
+    if batched.per_example_formulation(spec, batch, itemsize=itemsize).forward == "taps":
+        return None
+    if batch * batched.temporaries_per_example(spec, itemsize) <= FRESH_PAGES_FROM:
         return None
     return batched.working_set_chunk(spec, batch, itemsize=itemsize)
 
@@ -98,10 +121,11 @@ def check_out(out, expected) -> None:
 class PerExampleGrads:
     """``fn(params, x, y, out=None)``: jitted per-example gradients, written into ``out``.
 
-    Made by `make_per_example_grads`. ``out``, when given, is consumed: its arrays are donated
-    and deleted by the call, and the result lives in their memory (using them afterwards raises
-    JAX's "Array has been deleted"). Pass the result of the call before, once you are done with
-    it::
+    Made by `make_per_example_grads`. ``into(params, x, y, out)`` is the pure function behind it
+    (to call inside your own jit), ``jitted`` its `jax.jit` with ``out`` donated. ``out``, when
+    given, is consumed: its arrays are donated and deleted by the call, and the result lives in
+    their memory (using them afterwards raises JAX's "Array has been deleted"). Pass the result
+    of the call before, once you are done with it::
 
         per_example = jaxbp.make_per_example_grads(spec)
         g = None
@@ -117,7 +141,8 @@ class PerExampleGrads:
             check_out(out, jax.eval_shape(fn, params, x, y))  # at trace time: shapes are static
             return grads_into(fn, params, x, y, out, self.chunk_for(x))
 
-        self._jitted = jax.jit(into, donate_argnums=3, keep_unused=True, compiler_options=options)
+        self.into = into
+        self.jitted = jax.jit(into, donate_argnums=3, keep_unused=True, compiler_options=options)
 
     def chunk_for(self, x: jax.Array) -> int | None:
         """The examples per chunk for batch `x` (None: all at once)."""
@@ -128,11 +153,7 @@ class PerExampleGrads:
     def __call__(self, params, x, y, out=None):
         if out is None:  # fresh zeros, the shapes from an abstract evaluation (no compile)
             out = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(self.fn, params, x, y))
-        return self._jitted(params, x, y, out)
-
-    def lower(self, params, x, y, out):
-        """The jitted function's lowering, for its compile time and HLO (benchmarks)."""
-        return self._jitted.lower(params, x, y, out)
+        return self.jitted(params, x, y, out)
 
 
 def make_per_example_grads(

@@ -319,21 +319,24 @@ def test_each_sample_follows_untimed_calls_of_its_own_method(tmp_path, monkeypat
     # warm-up call and one sample of one call, as min_sample_s is 0), each timed sample of one
     # call follows --warm-calls calls of the same method. The warm calls are made slow here, and
     # no sample includes them.
-    made = jaxbp.tune.timed_calls
     record = []
 
-    def recorded(fn, args):
-        call = made(fn, args)
+    def recording(made):  # timed_calls, or timed_calls_into for the methods that reuse their output
+        def recorded(fn, *args):
+            call = made(fn, *args)
 
-        def each(inner):
-            record.append((fn, inner))
-            if inner == 3:
-                time.sleep(0.05)
-            return call(inner)
+            def each(inner):
+                record.append((fn, inner))
+                if inner == 3:
+                    time.sleep(0.05)
+                return call(inner)
 
-        return each
+            return each
 
-    monkeypatch.setattr(jaxbp.tune, "timed_calls", recorded)
+        return recorded
+
+    monkeypatch.setattr(jaxbp.tune, "timed_calls", recording(jaxbp.tune.timed_calls))
+    monkeypatch.setattr(jaxbp.tune, "timed_calls_into", recording(jaxbp.tune.timed_calls_into))
     args = ["--no-peers", "--batches", "2", "--filters", "1", "--inputs", "8x8x1", "--kernels", "3"]
     args += ["--repeats", "2", "--min-sample-s", "0", "--warm-calls", "3", "--quiet", "--out", str(tmp_path)]
     bench.main(args)
@@ -375,6 +378,25 @@ def test_per_example_bench_runs_end_to_end_and_checks_every_method(tmp_path):
     text = (tmp_path / "bench_per_example.md").read_text()
     assert "| 8x8x1 | 3 | 1 | 250 | 128 | 54 |" in text
     assert payload["machine"]["warm_calls"] == 1 and "Each sample followed 1 untimed call(s)" in text
+
+
+bench_per_example_reuse = load_experiment("bench_per_example_reuse")
+
+
+def test_per_example_reuse_bench_runs_end_to_end_and_counts_faults(tmp_path):
+    # Batch 150 of 10x10x1 with 8 filters: the working set's chunk (128) is timed beside the whole
+    # batch, which the rule keeps (well under 32 MiB); one sample each.
+    args = ["--batches", "150", "--inputs", "10x10x1", "--kernels", "3", "--filters", "8"]
+    args += ["--repeats", "1", "--min-sample-s", "0.001", "--out", str(tmp_path)]
+    bench_per_example_reuse.main(args)
+    payload = json.loads((tmp_path / "bench_per_example_reuse.json").read_text())
+    [r] = payload["results"]
+    assert (r["chunk"], r["rule_chunk"], r["dW_bytes"]) == (128, None, 4 * 150 * 8 * 8 * 8 * 10)
+    assert set(r["times"]) == set(bench_per_example_reuse.METHODS) and r["check_rel_error"] < 1e-10
+    assert set(r["faults_per_call"]) == set(r["times"]) and all(v >= 0 for v in r["faults_per_call"].values())
+    text = (tmp_path / "bench_per_example_reuse.md").read_text()
+    assert "| 10x10x1 | 3 | 8 | 150 | 128 | whole | 3 |" in text  # 3 MB of dE/dW
+    assert "the rule's pick at" in text
 
 
 def test_generated_kernels_count_the_fusions_not_library_calls_or_copies():

@@ -287,3 +287,16 @@ def test_a_file_that_is_not_a_tuning_cache_is_refused_and_kept(tmp_path, text, m
 def test_a_cache_that_is_not_a_file_path_is_refused(tmp_path, cache, error, message):
     with pytest.raises(error, match=message):
         jaxbp.tune_formulation(SPEC, 4, cache=tmp_path if cache == "FOLDER" else cache)
+
+
+def test_timed_calls_into_gives_each_call_the_last_result():
+    seen = []
+
+    def fn(a, out):
+        seen.append(int(out))
+        return out + a
+
+    call = tune.timed_calls_into(fn, (jax.numpy.asarray(1),), jax.numpy.asarray(10))
+    call(3)
+    call(2)
+    assert seen == [10, 11, 12, 13, 14]
