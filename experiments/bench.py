@@ -423,7 +423,7 @@ def jax_methods(
         "per_ex_autodiff": jit(lambda p, s, x, y: per_ex_autodiff(p, x, y, spec)),
         # Writing an array the size of the per-example dE/dW (N x D x n_out) and nothing else:
         # a floor under any per-example gradient, whatever its formulation.
-        "per_ex_dW_write": jit(lambda p, s, x, y: p.W[None, :, :1] * y[:, None, :]),
+        "per_ex_dW_write": jit(lambda p, s, x, y: per_example_dW_write(p, y)),
         "per_ex_no_df": jit(lambda p, s, x, y: per_example_without_filter_grad(p, x, y, spec)),
         "batch_grad": jit(lambda p, s, x, y: jaxbp.manual_value_and_grads(p, x, y, spec)),
     }
@@ -434,7 +434,7 @@ def jax_methods(
     for grads in ("manual", "autodiff"):
         into = jaxbp.make_per_example_grads(spec, grads=grads).into
         methods[f"per_ex_{grads}_reused"] = reused(lambda p, s, x, y, out, into=into: into(p, x, y, out))
-    methods["per_ex_dW_write_reused"] = reused(lambda p, s, x, y, out: p.W[None, :, :1] * y[:, None, :])
+    methods["per_ex_dW_write_reused"] = reused(lambda p, s, x, y, out: per_example_dW_write(p, y))
     if chosen is not None:
         # Every pair of forms at the chunk the rule picks, and the rule's forms at other chunks.
         # XLA's conv for dE/df in the rule's parts wherever it appears (one on other backends).
@@ -456,6 +456,12 @@ def jax_methods(
     if variants:
         methods.update(variant_methods(jax, jaxbp, spec, batch, opt))
     return methods
+
+
+def per_example_dW_write(params, y):
+    """An array the size of the per-example dE/dW, N x D x n_out (the product of a column of W and
+    y), and nothing else: a floor under any per-example gradient, whatever its formulation."""
+    return params.W[None, :, :1] * y[:, None, :]
 
 
 def per_example_without_filter_grad(params, x, y, spec):

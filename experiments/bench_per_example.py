@@ -150,6 +150,13 @@ def run_point(jax, jaxbp, in_shape, kernel, filters, batch, args) -> dict:
     }
 
 
+def table_head(lead: list[str], methods, tail: list[str]) -> list[str]:
+    """A markdown table's head: the `lead` columns, each method's time, each but the first's time
+    over the first's (``/b``), and the `tail` columns."""
+    columns = [*lead, *methods, *(f"{m}/b" for m in methods[1:]), *tail]
+    return ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+
+
 def markdown(results, info, command) -> str:
     ms = lambda r, k: r["times"][k]["median_ms"]  # noqa: E731
     lines = [
@@ -164,12 +171,7 @@ def markdown(results, info, command) -> str:
         f"{info['max_terms']}; past it `per_ex` is `reduce`). `/b`: over the batch gradient alone; "
         "`vmap/per_ex` > 1: the shipped path faster than the vmapped one. " + warm_text(info),
         "",
-        "| input | k | K | batch | chunk | terms | "
-        + " | ".join(METHODS)
-        + " | "
-        + " | ".join(f"{m}/b" for m in METHODS[1:])
-        + " | vmap/per_ex |",
-        "|---" * (7 + 2 * (len(METHODS) - 1)) + "|",
+        *table_head(["input", "k", "K", "batch", "chunk", "terms"], METHODS, ["vmap/per_ex"]),
     ]
     for r in results:
         p = r["point"]
@@ -192,21 +194,31 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     return h, w, c
 
 
-def main(argv=None) -> None:
+def grid_arguments(doc, name, argv, *, filters, filters_help, repeats, min_sample_s) -> argparse.Namespace:
+    """The per-example scripts' arguments (this one's and bench_per_example_reuse's): the grid,
+    the sampling and where the results go, parsed from `argv` and checked."""
     formatter = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser = argparse.ArgumentParser(description=doc, formatter_class=formatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 256, 1024])
     parser.add_argument("--inputs", type=parse_shape, nargs="+", default=[(28, 28, 1), (32, 32, 3)])
     parser.add_argument("--kernels", type=int, nargs="+", default=[3, 5])
-    parser.add_argument("--filters", type=int, nargs="+", default=[1], help="the taps' 1 (default)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed samples per method (default 7)")
-    parser.add_argument("--min-sample-s", type=float, default=0.02, help="each sample at least this long")
+    parser.add_argument("--filters", type=int, nargs="+", default=filters, help=filters_help)
+    parser.add_argument("--repeats", type=int, default=repeats, help=f"timed samples per method ({repeats})")
+    parser.add_argument("--min-sample-s", type=float, default=min_sample_s, help="the shortest sample")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"), help="folder")
-    parser.add_argument("--name", default="bench_per_example", help="file stem of the outputs")
+    parser.add_argument("--name", default=name, help="file stem of the outputs")
     parser.add_argument("--warm-calls", type=int, default=1, help="untimed calls before a sample")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.min_sample_s <= 0 or args.warm_calls < 0:
         parser.error("--repeats must be >= 1, --min-sample-s > 0 and --warm-calls >= 0")
+    return args
+
+
+def main(argv=None) -> None:
+    taps = "the taps' 1 (default)"
+    args = grid_arguments(
+        __doc__, "bench_per_example", argv, filters=[1], filters_help=taps, repeats=7, min_sample_s=0.02
+    )
     import jax
 
     import jaxbp

@@ -27,7 +27,6 @@ experiments/results/<name>.json and .md.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import os
@@ -38,11 +37,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import machine_info  # noqa: E402
+from bench import per_example_dW_write  # noqa: E402
 from bench import script_command  # noqa: E402
 from bench import summarize  # noqa: E402
 from bench import write_results  # noqa: E402
-from bench_per_example import parse_shape  # noqa: E402
+from bench_per_example import grid_arguments  # noqa: E402
 from bench_per_example import problem  # noqa: E402
+from bench_per_example import table_head  # noqa: E402
 
 METHODS = ("batch_grad", "fresh", "reused_whole", "reused_chunks", "dW_fresh", "dW_reused")
 
@@ -55,7 +56,7 @@ def calls(jax, jaxbp, spec, args):
     jit = lambda fn, **kw: jax.jit(fn, compiler_options=jaxbp.compiler_options(), **kw)  # noqa: E731
     fresh = jit(lambda p, x, y: jaxbp.per_example_manual_grads(p, x, y, spec))
     batch = jit(lambda p, x, y: jaxbp.manual_value_and_grads(p, x, y, spec))
-    dW = lambda p, x, y: p.W[None, :, :1] * y[:, None, :]  # noqa: E731
+    dW = lambda p, x, y: per_example_dW_write(p, y)  # noqa: E731
     dW_into = jit(lambda p, x, y, out: dW(p, x, y), donate_argnums=3, keep_unused=True)
     whole = jaxbp.make_per_example_grads(spec, chunk=None)
     chunk = jaxbp.batched.working_set_chunk(spec, args[1].shape[0], args[1].dtype.itemsize)
@@ -89,7 +90,7 @@ def check(jax, jaxbp, spec) -> float:
         return max(errors)
 
 
-def faults_per_call(jax, call, calls_=3) -> float:
+def faults_per_call(call, calls_=3) -> float:
     """Minor page faults of this process per call of `call` (after the timing: warm)."""
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     call(calls_)
@@ -111,7 +112,7 @@ def run_point(jax, jaxbp, in_shape, kernel, filters, batch, args) -> dict:
         "dW_bytes": 4 * batch * math.prod(spec.h1_shape) * spec.n_out,
         "check_rel_error": error,
         "times": {name: summarize(s) for name, s in samples.items()},
-        "faults_per_call": {name: faults_per_call(jax, call) for name, call in fns.items()},
+        "faults_per_call": {name: faults_per_call(call) for name, call in fns.items()},
     }
 
 
@@ -140,12 +141,9 @@ def markdown(results, info, command) -> str:
         "faults per call (4 KiB pages mapped during the call), fresh / reused_whole / reused_chunks. "
         "`best/b`: the faster of the two reused methods over the batch gradient.",
         "",
-        "| input | k | K | batch | chunk | rule | dW MB | "
-        + " | ".join(METHODS)
-        + " | "
-        + " | ".join(f"{m}/b" for m in METHODS[1:])
-        + " | rule/b | best/b | faults |",
-        "|---" * (10 + 2 * (len(METHODS) - 1)) + "|",
+        *table_head(
+            ["input", "k", "K", "batch", "chunk", "rule", "dW MB"], METHODS, ["rule/b", "best/b", "faults"]
+        ),
     ]
     best, rule, fresh = [], [], []
     for r in results:
@@ -174,20 +172,10 @@ def markdown(results, info, command) -> str:
 
 
 def main(argv=None) -> None:
-    formatter = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    parser.add_argument("--batches", type=int, nargs="+", default=[32, 256, 1024])
-    parser.add_argument("--inputs", type=parse_shape, nargs="+", default=[(28, 28, 1), (32, 32, 3)])
-    parser.add_argument("--kernels", type=int, nargs="+", default=[3, 5])
-    parser.add_argument("--filters", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--repeats", type=int, default=5, help="timed samples per method (default 5)")
-    parser.add_argument("--min-sample-s", type=float, default=0.03, help="each sample at least this long")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"), help="folder")
-    parser.add_argument("--name", default="bench_per_example_reuse", help="file stem of the outputs")
-    parser.add_argument("--warm-calls", type=int, default=1, help="untimed calls before a sample")
-    args = parser.parse_args(argv)
-    if args.repeats < 1 or args.min_sample_s <= 0 or args.warm_calls < 0:
-        parser.error("--repeats must be >= 1, --min-sample-s > 0 and --warm-calls >= 0")
+    name, filters = "bench_per_example_reuse", [1, 8, 32]
+    args = grid_arguments(
+        __doc__, name, argv, filters=filters, filters_help=None, repeats=5, min_sample_s=0.03
+    )
     import jax
 
     import jaxbp

@@ -1,15 +1,15 @@
 """Per-example gradients that write into the arrays of the call before, chunk by chunk.
 
-A per-example gradient is big: dE/dW alone is N x D x n_out numbers (221 MB at batch 256 of
+A per-example gradient is big: dE/dW alone is N x D x n_out numbers (222 MB at batch 256 of
 28x28x1 with 3x3 filters and 32 of them). Each call of a jitted function gets fresh memory for
 its output and for its temporaries, and on Linux memory that glibc's malloc takes from the
 kernel (every block over 32 MiB) starts unmapped: the first write to each 4 KiB page is a page
-fault, in which the kernel maps and zeroes the page. On the 2-core VM jaxbp was measured on that
-took about 2 us a page: writing that 221 MB array took 115 ms fresh and 14.8 ms into the array
-of the call before (54081 page faults a call against none; a standalone timing, the faults from
-getrusage, not committed). The ``per_ex_dW_write`` floor of ``experiments/bench.py`` timed
-those faults (experiments/results/bench_per_example_reuse.md: dE/dW written fresh took
-0.08-6.39x the batch gradient, into the last call's array 0.08-0.98x).
+fault, in which the kernel maps and zeroes the page. On the 2-core VM jaxbp was measured on
+(experiments/results/bench_per_example_reuse.md) writing that 222 MB array took 122 ms fresh
+and 18.4 ms into the array of the call before, 54081 page faults a call against none: about
+1.9 us a fault. The ``per_ex_dW_write`` floor of ``experiments/bench.py`` timed those faults:
+dE/dW written fresh took 0.08-6.39x the batch gradient there, into the last call's array
+0.08-0.98x.
 
 So `make_per_example_grads` jits the per-example gradients with their output donated: pass the
 previous call's result as ``out`` and XLA writes the new gradients into its memory, which is
@@ -17,11 +17,13 @@ already mapped. And where the whole batch's temporaries would be fresh pages too
 the gradients in chunks of examples (`per_example_chunk`), each written into its rows of
 ``out``, so that the temporaries stay a few MB, reused chunk after chunk (at that point 73 MB
 of temporaries, 17.7 thousand faults a call, whole). Together: 1.9-3.7x faster than fresh
-with 8 or 32 filters at batch 256 and 1024 in that file, the same at the small points.
+with 8 or 32 filters at batch 256 and 1024 in that file; at the other 20 points 0.89-2.71x
+(median 1.01x: the outputs and temporaries of most are under 32 MiB, reused either way).
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Union
 
@@ -88,8 +90,9 @@ def per_example_chunk(spec: ConvNetSpec | Network, batch: int, itemsize: int = 4
 
 def grads_into(fn: Callable, params, x: jax.Array, y: jax.Array, out, chunk: int | None):
     """``fn(params, x, y)`` written into `out` (a pytree of the same shapes), `chunk` examples at a
-    time (None: the whole batch at once). Pure: under `jax.jit` with `out` donated the writes are
-    in place, without it XLA copies `out` first."""
+    time (None: the whole batch at once, `out` unused but for its memory). Pure: under `jax.jit`
+    with `out` donated the result is written where `out` was; without donation the chunks' loop
+    copies `out` first."""
     n = x.shape[0]
     if chunk is None or chunk >= n:
         return fn(params, x, y)  # donated, out's memory holds the result (same shapes)
@@ -126,8 +129,8 @@ class PerExampleGrads:
     Made by `make_per_example_grads`. ``into(params, x, y, out)`` is the pure function behind it
     (to call inside your own jit), ``jitted`` its `jax.jit` with ``out`` donated. ``out``, when
     given, is consumed: its arrays are donated and deleted by the call, and the result lives in
-    their memory (using them afterwards raises JAX's "Array has been deleted"). Pass the result
-    of the call before, once you are done with it::
+    their memory (using them afterwards raises JAX's "Array has been deleted"; passing them as
+    ``out`` again, a ValueError). Pass the result of the call before, once you are done with it::
 
         per_example = jaxbp.make_per_example_grads(spec)
         g = None
@@ -135,15 +138,21 @@ class PerExampleGrads:
             g = per_example(params, x, y, out=g)  # the previous g's memory, reused
     """
 
-    def __init__(self, spec, grads: str, chunk, options: dict[str, object]):
-        self.spec, self.grads, self.chunk = spec, grads, chunk
-        self.fn = fn = per_example_fn(spec, grads)
+    def __init__(
+        self,
+        spec: ConvNetSpec | Network,
+        fn: Callable,
+        chunk: Union[int, None, str],
+        options: dict[str, object],
+    ):
+        self.spec, self.fn, self.chunk = spec, fn, chunk
 
         def into(params, x, y, out):
             check_out(out, jax.eval_shape(fn, params, x, y))  # at trace time: shapes are static
             return grads_into(fn, params, x, y, out, self.chunk_for(x))
 
         self.into = into
+        self._shapes = jax.jit(fn).eval_shape  # cached per signature: 0.1 ms a call, not a trace
         self.jitted = jax.jit(into, donate_argnums=3, keep_unused=True, compiler_options=options)
 
     def chunk_for(self, x: jax.Array) -> int | None:
@@ -153,8 +162,13 @@ class PerExampleGrads:
         return self.chunk
 
     def __call__(self, params, x, y, out=None):
-        if out is None:  # fresh zeros, the shapes from an abstract evaluation (no compile)
-            out = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(self.fn, params, x, y))
+        if out is None:  # fresh zeros (their pages faulted in once), the shapes from a cached trace
+            out = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._shapes(params, x, y))
+        elif any(isinstance(a, jax.Array) and a.is_deleted() for a in jax.tree.leaves(out)):
+            raise ValueError(
+                "out was consumed by an earlier call (its arrays were donated): pass that call's "
+                "result instead, or None for fresh arrays"
+            )
         return self.jitted(params, x, y, out)
 
 
@@ -178,15 +192,11 @@ def make_per_example_grads(
       a `PerExampleGrads`: ``fn(params, x, y, out=None) -> grads``, each leaf of grads with a
       leading axis N; ``out``, a result of an earlier call with the same shapes, is donated.
     """
-    if grads not in GRADS:
-        raise ValueError(f"grads must be one of {GRADS}, got {grads!r}")
     if not isinstance(spec, (ConvNetSpec, Network)):
         raise TypeError(f"spec must be a jaxbp.ConvNetSpec or jaxbp.Network, got {type(spec).__name__}")
-    if (
-        chunk != "auto"
-        and chunk is not None
-        and not (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 1)
-    ):
+    if isinstance(chunk, numbers.Integral) and not isinstance(chunk, bool) and chunk >= 1:
+        chunk = int(chunk)
+    elif not (chunk is None or (isinstance(chunk, str) and chunk == "auto")):
         raise ValueError(f'chunk must be "auto", None or a positive int, got {chunk!r}')
     options = default_compiler_options() if compiler_options is None else dict(compiler_options)
-    return PerExampleGrads(spec, grads, chunk, options)
+    return PerExampleGrads(spec, per_example_fn(spec, grads), chunk, options)

@@ -352,6 +352,19 @@ def test_each_sample_follows_untimed_calls_of_its_own_method(tmp_path, monkeypat
     assert len({id(fn) for fn, _ in rounds}) == methods  # every method sampled
     assert all(t["median_ms"] < 25 for name, t in times.items() if name != "matmul")  # 50 ms warm calls
     assert "Each sample followed 3 untimed call(s) of its own method" in (tmp_path / "bench.md").read_text()
+    # The per-example methods into the last call's memory: timed, checked against the fresh
+    # ones, their ratios derived and counted as targets. The check is float32 (test_per_example
+    # checks float64): at most 4.3e-7 relative over the 36 points of bench_amd_epyc_reuse.json,
+    # so 1e-5 leaves a 23x margin.
+    derived = payload["results"][0]["derived"]
+    for key in ("per_ex_manual_reused_over_batch_grad", "per_ex_dW_write_reused_over_batch_grad"):
+        assert derived[key] > 0
+    assert derived["per_ex_autodiff_reused_over_manual_reused"] > 0
+    assert set(payload["results"][0]["reused_rel_error"]) == set(bench.REUSED_METHODS)
+    assert all(err < 1e-5 for err in payload["results"][0]["reused_rel_error"].values())
+    text = (tmp_path / "bench.md").read_text()
+    assert "| reused pe/b | reused dW/b | reused ad/m |" in text
+    assert "- per-example within 1.2x of the batch gradient, into the last call's memory: " in text
     with pytest.raises(SystemExit, match="--warm-calls must be 0 or more"):
         bench.main(["--no-peers", "--warm-calls", "-1", "--out", str(tmp_path / "refused")])
     assert not (tmp_path / "refused").exists()  # refused before anything was timed or written

@@ -27,16 +27,31 @@ def test_equal_to_per_example_manual_grads_float64_fresh_and_reused(spec, chunk)
     chex.assert_trees_all_close(fn(params, x2, y2, out=first), again, rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize("chunk", [None, 2])
-def test_out_is_donated_and_its_memory_holds_the_result(chunk):
-    # The point of the module: the call writes where `out` was (no fresh pages), whole or in chunks.
-    params, x, y = problem(SPEC, 0, 6)
+@pytest.mark.parametrize("chunk, batch", [(None, 6), (2, 6), (2, 7), (3, 7)])
+def test_out_is_donated_and_its_memory_holds_the_result(chunk, batch):
+    # The point of the module: the call writes where `out` was (no fresh pages), whole or in
+    # chunks, with a remainder chunk (7 examples) too.
+    params, x, y = problem(SPEC, 0, batch)
     fn = jaxbp.make_per_example_grads(SPEC, chunk=chunk)
     out = fn(params, x, y)
     pointers = [leaf.unsafe_buffer_pointer() for leaf in jax.tree.leaves(out)]
     new = fn(params, x, y, out=out)
     assert all(leaf.is_deleted() for leaf in jax.tree.leaves(out))
     assert [leaf.unsafe_buffer_pointer() for leaf in jax.tree.leaves(new)] == pointers
+    with pytest.raises(ValueError, match="out was consumed by an earlier call"):
+        fn(params, x, y, out=out)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the rule chunks on the CPU only")
+def test_auto_chunks_past_the_threshold(monkeypatch):
+    # "auto" past FRESH_PAGES_FROM (lowered to 0 here): chunks of MAX_CHUNK = 128 examples (this
+    # spec's working set holds more), so 130 examples are a chunk and a remainder of 2.
+    monkeypatch.setattr(per_example, "FRESH_PAGES_FROM", 0)
+    params, x, y = problem(SPEC, 3, 130)
+    fn = jaxbp.make_per_example_grads(SPEC)
+    assert fn.chunk_for(x) == 128
+    reference = jaxbp.per_example_manual_grads(params, x, y, SPEC)
+    chex.assert_trees_all_close(fn(params, x, y, out=fn(params, x, y)), reference, rtol=1e-12, atol=1e-15)
 
 
 def test_autodiff_equals_manual_and_a_network_works():
@@ -51,6 +66,7 @@ def test_autodiff_equals_manual_and_a_network_works():
     assert per_example.per_example_chunk(net, 4096) is None
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the rule chunks on the CPU only")
 def test_chunk_rule_chunks_only_past_fresh_pages_and_never_after_the_taps():
     # 28x28x1, 3x3, 32 filters at batch 256: 69 MiB of temporaries estimated, past 32 MiB.
     big = jaxbp.ConvNetSpec(in_shape=(28, 28, 1), n_filters=32, kernel_size=3, n_out=10)
@@ -75,6 +91,7 @@ def test_chunk_rule_chunks_only_past_fresh_pages_and_never_after_the_taps():
         ({"chunk": -2}, ValueError, "chunk must be"),
         ({"chunk": True}, ValueError, "chunk must be"),
         ({"chunk": 2.0}, ValueError, "chunk must be"),
+        ({"chunk": np.int64(0)}, ValueError, "chunk must be"),
         ({"chunk": "whole"}, ValueError, "chunk must be"),
     ],
 )
