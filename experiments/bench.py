@@ -407,22 +407,19 @@ def jax_methods(
     from jaxbp import batched
     from jaxbp.autodiff import value_and_autodiff_grads_example
     from jaxbp.backward import value_and_manual_grads_example
-    from jaxbp.model import loss_example
 
     opt = jaxbp.sgd(LEARNING_RATE)
     step = lambda grads: jaxbp.make_update_step(spec, opt, grads=grads)  # noqa: E731
     # Everything else compiles with the steps' options too (jaxbp.compiler_options()).
     jit = functools.partial(jax.jit, compiler_options=jaxbp.compiler_options())
-    per_ex_autodiff = jax.vmap(jax.grad(loss_example), in_axes=(None, 0, 0, None))
+    per_ex_autodiff = jaxbp.per_example.per_example_fn(spec, "autodiff")  # vmap of jax.grad
     methods = {
         "manual": step("manual"),
         "autodiff": step("autodiff"),
         "manual_vmap": step(value_and_manual_grads_example),
         "autodiff_vmap": step(value_and_autodiff_grads_example),
         "per_ex_manual": jit(lambda p, s, x, y: jaxbp.per_example_manual_grads(p, x, y, spec)),
-        "per_ex_autodiff": jit(lambda p, s, x, y: per_ex_autodiff(p, x, y, spec)),
-        # Writing an array the size of the per-example dE/dW (N x D x n_out) and nothing else:
-        # a floor under any per-example gradient, whatever its formulation.
+        "per_ex_autodiff": jit(lambda p, s, x, y: per_ex_autodiff(p, x, y)),
         "per_ex_dW_write": jit(lambda p, s, x, y: per_example_dW_write(p, y)),
         "per_ex_no_df": jit(lambda p, s, x, y: per_example_without_filter_grad(p, x, y, spec)),
         "batch_grad": jit(lambda p, s, x, y: jaxbp.manual_value_and_grads(p, x, y, spec)),
@@ -1428,8 +1425,7 @@ def parse_args(argv=None):
         nargs="+",
         type=int,
         help="with --formulations, the chunks (examples per step of the chunks' loop) the pick is also "
-        "timed at, "
-        f"besides the whole batch (default: {' '.join(map(str, FORMULATION_CHUNKS))})",
+        f"timed at, besides the whole batch (default: {' '.join(map(str, FORMULATION_CHUNKS))})",
     )
     parser.add_argument("--variants", action="store_true", help="also time the variants (above)")
     parser.add_argument(

@@ -146,13 +146,13 @@ class PerExampleGrads:
         options: dict[str, object],
     ):
         self.spec, self.fn, self.chunk = spec, fn, chunk
+        self._shapes = jax.jit(fn).eval_shape  # cached per signature: 0.1 ms a call, not a trace
 
         def into(params, x, y, out):
-            check_out(out, jax.eval_shape(fn, params, x, y))  # at trace time: shapes are static
+            check_out(out, self._shapes(params, x, y))  # at trace time: shapes are static
             return grads_into(fn, params, x, y, out, self.chunk_for(x))
 
         self.into = into
-        self._shapes = jax.jit(fn).eval_shape  # cached per signature: 0.1 ms a call, not a trace
         self.jitted = jax.jit(into, donate_argnums=3, keep_unused=True, compiler_options=options)
 
     def chunk_for(self, x: jax.Array) -> int | None:
