@@ -140,6 +140,41 @@ def test_toeplitz_rows_and_band_reassemble_the_convolution():
         )
 
 
+@pytest.mark.parametrize("p, q", [(9, 8), (8, 9), (5, 5)])
+def test_fewer_rows_first_is_a_transpose_b_computed_with_the_fewer_rows_first(p, q):
+    a = jax.random.normal(jax.random.key(0), (3, 11, p), jnp.float64)
+    b = jax.random.normal(jax.random.key(1), (3, 11, q), jnp.float64)
+    fn = jax.vmap(batched.fewer_rows_first)
+    np.testing.assert_allclose(fn(a, b), np.einsum("nmp,nmq->npq", a, b), rtol=1e-12)
+    # The batched dot XLA compiles has min(p, q) output rows; the swapped one is fenced off.
+    hlo = jax.jit(fn).lower(a, b).compile().as_text()
+    dots = re.findall(r"= f64\[3,(\d+),(\d+)\]\{[\d,]+\} dot\(", hlo)
+    assert dots == [(str(min(p, q)), str(max(p, q)))], dots
+
+
+@pytest.mark.parametrize(
+    "form, filters, kernel",
+    [("patches", 8, 3), ("patches", 16, 3), ("toeplitz", 2, 5), ("toeplitz", 32, 5)],
+)
+def test_one_examples_filter_grad_either_product_equals_the_conv_float64(form, filters, kernel):
+    # Per example (untransposed) dE/df is fewer_rows_first's product: patches' 9 columns
+    # against 8 filters (delta1 first) and 16 (the patches first); the Toeplitz slabs' 35
+    # columns against jb K = 6 (delta1 first) and 96 (R first).
+    spec = jaxbp.ConvNetSpec(in_shape=(6, 7, 1), n_filters=filters, kernel_size=kernel, n_out=3)
+    params, x, y = problem(spec, 5, 4)
+    _, _, _, delta1 = batched.slide_terms(params, x, y, spec, "conv", 1)
+    build = batched.conv_patches if form == "patches" else batched.toeplitz_rows
+    filter_grad = batched.filter_grad_patches if form == "patches" else batched.filter_grad_toeplitz
+    columns = build(x[:1], spec).shape[-1]
+
+    def grad(x, d1):  # one example: a batch of one, untransposed
+        return filter_grad(build(x[None], spec), d1[None], spec)
+
+    assert columns == {"patches": 9, "toeplitz": 35}[form]
+    conv = jax.vmap(lambda x, d1: batched.filter_grad_conv(x[None], d1[None], spec))
+    np.testing.assert_allclose(jax.vmap(grad)(x, delta1), conv(x, delta1), rtol=1e-10, atol=1e-14)
+
+
 @settings(max_examples=20)
 @given(spec=specs(), batch=st.integers(1, 4), seed=st.integers(0, 2**16))
 def test_per_example_grads_equal_vmap_of_the_slides_per_example_backward_float64(spec, batch, seed):
