@@ -135,6 +135,67 @@ def test_per_example_without_filter_grad_is_the_per_example_dW_and_db_float64():
         np.testing.assert_allclose(db, grads.b, rtol=1e-10, atol=1e-15)
 
 
+@pytest.mark.parametrize("batch, filters, kernel", [(300, 8, 5), (7, 8, 3), (300, 1, 3)])
+def test_batch_without_dW_is_the_batch_gradient_less_its_dW_product_float64(batch, filters, kernel):
+    # The floor's first part must be the batch gradient's own E, dE/df and dE/db, and must not
+    # compute dE/dW: its compiled program has the same dots but those with an (n_out, D) or
+    # (D, n_out) output, chunked (batch 300 of 16x16x1, 8 filters, 5x5: the Toeplitz form, with a
+    # remainder chunk) or not.
+    spec = jaxbp.ConvNetSpec(in_shape=(16, 16, 1), n_filters=filters, kernel_size=kernel, n_out=3)
+    params = jaxbp.init_params(jax.random.key(0), spec, dtype=np.float64)
+    x = jax.random.normal(jax.random.key(1), (batch, *spec.in_shape), np.float64)
+    y = jax.random.uniform(jax.random.key(2), (batch, 3), np.float64)
+    E, f, b = jax.jit(bench.batch_without_dW, static_argnums=3)(params, x, y, spec)
+    E_ref, grads = jaxbp.manual_value_and_grads(params, x, y, spec)
+    np.testing.assert_allclose(E, E_ref, rtol=1e-12)
+    np.testing.assert_allclose(f, grads.f, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(b, grads.b, rtol=1e-12, atol=1e-15)
+
+    def dots(fn):
+        hlo = jax.jit(fn).lower(params, x, y).compile().as_text()
+        return [line for line in hlo.splitlines() if " dot(" in line]
+
+    without = dots(lambda p, x, y: bench.batch_without_dW(p, x, y, spec))
+    full = dots(lambda p, x, y: jaxbp.manual_value_and_grads(p, x, y, spec))
+    d = int(np.prod(spec.h1_shape))
+    dW = [line for line in full if f"[3,{d}]" in line or f"[{d},3]" in line]  # the loop's and a remainder's
+    assert dW and len(without) == len(full) - len(dW), (without, full)
+    assert not [line for line in without if f"[3,{d}]" in line or f"[{d},3]" in line], without
+
+
+def test_within_the_floor_counts_the_points_the_floor_leaves_open():
+    derived = [
+        {"per_ex_floor_over_batch_grad": 1.1, "per_ex_manual_reused_over_batch_grad": 1.15},  # met
+        {"per_ex_floor_over_batch_grad": 1.0, "per_ex_manual_reused_over_batch_grad": 2.0},  # open, not met
+        {"per_ex_floor_over_batch_grad": 1.5, "per_ex_manual_reused_over_batch_grad": 3.0},  # out of reach
+        {"autodiff_over_manual": 2.0},  # batch 1: no per-example methods
+    ]
+    (line,) = bench.within_the_floor(derived)
+    assert line.startswith(
+        "- per-example within 1.2x (into the last call's memory) where the floor is: 1 of 2"
+    )
+    assert "the floor over 1.2x at 1;" in line
+    assert "over the floor 2.00x (median; 1.05-2.00)" in line
+    assert bench.within_the_floor([{"autodiff_over_manual": 2.0}]) == []
+
+
+probe_write_overlap = load_experiment("probe_write_overlap")
+
+
+def test_write_overlap_probe_runs_end_to_end(tmp_path):
+    probe_write_overlap.main(["--points", "4:8x8x1:3:2", "--rounds", "2", "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "probe_write_overlap.json").read_text())
+    (r,) = payload["results"]
+    assert r["write_mb"] == 4 * 6 * 6 * 2 * 10 * 4 / 1e6  # N x D x n_out float32
+    assert set(r["median_ms"]) == {"grad", "write", "one_after_the_other", "at_once"}
+    m = r["median_ms"]
+    assert r["at_once_over_one_after_the_other"] == pytest.approx(m["at_once"] / m["one_after_the_other"])
+    assert "| 4 | 8x8x1 | 3 | 2 |" in (tmp_path / "probe_write_overlap.md").read_text()
+    with pytest.raises(SystemExit):
+        probe_write_overlap.main(["--points", "4:8x8:3:2", "--out", str(tmp_path / "refused")])
+    assert not (tmp_path / "refused").exists()
+
+
 bench_filter_grad = load_experiment("bench_filter_grad")
 
 
@@ -362,9 +423,14 @@ def test_each_sample_follows_untimed_calls_of_its_own_method(tmp_path, monkeypat
     assert derived["per_ex_autodiff_reused_over_manual_reused"] > 0
     assert set(payload["results"][0]["reused_rel_error"]) == set(bench.REUSED_METHODS)
     assert all(err < 1e-5 for err in payload["results"][0]["reused_rel_error"].values())
+    # The floor: the batch gradient without dE/dW plus the reused write, over the batch gradient.
+    t = {name: v["median_ms"] for name, v in times.items()}
+    floor = (t["batch_no_dW"] + t["per_ex_dW_write_reused"]) / t["batch_grad"]
+    assert derived["per_ex_floor_over_batch_grad"] == pytest.approx(floor, rel=1e-12)
     text = (tmp_path / "bench.md").read_text()
-    assert "| reused pe/b | reused dW/b | reused ad/m |" in text
+    assert "| reused pe/b | reused dW/b | reused ad/m | floor/b |" in text
     assert "- per-example within 1.2x of the batch gradient, into the last call's memory: " in text
+    assert "- per-example within 1.2x (into the last call's memory) where the floor is: " in text
     with pytest.raises(SystemExit, match="--warm-calls must be 0 or more"):
         bench.main(["--no-peers", "--warm-calls", "-1", "--out", str(tmp_path / "refused")])
     assert not (tmp_path / "refused").exists()  # refused before anything was timed or written

@@ -1,0 +1,152 @@
+"""Can writing the per-example dE/dW overlap the rest of the per-example work on this CPU?
+
+Per-example gradients do the batch gradient's work (but its dE/dW product) and write N x D x n_out
+numbers of dE/dW. `experiments/bench.py`'s floor (`floor/b`) adds the two. Here the batch
+gradient and a copy of that many bytes (numpy, into memory already mapped, in a thread: it
+releases the GIL) run one after the other and at once, round by round; where at once is no
+faster, the sum is the floor.
+
+    python experiments/probe_write_overlap.py [--points 256:32x32x3:3:8 ...] [--rounds 9]
+
+Writes experiments/results/probe_write_overlap.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+POINTS = ("256:32x32x3:3:8", "256:28x28x1:3:32", "1024:32x32x3:5:8", "256:32x32x3:5:32")
+
+
+def parse_point(text: str) -> tuple[int, tuple[int, int, int], int, int]:
+    """ "batch:HxWxC:kernel:filters" -> (batch, (H, W, C), kernel, filters)."""
+    try:
+        batch, hwc, kernel, filters = text.split(":")
+        point = int(batch), tuple(int(v) for v in hwc.split("x")), int(kernel), int(filters)
+    except ValueError:
+        point = None
+    if point is None or len(point[1]) != 3 or min(point[0], *point[1], *point[2:]) < 1:
+        raise argparse.ArgumentTypeError(
+            f"a point is batch:HxWxC:kernel:filters, positive ints, got {text!r}"
+        )
+    return point
+
+
+def run_point(batch, in_shape, kernel, filters, rounds) -> dict:
+    import jax
+
+    import jaxbp
+
+    spec = jaxbp.ConvNetSpec(in_shape=in_shape, n_filters=filters, kernel_size=kernel, n_out=10)
+    kx, ky, kp = jax.random.split(jax.random.key(0), 3)
+    params = jaxbp.init_params(kp, spec)
+    x = jax.random.normal(kx, (batch, *in_shape), np.float32)
+    y = jax.random.uniform(ky, (batch, 10), np.float32)
+    grad_fn = jax.jit(
+        lambda p, x, y: jaxbp.manual_value_and_grads(p, x, y, spec), compiler_options=jaxbp.compiler_options()
+    )
+    d = int(np.prod(spec.h1_shape))
+    dst = np.zeros((batch, d, 10), np.float32)  # mapped once, here: the next calls write into it
+    src = np.ones_like(dst)
+
+    def grad():
+        jax.block_until_ready(grad_fn(params, x, y))
+
+    def write():
+        np.copyto(dst, src)
+
+    def one_after_the_other():
+        grad()
+        write()
+
+    def at_once():
+        thread = threading.Thread(target=write)
+        thread.start()
+        grad()
+        thread.join()
+
+    methods = {"grad": grad, "write": write, "one_after_the_other": one_after_the_other, "at_once": at_once}
+    for fn in methods.values():  # warm-up: compile, map the pages
+        fn()
+    samples = {name: [] for name in methods}
+    order = list(methods)
+    for r in range(rounds):
+        for name in order[r % len(order) :] + order[: r % len(order)]:
+            start = time.perf_counter()
+            methods[name]()
+            samples[name].append(time.perf_counter() - start)
+    ms = {name: 1e3 * statistics.median(v) for name, v in samples.items()}
+    return {
+        "point": {"batch": batch, "input": list(in_shape), "kernel": kernel, "filters": filters},
+        "write_mb": dst.nbytes / 1e6,
+        "median_ms": ms,
+        "at_once_over_one_after_the_other": ms["at_once"] / ms["one_after_the_other"],
+        "at_once_over_grad": ms["at_once"] / ms["grad"],
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--points", nargs="+", type=parse_point, default=[parse_point(p) for p in POINTS])
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    import jax
+
+    results = []
+    for point in args.points:
+        results.append(run_point(*point, args.rounds))
+        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    command = "python experiments/probe_write_overlap.py" + ("" if argv is None else " " + " ".join(argv))
+    info = {
+        "command": command,
+        "jax": jax.__version__,
+        "git": commit,
+        "cores": os.cpu_count(),
+        "load_end": os.getloadavg(),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "probe_write_overlap.json").write_text(
+        json.dumps({"info": info, "results": results}, indent=1)
+    )
+    lines = [
+        "# The per-example dE/dW write beside the batch gradient: one after the other, or at once",
+        "",
+        f"Command: `{command}`; jax {info['jax']}, git {commit}, {info['cores']} cores, load average "
+        f"{tuple(round(v, 2) for v in info['load_end'])} at the end. Median ms of {args.rounds} rounds.",
+        "",
+        "| batch | input | k | K | write MB | grad | write | one after the other | at once | at once / "
+        "one after the other | at once / grad |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        p, m = r["point"], r["median_ms"]
+        lines.append(
+            f"| {p['batch']} | {'x'.join(map(str, p['input']))} | {p['kernel']} | {p['filters']} "
+            f"| {r['write_mb']:.0f} | {m['grad']:.2f} | {m['write']:.2f} | {m['one_after_the_other']:.2f} "
+            f"| {m['at_once']:.2f} | {r['at_once_over_one_after_the_other']:.2f} "
+            f"| {r['at_once_over_grad']:.2f} |"
+        )
+    (args.out / "probe_write_overlap.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
