@@ -612,13 +612,12 @@ def fewer_rows_first(a: jax.Array, b: jax.Array, precision=None) -> jax.Array:
     (XLA otherwise folds it back into the dot, as the other product).
 
     Vmapped over examples this is a batched dot of many small products, and XLA's CPU ran the
-    one with fewer output rows faster: one (M, p) by (M, q) product per example, 64-128
-    examples, the per-example dE/df's shapes (a standalone interleaved timing, not committed;
-    AMD EPYC, 2 cores) took 0.29-0.60x as long with 18-54 rows as with 128 (the Toeplitz form
-    with 32 filters), 0.50x with 9 rows against 32 and 0.50-0.77x with 8 against 25-75 (the
-    patches), and 0.80-0.92x in the three pairs within 1.3x of each other (32 against 40 and
-    54, 120 against 128); the one exception, 8 rows against 9, took 1.04x as long. The
-    transpose back is p q numbers per example.
+    one with fewer output rows faster at the per-example dE/df's shapes
+    (experiments/results/bench_dot_rows.md: 64-128 examples; AMD EPYC, 2 cores): with 8 rows
+    against the patches' 25 and 27 columns in 0.48-0.52x the time, 9 against 32 in 0.57x,
+    and the Toeplitz slabs' 18-120 columns against 128 in 0.30-0.83x (against 32: 0.57x with
+    18, and 0.93-0.94x from 40 up, the other way round). 8 against 9 and 27 against 32 ran
+    as fast either way. The transpose back, here, is p q numbers per example.
     """
     if b.shape[1] < a.shape[1]:
         return lax.optimization_barrier(jnp.dot(b.T, a, precision=precision)).T
@@ -753,9 +752,10 @@ def filter_grad_toeplitz(
     sum_{w, j} S[b, w, j] dE/dT[(a, w, c), (j, k)]: the sum over a block's jb output columns of
     the slabs' column j s_w + b d_w times delta1. G is computed filters first, (jb K, kh span C),
     as `filter_grad_patches` does, but for one example (untransposed: what vmap sees for
-    per-example gradients), where it is `fewer_rows_first`'s product; delta1 is padded with
-    zeros to nb jb columns, so the output columns of a padded last block (s jb + j >= Wo)
-    contribute nothing.
+    per-example gradients) with fewer slab columns than jb K, where G^T is, the product with
+    the fewer rows (`fewer_rows_first`; the fold reads G^T as it is, no transpose); delta1 is
+    padded with zeros to nb jb columns, so the output columns of a padded last block
+    (s jb + j >= Wo) contribute nothing.
 
     Returns:
       (kh, kw, C, K) dE/df, or with ``transposed`` (K, kh kw C).
@@ -765,12 +765,15 @@ def filter_grad_toeplitz(
     jb, nb, span = toeplitz_blocks(spec)
     d1 = jnp.pad(delta1, ((0, 0), (0, 0), (0, nb * jb - wo), (0, 0))).reshape(-1, jb * k)
     S = toeplitz_selection(spec, d1.dtype)
-    if transposed:
+    if transposed or jb * k <= rows.shape[1]:
         G = jnp.dot(d1.T, rows, precision=spec.precision).reshape(jb, k, kh, span, -1)
-        return jnp.einsum("bwj,jkawc->kabc", S, G, precision=spec.precision).reshape(k, -1)
-    # One example (vmapped: per-example gradients): G^T, as `fewer_rows_first` computes it.
-    Gt = fewer_rows_first(rows, d1, spec.precision).reshape(kh, span, -1, jb, k)
-    return jnp.einsum("bwj,awcjk->abck", S, Gt, precision=spec.precision)
+        fold = "bwj,jkawc->"
+    else:  # one example, fewer slab columns than jb K: G^T, the fold reads it as it is
+        G = jnp.dot(rows.T, d1, precision=spec.precision).reshape(kh, span, -1, jb, k)
+        fold = "bwj,awcjk->"
+    if transposed:
+        return jnp.einsum(fold + "kabc", S, G, precision=spec.precision).reshape(k, -1)
+    return jnp.einsum(fold + "abck", S, G, precision=spec.precision)
 
 
 def filter_grad_conv(x: jax.Array, delta1: jax.Array, spec: ConvNetSpec, parts: int = 1) -> jax.Array:
