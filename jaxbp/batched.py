@@ -612,12 +612,14 @@ def fewer_rows_first(a: jax.Array, b: jax.Array, precision=None) -> jax.Array:
     (XLA otherwise folds it back into the dot, as the other product).
 
     Vmapped over examples this is a batched dot of many small products, and XLA's CPU ran the
-    one with fewer output rows faster at the per-example dE/df's shapes
-    (experiments/results/bench_dot_rows.md: 64-128 examples; AMD EPYC, 2 cores): with 8 rows
-    against the patches' 25 and 27 columns in 0.48-0.52x the time, 9 against 32 in 0.57x,
-    and the Toeplitz slabs' 18-120 columns against 128 in 0.30-0.83x (against 32: 0.57x with
-    18, and 0.93-0.94x from 40 up, the other way round). 8 against 9 and 27 against 32 ran
-    as fast either way. The transpose back, here, is p q numbers per example.
+    one with fewer output rows faster at the per-example dE/df's shapes where the two sides
+    differ by 1.7x or more (experiments/results/bench_dot_rows.md, ``fewer rows / more rows``;
+    64-128 examples, AMD EPYC, 2 cores): 8 rows against the patches' 25-75 columns in 0.50-0.53x
+    the time, 9 against 32 in 0.56x; the Toeplitz slabs' 18-120 columns against jb K = 128 in
+    0.25-0.85x, 18 against 32 in 0.52x, and 32 rows against 54 and 120 columns in 0.82-0.89x.
+    Near a tie it is noise or a small loss: 27 against 32 took 1.05x, 32 against 40 1.13x,
+    8 against 9 1.14x (1.04-1.05x in two standalone runs before). The transpose back, where
+    q < p, is p q numbers per example.
     """
     if b.shape[1] < a.shape[1]:
         return lax.optimization_barrier(jnp.dot(b.T, a, precision=precision)).T
