@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import os
 import pathlib
+import re
 import threading
 import time
 
@@ -135,32 +136,38 @@ def test_per_example_without_filter_grad_is_the_per_example_dW_and_db_float64():
         np.testing.assert_allclose(db, grads.b, rtol=1e-10, atol=1e-15)
 
 
-@pytest.mark.parametrize("batch, filters, kernel", [(300, 8, 5), (7, 8, 3), (300, 1, 3)])
-def test_batch_without_dW_is_the_batch_gradient_less_its_dW_product_float64(batch, filters, kernel):
-    # The floor's first part must be the batch gradient's own E, dE/df and dE/db, and must not
-    # compute dE/dW: its compiled program has the same dots but those with an (n_out, D) or
-    # (D, n_out) output, chunked (batch 300 of 16x16x1, 8 filters, 5x5: the Toeplitz form, with a
-    # remainder chunk) or not.
+@pytest.mark.parametrize("batch, filters, kernel", [(300, 8, 5), (7, 8, 3), (300, 1, 5), (256, 8, 3)])
+def test_batch_forward_is_the_forward_and_deltas_and_contracts_nothing_float64(batch, filters, kernel):
+    # The floor's first part: E, and the sums of delta1 and delta2 over the batch as the slides
+    # define them, in the batch step's forms and chunks (16x16x1: the Toeplitz form, the taps and
+    # the patches in chunks of 128, with a remainder at 300; 7 examples whole), and no product
+    # of dE/df or dE/dW: its compiled program has no convolution, no dot with their shapes (the
+    # Toeplitz fold's output among them) and fewer dots than the batch gradient's.
     spec = jaxbp.ConvNetSpec(in_shape=(16, 16, 1), n_filters=filters, kernel_size=kernel, n_out=3)
     params = jaxbp.init_params(jax.random.key(0), spec, dtype=np.float64)
     x = jax.random.normal(jax.random.key(1), (batch, *spec.in_shape), np.float64)
     y = jax.random.uniform(jax.random.key(2), (batch, 3), np.float64)
-    E, f, b = jax.jit(bench.batch_without_dW, static_argnums=3)(params, x, y, spec)
+    assert (batched.choose_formulation(spec, batch, itemsize=8).chunk is None) == (batch == 7)
+    fn = jax.jit(bench.batch_forward, static_argnums=3)
+    (E, sum_delta1), sum_delta2 = fn(params, x, y, spec)
     E_ref, grads = jaxbp.manual_value_and_grads(params, x, y, spec)
+    _, _, _, delta1 = batched.slide_terms(params, x, y, spec, "conv", batch)
     np.testing.assert_allclose(E, E_ref, rtol=1e-12)
-    np.testing.assert_allclose(f, grads.f, rtol=1e-12, atol=1e-15)
-    np.testing.assert_allclose(b, grads.b, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(sum_delta2, grads.b, rtol=1e-12, atol=1e-15)  # dE/db = sum delta2
+    np.testing.assert_allclose(sum_delta1, jnp.sum(delta1), rtol=1e-10, atol=1e-15)
 
-    def dots(fn):
+    k, d, kkc = filters, int(np.prod(spec.h1_shape)), kernel * kernel
+    jb, _, span = batched.toeplitz_blocks(spec)
+    dW, df = {(3, d), (d, 3)}, {(k, kkc), (kkc, k), (jb * k, kernel * span)}  # df: or G = delta1^T R
+
+    def gradient_products(fn):  # convolutions, and dots shaped as dE/dW or dE/df
         hlo = jax.jit(fn).lower(params, x, y).compile().as_text()
-        return [line for line in hlo.splitlines() if " dot(" in line]
+        dots = {tuple(map(int, m.split(","))) for m in re.findall(r"f64\[([\d,]+)\]\{[\d,]+\} dot\(", hlo)}
+        return hlo.count("convolution("), dots & dW, dots & df
 
-    without = dots(lambda p, x, y: bench.batch_without_dW(p, x, y, spec))
-    full = dots(lambda p, x, y: jaxbp.manual_value_and_grads(p, x, y, spec))
-    d = int(np.prod(spec.h1_shape))
-    dW = [line for line in full if f"[3,{d}]" in line or f"[{d},3]" in line]  # the loop's and a remainder's
-    assert dW and len(without) == len(full) - len(dW), (without, full)
-    assert not [line for line in without if f"[3,{d}]" in line or f"[{d},3]" in line], without
+    assert gradient_products(lambda p, x, y: bench.batch_forward(p, x, y, spec)) == (0, set(), set())
+    convs, dW_dots, df_dots = gradient_products(lambda p, x, y: jaxbp.manual_value_and_grads(p, x, y, spec))
+    assert dW_dots and (convs or df_dots)  # what the floor must leave out is there in the gradient
 
 
 def test_within_the_floor_counts_the_points_the_floor_leaves_open():
@@ -175,7 +182,9 @@ def test_within_the_floor_counts_the_points_the_floor_leaves_open():
         "- per-example within 1.2x (into the last call's memory) where the floor is: 1 of 2"
     )
     assert "the floor over 1.2x at 1;" in line
-    assert "over the floor 2.00x (median; 1.05-2.00)" in line
+    assert "over the floor 2.00x (median; 1.05-2.00), under it (a floor that did not hold) at 0" in line
+    (line,) = bench.within_the_floor([{**derived[0], "per_ex_manual_reused_over_batch_grad": 1.0}])
+    assert line.endswith("under it (a floor that did not hold) at 1")
     assert bench.within_the_floor([{"autodiff_over_manual": 2.0}]) == []
 
 
@@ -425,7 +434,7 @@ def test_each_sample_follows_untimed_calls_of_its_own_method(tmp_path, monkeypat
     assert all(err < 1e-5 for err in payload["results"][0]["reused_rel_error"].values())
     # The floor: the batch gradient without dE/dW plus the reused write, over the batch gradient.
     t = {name: v["median_ms"] for name, v in times.items()}
-    floor = (t["batch_no_dW"] + t["per_ex_dW_write_reused"]) / t["batch_grad"]
+    floor = (t["batch_forward"] + t["per_ex_dW_write_reused"]) / t["batch_grad"]
     assert derived["per_ex_floor_over_batch_grad"] == pytest.approx(floor, rel=1e-12)
     text = (tmp_path / "bench.md").read_text()
     assert "| reused pe/b | reused dW/b | reused ad/m | floor/b |" in text
