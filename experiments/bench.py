@@ -104,8 +104,8 @@ HEADLINE = dict(batch=256, filters=8, input=(28, 28, 1), kernel=5)
 GRID = dict(batch=(1, 32, 256, 1024), filters=(1, 8, 32), input=((28, 28, 1), (32, 32, 3)), kernel=(3, 5))
 QUICK = dict(batch=(32, 256), filters=(1, 8, 32), input=((28, 28, 1),), kernel=(5,))
 N_OUT = 10
-# The per-example methods (none at batch 1), and those that write into the last call's memory
-# with the fresh method each is compared with.
+# The per-example methods and the floor's forward (none at batch 1), and those that write into
+# the last call's memory with the fresh method each is compared with.
 PER_EXAMPLE_METHODS = ("per_ex_manual", "per_ex_autodiff", "per_ex_dW_write", "per_ex_no_df", "batch_forward")
 REUSED_METHODS = {
     "per_ex_manual_reused": "per_ex_manual",
@@ -471,13 +471,14 @@ def batch_forward(params, x, y, spec):
     sum(delta2), the sums only so that nothing is dropped.
 
     Per-example gradients compute at least this (H1, O, delta2 = dE/dZ2 and delta1 = dE/dZ1 of
-    every example; dE/df is a contraction of delta1) and write N x D x n_out numbers of dE/dW.
-    So this, then that write into the last call's memory (``per_ex_dW_write_reused``), is a floor
-    under them: where the two take over 1.2x the batch gradient, so do per-example gradients
-    whose forward is no faster than the batch step's. Running them at once does not help on the
-    2-core CPU jaxbp was measured on: the batch gradient with a copy of the dE/dW bytes in a
-    thread beside it took about as long as the two one after the other
-    (experiments/probe_write_overlap.py); the gradient uses both cores.
+    every example; their dE/df is a contraction of delta1 with the input) and write N x D x n_out
+    numbers of dE/dW. So this, then that write into the last call's memory
+    (``per_ex_dW_write_reused``), estimates the least time they can take with jaxbp's forward
+    forms (a floor for a path whose forward is no faster than the batch step's; it leaves out
+    dE/df's arithmetic and the writes of dE/df and dE/db). Run at once rather than one after the
+    other, the batch gradient and that write took 0.91-1.12x the time on the 2-core CPU jaxbp was
+    measured on (experiments/results/probe_write_overlap.md), so the sum may be a few percent
+    high where they could overlap.
     """
     import jax.numpy as jnp
     from jax import lax

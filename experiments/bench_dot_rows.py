@@ -3,7 +3,9 @@
 Per example, dE/df contracts the patches (or the Toeplitz slabs) with delta1 over the output
 positions: (M, p) by (M, q), vmapped over a chunk of examples into one batched dot. XLA's CPU
 runs the two orders at different speeds; `jaxbp.batched.fewer_rows_first` takes the one with
-fewer output rows. This times both at the shapes of the benchmark grid, interleaved.
+fewer output rows for the patches where the other has twice as many, and
+`jaxbp.batched.filter_grad_toeplitz` the one with fewer rows for the slabs. This times both at
+the shapes of the benchmark grid, interleaved.
 
     python experiments/bench_dot_rows.py [--repeats 7]
 
@@ -92,8 +94,11 @@ def main(argv=None) -> None:
     command = "python experiments/bench_dot_rows.py" + ("" if argv is None else " " + " ".join(argv))
     load = tuple(round(v, 2) for v in os.getloadavg())
     args.out.mkdir(parents=True, exist_ok=True)
+    from jaxbp.machine import cpuinfo
+
     info = {
         "command": command,
+        "cpu": cpuinfo().get("model name", "unknown"),
         "jax": jax.__version__,
         "git": commit,
         "cores": os.cpu_count(),
@@ -103,13 +108,14 @@ def main(argv=None) -> None:
     lines = [
         "# Per-example dE/df's batched product: which operand first",
         "",
-        f"Command: `{command}`; jax {info['jax']}, git {commit}, {info['cores']} cores, load average "
+        f"Command: `{command}`; {info['cpu']}, jax {info['jax']}, git {commit}, {info['cores']} cores, "
+        f"load average "
         f"{load} at the end. Median ms of {args.repeats} interleaved samples (float32). `a first`: the "
         "(n, p, q) product, p output rows per example; `b first`: (n, q, p); `fewer rows first`: "
         "`jaxbp.batched.fewer_rows_first` vmapped (the (n, p, q) result either way: b first and a "
         "transpose where q < p); `fewer rows / more rows`: the order with min(p, q) rows over the "
         "other. The patches' product was a first before fewer_rows_first; the Toeplitz form computes "
-        "the order with fewer rows and folds it without a transpose.",
+        "the order with fewer rows (filter_grad_toeplitz).",
         "",
         "| examples | M | p | q | a first | b first | fewer rows first | fewer rows / more rows "
         "| fewer rows first / a first |",

@@ -607,21 +607,23 @@ def filter_grad_taps(x: jax.Array, delta1: jax.Array, spec: ConvNetSpec) -> jax.
 
 
 def fewer_rows_first(a: jax.Array, b: jax.Array, precision=None) -> jax.Array:
-    r"""a^T b for (M, p) a and (M, q) b, the M rows contracted, computed as the product with the
-    fewer output rows: (b^T a)^T where q < p, the transpose behind `lax.optimization_barrier`
-    (XLA otherwise folds it back into the dot, as the other product).
+    r"""a^T b for (M, p) a and (M, q) b, the M rows contracted, computed as (b^T a)^T where b has
+    at most half as many columns (2 q <= p), the transpose behind `lax.optimization_barrier` (XLA
+    otherwise folds it back into the dot, as the other product).
 
     Vmapped over examples this is a batched dot of many small products, and XLA's CPU ran the
-    one with fewer output rows faster at the per-example dE/df's shapes where the two sides
-    differ by 1.7x or more (experiments/results/bench_dot_rows.md, ``fewer rows / more rows``;
-    64-128 examples, AMD EPYC, 2 cores): 8 rows against the patches' 25-75 columns in 0.50-0.53x
-    the time, 9 against 32 in 0.56x; the Toeplitz slabs' 18-120 columns against jb K = 128 in
-    0.25-0.85x, 18 against 32 in 0.52x, and 32 rows against 54 and 120 columns in 0.82-0.89x.
-    Near a tie it is noise or a small loss: 27 against 32 took 1.05x, 32 against 40 1.13x,
-    8 against 9 1.14x (1.04-1.05x in two standalone runs before). The transpose back, where
-    q < p, is p q numbers per example.
+    one with fewer output rows faster where the two sides differ by 2x or more
+    (experiments/results/bench_dot_rows.md, ``fewer rows / more rows``, the order alone: 64-128
+    examples, the per-example dE/df's shapes): 8 rows against the patches' 25-75 columns in
+    0.50-0.53x the time, 9 against 32 in 0.56x. Nearer a tie it is noise or a small loss (27
+    rows against 32 took 1.05x, 8 against 9 1.14x, and 1.04-1.05x in two standalone runs before;
+    and with 8 rows first the per-example gradients at batch 32-1024 of 28x28x1 with 3x3 and 8
+    filters, whose patches have 9 columns, took 1.02-1.07x as long against the batch gradient
+    as with 9, experiments/results/bench_amd_epyc_floor.md against bench_amd_epyc_reuse.md), so
+    there a stays first. Differences under about 15% are within that file's noise. The transpose back
+    is p q numbers per example, and a batch-1 step (not vmapped) takes the same order.
     """
-    if b.shape[1] < a.shape[1]:
+    if 2 * b.shape[1] <= a.shape[1]:
         return lax.optimization_barrier(jnp.dot(b.T, a, precision=precision)).T
     return jnp.dot(a.T, b, precision=precision)
 
@@ -753,10 +755,14 @@ def filter_grad_toeplitz(
     Since Z1 = R T and T is linear in f, dE/dT = R^T delta1 and dE/df[a, b, c, k] =
     sum_{w, j} S[b, w, j] dE/dT[(a, w, c), (j, k)]: the sum over a block's jb output columns of
     the slabs' column j s_w + b d_w times delta1. G is computed filters first, (jb K, kh span C),
-    as `filter_grad_patches` does, but for one example (untransposed: what vmap sees for
-    per-example gradients) with fewer slab columns than jb K, where G^T is, the product with
-    the fewer rows (`fewer_rows_first`; the fold reads G^T as it is, no transpose); delta1 is
-    padded with zeros to nb jb columns, so the output columns of a padded last block
+    as `filter_grad_patches` does. Untransposed (one example: what vmap sees for per-example
+    gradients), where the slabs have fewer columns than jb K, G^T = R^T delta1 is computed
+    instead, the product with fewer output rows, and folded with the indices read the other way
+    (XLA lays G out for the fold's dot with a copy, either way). Vmapped, that order alone ran
+    in 0.25-0.85x the time of the other with 18-120 slab columns against jb K = 128 (32
+    filters), and 0.52x with 18 against 32 (experiments/results/bench_dot_rows.md); with 8
+    filters and more slab columns than 32 (0.82-1.13x the other way) delta1 stays first.
+    delta1 is padded with zeros to nb jb columns, so the output columns of a padded last block
     (s jb + j >= Wo) contribute nothing.
 
     Returns:
@@ -770,7 +776,7 @@ def filter_grad_toeplitz(
     if transposed or jb * k <= rows.shape[1]:
         G = jnp.dot(d1.T, rows, precision=spec.precision).reshape(jb, k, kh, span, -1)
         fold = "bwj,jkawc->"
-    else:  # one example, fewer slab columns than jb K: G^T, the fold reads it as it is
+    else:  # one example, fewer slab columns than jb K: G^T, fewer output rows
         G = jnp.dot(rows.T, d1, precision=spec.precision).reshape(kh, span, -1, jb, k)
         fold = "bwj,awcjk->"
     if transposed:

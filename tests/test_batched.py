@@ -140,26 +140,27 @@ def test_toeplitz_rows_and_band_reassemble_the_convolution():
         )
 
 
-@pytest.mark.parametrize("p, q", [(9, 8), (8, 9), (5, 5)])
-def test_fewer_rows_first_is_a_transpose_b_computed_with_the_fewer_rows_first(p, q):
+@pytest.mark.parametrize("p, q, rows", [(9, 8, 9), (8, 9, 8), (5, 5, 5), (16, 8, 8), (20, 8, 8)])
+def test_fewer_rows_first_is_a_transpose_b_computed_with_b_first_from_twice_the_columns(p, q, rows):
     a = jax.random.normal(jax.random.key(0), (3, 11, p), jnp.float64)
     b = jax.random.normal(jax.random.key(1), (3, 11, q), jnp.float64)
     fn = jax.vmap(batched.fewer_rows_first)
     np.testing.assert_allclose(fn(a, b), np.einsum("nmp,nmq->npq", a, b), rtol=1e-12)
-    # The batched dot XLA compiles has min(p, q) output rows; the swapped one is fenced off.
+    # The batched dot XLA compiles: q rows where a has at least twice b's columns (the order
+    # fenced off by the barrier), else a's p.
     hlo = jax.jit(fn).lower(a, b).compile().as_text()
     dots = re.findall(r"= f64\[3,(\d+),(\d+)\]\{[\d,]+\} dot\(", hlo)
-    assert dots == [(str(min(p, q)), str(max(p, q)))], dots
+    assert dots == [(str(rows), str(p + q - rows))], dots
 
 
 @pytest.mark.parametrize(
     "form, filters, kernel",
-    [("patches", 8, 3), ("patches", 16, 3), ("toeplitz", 2, 5), ("toeplitz", 32, 5)],
+    [("patches", 4, 3), ("patches", 16, 3), ("toeplitz", 2, 5), ("toeplitz", 32, 5)],
 )
 def test_one_examples_filter_grad_either_product_equals_the_conv_float64(form, filters, kernel):
-    # Per example (untransposed) dE/df is fewer_rows_first's product: patches' 9 columns
-    # against 8 filters (delta1 first) and 16 (the patches first); the Toeplitz slabs' 35
-    # columns against jb K = 6 (delta1 first) and 96 (R first).
+    # Per example (untransposed) dE/df is fewer_rows_first's product for the patches (9 columns
+    # against 4 filters: delta1 first; against 16: the patches first), and the Toeplitz slabs'
+    # 35 columns against jb K = 6 (delta1 first) and 96 (R first).
     spec = jaxbp.ConvNetSpec(in_shape=(6, 7, 1), n_filters=filters, kernel_size=kernel, n_out=3)
     params, x, y = problem(spec, 5, 4)
     _, _, _, delta1 = batched.slide_terms(params, x, y, spec, "conv", 1)
@@ -171,6 +172,22 @@ def test_one_examples_filter_grad_either_product_equals_the_conv_float64(form, f
         return filter_grad(build(x[None], spec), d1[None], spec)
 
     assert columns == {"patches": 9, "toeplitz": 35}[form]
+    conv = jax.vmap(lambda x, d1: batched.filter_grad_conv(x[None], d1[None], spec))
+    np.testing.assert_allclose(jax.vmap(grad)(x, delta1), conv(x, delta1), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("filters", [2, 8])
+def test_one_examples_toeplitz_filter_grad_either_product_with_a_padded_block_equals_the_conv(filters):
+    # odd_spec with a stride of 1 and a dilation of 2 in W: Wo = 6, two blocks of 4 (the last
+    # padded), span 6, so 18 slab columns against jb K = 8 (delta1 first) and 32 (R first).
+    spec = odd_spec(1, filters, stride=(1, 1), dilation=(1, 2))
+    assert spec.h1_shape[1] == 6 and batched.toeplitz_blocks(spec) == (4, 2, 6)
+    params, x, y = problem(spec, 9, 3)
+    _, _, _, delta1 = batched.slide_terms(params, x, y, spec, "conv", 1)
+
+    def grad(x, d1):  # one example: a batch of one, untransposed
+        return batched.filter_grad_toeplitz(batched.toeplitz_rows(x[None], spec), d1[None], spec)
+
     conv = jax.vmap(lambda x, d1: batched.filter_grad_conv(x[None], d1[None], spec))
     np.testing.assert_allclose(jax.vmap(grad)(x, delta1), conv(x, delta1), rtol=1e-10, atol=1e-14)
 

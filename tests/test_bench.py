@@ -205,6 +205,24 @@ def test_write_overlap_probe_runs_end_to_end(tmp_path):
     assert not (tmp_path / "refused").exists()
 
 
+bench_dot_rows = load_experiment("bench_dot_rows")
+
+
+def test_dot_rows_bench_runs_end_to_end_and_checks_both_orders(tmp_path):
+    bench_dot_rows.main(["--shapes", "2", "--repeats", "1", "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "bench_dot_rows.json").read_text())
+    assert [r["shape"] for r in payload["results"]] == [list(s) for s in bench_dot_rows.SHAPES[:2]]
+    # float32 sums of 144-900 products in another order: at most 8.5e-7 relative over the 14
+    # shapes of results/bench_dot_rows.json, so 1e-5 leaves a 12x margin.
+    for r in payload["results"]:
+        assert set(r["median_ms"]) == {"a_first", "b_first", "fewer_rows_first"}
+        assert max(r["rel_error"].values()) < 1e-5
+    assert "| 128 | 900 | 27 | 8 |" in (tmp_path / "bench_dot_rows.md").read_text()
+    with pytest.raises(SystemExit):
+        bench_dot_rows.main(["--repeats", "0", "--out", str(tmp_path / "refused")])
+    assert not (tmp_path / "refused").exists()
+
+
 bench_filter_grad = load_experiment("bench_filter_grad")
 
 
