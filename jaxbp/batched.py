@@ -615,13 +615,14 @@ def fewer_rows_first(a: jax.Array, b: jax.Array, precision=None) -> jax.Array:
     one with fewer output rows faster where the two sides differ by 2x or more
     (experiments/results/bench_dot_rows.md, ``fewer rows / more rows``, the order alone: 64-128
     examples, the per-example dE/df's shapes): 8 rows against the patches' 25-75 columns in
-    0.50-0.53x the time, 9 against 32 in 0.56x. Nearer a tie it is noise or a small loss (27
-    rows against 32 took 1.05x, 8 against 9 1.14x, and 1.04-1.05x in two standalone runs before;
-    and with 8 rows first the per-example gradients at batch 32-1024 of 28x28x1 with 3x3 and 8
-    filters, whose patches have 9 columns, took 1.02-1.07x as long against the batch gradient
-    as with 9, experiments/results/bench_amd_epyc_floor.md against bench_amd_epyc_reuse.md), so
-    there a stays first. Differences under about 15% are within that file's noise. The transpose back
-    is p q numbers per example, and a batch-1 step (not vmapped) takes the same order.
+    0.51-0.67x the time, 9 against 32 in 0.57x. Nearer a tie it is noise or a small loss (8
+    rows against 9 took 1.13x, and 1.04-1.14x in three runs before; 27 against 32 1.15x,
+    0.94-1.05x before; and with 8 rows first the per-example gradients at batch 32-1024 of
+    28x28x1 with 3x3 and 8 filters, whose patches have 9 columns, took 1.02-1.07x as long
+    against the batch gradient as with 9, experiments/results/bench_amd_epyc_floor.md against
+    bench_amd_epyc_reuse.md), so there a stays first. Differences under about 15% are within
+    the noise of these runs. The transpose back is p q numbers per example, and a batch-1 step
+    (not vmapped) takes the same order.
     """
     if 2 * b.shape[1] <= a.shape[1]:
         return lax.optimization_barrier(jnp.dot(b.T, a, precision=precision)).T
@@ -759,9 +760,9 @@ def filter_grad_toeplitz(
     gradients), where the slabs have fewer columns than jb K, G^T = R^T delta1 is computed
     instead, the product with fewer output rows, and folded with the indices read the other way
     (XLA lays G out for the fold's dot with a copy, either way). Vmapped, that order alone ran
-    in 0.25-0.85x the time of the other with 18-120 slab columns against jb K = 128 (32
-    filters), and 0.52x with 18 against 32 (experiments/results/bench_dot_rows.md); with 8
-    filters and more slab columns than 32 (0.82-1.13x the other way) delta1 stays first.
+    in 0.25-0.93x the time of the other with 18-120 slab columns against jb K = 128 (32
+    filters), and 0.59x with 18 against 32 (experiments/results/bench_dot_rows.md); with 8
+    filters and 40-120 slab columns delta1 stays first (its order took 0.82-1.05x the other's).
     delta1 is padded with zeros to nb jb columns, so the output columns of a padded last block
     (s jb + j >= Wo) contribute nothing.
 
