@@ -47,6 +47,10 @@ def all_formulations(params, x, y, spec):
 
 
 all_formulations_jit = jax.jit(all_formulations, static_argnums=3)
+chunked_grads_jit = jax.jit(
+    lambda p, x, y, s: [batched.value_and_grads(p, x, y, s, formulation=f)[1] for f in CHUNKED],
+    static_argnums=3,
+)
 autodiff_jit = jax.jit(jaxbp.autodiff_value_and_grads, static_argnums=3)
 
 
@@ -201,6 +205,11 @@ def test_per_example_grads_equal_vmap_of_the_slides_per_example_backward_float64
     chex.assert_trees_all_close(fast, slides(params, x, y, spec)[1], rtol=1e-10, atol=1e-13)
 
 
+# Jitted: run op by op, each example's 2 calls took 4x as long (most of it compiling each op for
+# the example's shapes), and this sweep was the suite's second-slowest test.
+per_example_jit = jax.jit(jaxbp.per_example_manual_grads, static_argnums=3)
+
+
 @settings(max_examples=30)
 @given(spec=specs(), batch=st.integers(1, 5), seed=st.integers(0, 2**16), one_filter=st.booleans())
 def test_per_example_grads_float32_agreement(spec, batch, seed, one_filter):
@@ -211,11 +220,11 @@ def test_per_example_grads_float32_agreement(spec, batch, seed, one_filter):
     if one_filter:
         spec = dataclasses.replace(spec, n_filters=1)
     params64, x64, y64 = problem(spec, seed, batch)
-    reference = jaxbp.per_example_manual_grads(params64, x64, y64, spec)
+    reference = per_example_jit(params64, x64, y64, spec)
     O = jaxbp.forward(params64, x64, spec)
     kappa = float(jnp.max(jnp.abs(O) + jnp.abs(y64)) / jnp.max(jnp.abs(O - y64)))
     params, x, y = jax.tree.map(lambda a: a.astype(jnp.float32), (params64, x64, y64))
-    got = jaxbp.per_example_manual_grads(params, x, y, spec)
+    got = per_example_jit(params, x, y, spec)
     chex.assert_trees_all_equal_dtypes(got, jax.tree.map(lambda p: p[None], params))
     assert tree_relative_error(got, reference) < FLOAT32_PER_KAPPA * kappa
 
@@ -496,8 +505,7 @@ def test_chunked_sums_in_float32_within_the_float32_error_model(seed):
     O = jaxbp.forward(params64, x64, spec)
     kappa = float(jnp.max(jnp.abs(O) + jnp.abs(y64)) / jnp.max(jnp.abs(O - y64)))
     params, x, y = jax.tree.map(lambda a: a.astype(jnp.float32), (params64, x64, y64))
-    for formulation in CHUNKED:
-        _, g = batched.value_and_grads(params, x, y, spec, formulation=formulation)
+    for formulation, g in zip(CHUNKED, chunked_grads_jit(params, x, y, spec)):
         chex.assert_trees_all_equal_dtypes(g, params)
         assert tree_relative_error(g, reference) < FLOAT32_PER_KAPPA * kappa, formulation
 
