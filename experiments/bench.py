@@ -682,6 +682,15 @@ def machine_info(jax, peer_versions) -> dict:
     }
 
 
+def machine_line(info: dict) -> str:
+    """The results' machine line: CPU, cores, the load average at the end (``info["load_average"]``,
+    set by the script when it is done), versions, commit and date."""
+    return (
+        f"Machine: {info['cpu']}, {info['cores']} cores; load average {info['load_average']} at the "
+        f"end. jax {info['jax']}, jaxlib {info['jaxlib']}; git {info['git_commit']}; {info['date_utc']}."
+    )
+
+
 def script_command(file: str, argv=None) -> str:
     """How an experiment script ran, as its results record it: ``python experiments/<name>.py``
     and `argv` (None: this process's arguments). `file` is the script's ``__file__``."""

@@ -15,11 +15,16 @@ Writes experiments/results/bench_dot_rows.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import statistics
-import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import machine_info  # noqa: E402
+from bench import machine_line  # noqa: E402
+from bench import script_command  # noqa: E402
+from bench import write_results  # noqa: E402
 
 # (examples, M, p, q): p the patches' or slabs' columns, q delta1's (K, or jb K for the slabs),
 # with the examples per chunk that jaxbp.per_example takes at batch 256 (128 or 64).
@@ -88,34 +93,25 @@ def main(argv=None) -> None:
     import jax
 
     results = [run_shape(*shape, args.repeats) for shape in SHAPES[: args.shapes]]
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
-    command = "python experiments/bench_dot_rows.py" + ("" if argv is None else " " + " ".join(argv))
-    load = tuple(round(v, 2) for v in os.getloadavg())
-    args.out.mkdir(parents=True, exist_ok=True)
-    from jaxbp.machine import cpuinfo
+    info = machine_info(jax, {})
+    info["load_average"] = [round(v, 2) for v in os.getloadavg()]
+    command = script_command(__file__, argv)
+    write_results(args.out, "bench_dot_rows", info, command, results, markdown(results, info, command, args))
 
-    info = {
-        "command": command,
-        "cpu": cpuinfo().get("model name", "unknown"),
-        "jax": jax.__version__,
-        "git": commit,
-        "cores": os.cpu_count(),
-        "load_end": load,
-    }
-    (args.out / "bench_dot_rows.json").write_text(json.dumps({"info": info, "results": results}, indent=1))
+
+def markdown(results, info, command, args) -> str:
     lines = [
         "# Per-example dE/df's batched product: which operand first",
         "",
-        f"Command: `{command}`; {info['cpu']}, jax {info['jax']}, git {commit}, {info['cores']} cores, "
-        f"load average "
-        f"{load} at the end. Median ms of {args.repeats} interleaved samples (float32). `a first`: the "
-        "(n, p, q) product, p output rows per example; `b first`: (n, q, p); `fewer rows first`: "
+        f"Command: `{command}`  ",
+        machine_line(info),
+        "",
+        f"Median ms of {args.repeats} interleaved samples (float32). `a first`: the (n, p, q) product, p "
+        "output rows per example; `b first`: (n, q, p); `fewer rows first`: "
         "`jaxbp.batched.fewer_rows_first` vmapped (the (n, p, q) result either way: b first and a "
-        "transpose where q < p); `fewer rows / more rows`: the order with min(p, q) rows over the "
-        "other. The patches' product was a first before fewer_rows_first; the Toeplitz form computes "
-        "the order with fewer rows (filter_grad_toeplitz).",
+        "transpose where a has at least twice b's columns); `fewer rows / more rows`: the order with "
+        "min(p, q) rows over the other. The patches' product was a first before fewer_rows_first; the "
+        "Toeplitz form computes the order with fewer rows (filter_grad_toeplitz).",
         "",
         "| examples | M | p | q | a first | b first | fewer rows first | fewer rows / more rows "
         "| fewer rows first / a first |",
@@ -129,8 +125,7 @@ def main(argv=None) -> None:
             f"| {t['fewer_rows_first']:.3f} | {fewer / more:.2f} "
             f"| {t['fewer_rows_first'] / t['a_first']:.2f} |"
         )
-    (args.out / "bench_dot_rows.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

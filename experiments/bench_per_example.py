@@ -45,6 +45,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import machine_info  # noqa: E402
+from bench import machine_line  # noqa: E402
 from bench import script_command  # noqa: E402
 from bench import summarize  # noqa: E402
 from bench import warm_text  # noqa: E402
@@ -163,8 +164,7 @@ def markdown(results, info, command) -> str:
         "# Per-example gradients with one filter: batch-wide rows against the vmapped path",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {info['cpu']}, {info['cores']} cores; load average {info['load_average']} at the "
-        f"end. jax {info['jax']}, jaxlib {info['jaxlib']}; git {info['git_commit']}; {info['date_utc']}.",
+        machine_line(info),
         "",
         "Median ms per call over the repeats, interleaved (IQR in the JSON). `terms`: kh kw Ho, the "
         "products `filter_grad_rows` writes out per tap row sum (up to "

@@ -37,6 +37,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import machine_info  # noqa: E402
+from bench import machine_line  # noqa: E402
 from bench import per_example_dW_write  # noqa: E402
 from bench import rel_error  # noqa: E402
 from bench import script_command  # noqa: E402
@@ -129,8 +130,7 @@ def markdown(results, info, command) -> str:
         "# Per-example gradients: fresh memory against the last call's",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {info['cpu']}, {info['cores']} cores; load average {info['load_average']} at the "
-        f"end. jax {info['jax']}, jaxlib {info['jaxlib']}; git {info['git_commit']}; {info['date_utc']}.",
+        machine_line(info),
         "",
         "Median ms per call over the repeats, interleaved (IQR in the JSON); `/b` over the batch "
         "gradient alone. `chunk`: `working_set_chunk`'s examples per chunk, timed as `reused_chunks` "

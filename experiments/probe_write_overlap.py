@@ -20,12 +20,17 @@ import json
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import threading
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import machine_info  # noqa: E402
+from bench import machine_line  # noqa: E402
+from bench import script_command  # noqa: E402
+from bench import write_results  # noqa: E402
 
 POINTS = ("256:32x32x3:3:8", "256:28x28x1:3:32", "1024:32x32x3:5:8", "256:32x32x3:5:32")
 
@@ -112,30 +117,22 @@ def main(argv=None) -> None:
     for point in args.points:
         results.append(run_point(*point, args.rounds))
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
-    command = "python experiments/probe_write_overlap.py" + ("" if argv is None else " " + " ".join(argv))
-    from jaxbp.machine import cpuinfo
-
-    info = {
-        "command": command,
-        "cpu": cpuinfo().get("model name", "unknown"),
-        "jax": jax.__version__,
-        "git": commit,
-        "cores": os.cpu_count(),
-        "load_end": os.getloadavg(),
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "probe_write_overlap.json").write_text(
-        json.dumps({"info": info, "results": results}, indent=1)
+    info = machine_info(jax, {})
+    info["load_average"] = [round(v, 2) for v in os.getloadavg()]
+    command = script_command(__file__, argv)
+    write_results(
+        args.out, "probe_write_overlap", info, command, results, markdown(results, info, command, args)
     )
+
+
+def markdown(results, info, command, args) -> str:
     lines = [
         "# The per-example dE/dW write beside the batch gradient: one after the other, or at once",
         "",
-        f"Command: `{command}`; {info['cpu']}, jax {info['jax']}, git {commit}, {info['cores']} cores, "
-        f"load average "
-        f"{tuple(round(v, 2) for v in info['load_end'])} at the end. Median ms of {args.rounds} rounds.",
+        f"Command: `{command}`  ",
+        machine_line(info),
+        "",
+        f"Median ms of {args.rounds} rounds.",
         "",
         "| batch | input | k | K | write MB | grad | write | one after the other | at once | at once / "
         "one after the other | at once / grad |",
@@ -149,8 +146,7 @@ def main(argv=None) -> None:
             f"| {m['at_once']:.2f} | {r['at_once_over_one_after_the_other']:.2f} "
             f"| {r['at_once_over_grad']:.2f} |"
         )
-    (args.out / "probe_write_overlap.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -199,10 +199,50 @@ def test_write_overlap_probe_runs_end_to_end(tmp_path):
     assert set(r["median_ms"]) == {"grad", "write", "one_after_the_other", "at_once"}
     m = r["median_ms"]
     assert r["at_once_over_one_after_the_other"] == pytest.approx(m["at_once"] / m["one_after_the_other"])
-    assert "| 4 | 8x8x1 | 3 | 2 |" in (tmp_path / "probe_write_overlap.md").read_text()
+    assert payload[
+        "command"
+    ] == "python experiments/probe_write_overlap.py --points 4:8x8x1:3:2 --rounds 2 " + (f"--out {tmp_path}")
+    assert {"cpu", "git_commit", "jax", "load_average"} <= set(payload["machine"])
+    text = (tmp_path / "probe_write_overlap.md").read_text()
+    assert "| 4 | 8x8x1 | 3 | 2 |" in text and bench.machine_line(payload["machine"]) in text
     with pytest.raises(SystemExit):
         probe_write_overlap.main(["--points", "4:8x8:3:2", "--out", str(tmp_path / "refused")])
     assert not (tmp_path / "refused").exists()
+
+
+probe_filter_grad_floor = load_experiment("probe_filter_grad_floor")
+
+
+def test_filter_grad_floor_probe_checks_every_form_and_adds_the_fastest(tmp_path):
+    probe_filter_grad_floor.main(["--points", "4:8x8x1:3:2", "--repeats", "1", "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "probe_filter_grad_floor.json").read_text())
+    (r,) = payload["results"]
+    # The five forms agree in float64 before anything is timed (sums in other orders: 5e-16 here).
+    assert r["check_rel_error"] < 1e-10 and r["chunk"] == 4
+    m, df = r["median_ms"], probe_filter_grad_floor.DF_METHODS
+    assert set(m) == {"batch_grad", "per_ex", "batch_forward", "dW_reused", *df}
+    assert r["fastest_df"] == min(df, key=m.get)
+    floor = m["batch_forward"] + m["dW_reused"]
+    assert r["floor_over_batch_grad"] == pytest.approx(floor / m["batch_grad"])
+    assert r["floor_df_over_batch_grad"] == pytest.approx((floor + m[r["fastest_df"]]) / m["batch_grad"])
+    text = (tmp_path / "probe_filter_grad_floor.md").read_text()
+    assert "| 4 | 8x8x1 | 3 | 2 | 4 |" in text and bench.machine_line(payload["machine"]) in text
+    with pytest.raises(SystemExit):
+        probe_filter_grad_floor.main(["--repeats", "0", "--out", str(tmp_path / "refused")])
+    assert not (tmp_path / "refused").exists()
+
+
+def test_filter_grad_floor_probe_scales_a_chunk_to_the_batch(monkeypatch):
+    # Two chunks of 2 examples, every sample 1 ms: each dE/df form is timed on one chunk and
+    # counts twice, the whole-batch methods once.
+    monkeypatch.setattr(jaxbp.per_example, "per_example_chunk", lambda spec, batch, itemsize=4: 2)
+    one_ms = lambda calls, repeats, min_sample_s: {name: [1e-3] for name in calls}  # noqa: E731
+    monkeypatch.setattr(jaxbp.tune, "interleaved_samples", one_ms)
+    r = probe_filter_grad_floor.run_point(4, (8, 8, 1), 3, 2, 1, 0.001)
+    assert r["chunk"] == 2
+    assert [r["median_ms"][k] for k in probe_filter_grad_floor.DF_METHODS] == pytest.approx([2.0] * 5)
+    assert r["median_ms"]["batch_grad"] == pytest.approx(1.0)
+    assert r["floor_df_over_batch_grad"] == pytest.approx(4.0)
 
 
 bench_dot_rows = load_experiment("bench_dot_rows")
@@ -217,7 +257,9 @@ def test_dot_rows_bench_runs_end_to_end_and_checks_both_orders(tmp_path):
     for r in payload["results"]:
         assert set(r["median_ms"]) == {"a_first", "b_first", "fewer_rows_first"}
         assert max(r["rel_error"].values()) < 1e-5
-    assert "| 128 | 900 | 27 | 8 |" in (tmp_path / "bench_dot_rows.md").read_text()
+    assert payload["command"].startswith("python experiments/bench_dot_rows.py --shapes 2 --repeats 1")
+    text = (tmp_path / "bench_dot_rows.md").read_text()
+    assert "| 128 | 900 | 27 | 8 |" in text and bench.machine_line(payload["machine"]) in text
     with pytest.raises(SystemExit):
         bench_dot_rows.main(["--repeats", "0", "--out", str(tmp_path / "refused")])
     assert not (tmp_path / "refused").exists()

@@ -1,0 +1,250 @@
+"""Does dE/df's arithmetic alone put per-example gradients past 1.2x the batch gradient?
+
+`experiments/bench.py`'s floor under per-example gradients (`floor/b`) is the batch's forward and
+deltas (`batch_forward`) plus the per-example dE/dW written into the last call's memory: it
+leaves dE/df out. Per example, dE/df is the same multiplies as the batch gradient's dE/df, not
+summed over the examples. This times that product alone, from inputs made before the timing
+(the patches or the Toeplitz slabs R of the examples, and a delta1), in every form jaxbp has:
+
+  df_batch_patches    P^T delta1 over a chunk, summed over its examples (the batch step's)
+  df_batch_toeplitz   R^T delta1, the same with the Toeplitz slabs
+  df_batch_conv       XLA's conv with the examples as its contracted axis, in 4 parts
+  df_example_patches  the patches' product per example (vmapped: a batched dot)
+  df_example_toeplitz the slabs' product per example (vmapped)
+
+each on one chunk of examples (the per-example gradients' chunk, `jaxbp.per_example_chunk`, or
+the whole batch), scaled to the batch. With the batch step (`batch_grad`), the per-example
+gradients into the last call's memory (`per_ex`), `batch_forward` and the dE/dW write
+(`dW_reused`), interleaved round by round. ``floor_df`` is ``batch_forward + dW_reused`` plus the
+fastest of the five: an estimate of the least per-example gradients can take with jaxbp's forms
+when dE/df runs no faster than the fastest form measured here. The batch forms are one product
+with the examples contracted, as fast as the same multiplies have run here; they are no
+per-example gradient, and stand in for the best a per-example dE/df could do.
+
+    python experiments/probe_filter_grad_floor.py [--points 256:32x32x3:5:8 ...] [--repeats 5]
+
+Writes experiments/results/probe_filter_grad_floor.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import statistics
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import batch_forward  # noqa: E402
+from bench import machine_info  # noqa: E402
+from bench import machine_line  # noqa: E402
+from bench import per_example_dW_write  # noqa: E402
+from bench import script_command  # noqa: E402
+from bench import write_results  # noqa: E402
+from probe_write_overlap import parse_point  # noqa: E402
+
+# The many-filter points of bench_amd_epyc_floor.md whose floor (floor/b) allows 1.2x.
+POINTS = (
+    "32:28x28x1:5:8",
+    "32:32x32x3:3:8",
+    "32:32x32x3:5:8",
+    "32:28x28x1:5:32",
+    "32:32x32x3:3:32",
+    "32:32x32x3:5:32",
+    "256:32x32x3:5:8",
+    "256:32x32x3:5:32",
+    "1024:32x32x3:3:8",
+    "1024:32x32x3:5:8",
+    "1024:32x32x3:5:32",
+)
+DF_METHODS = (
+    "df_batch_patches",
+    "df_batch_toeplitz",
+    "df_batch_conv",
+    "df_example_patches",
+    "df_example_toeplitz",
+)
+
+
+def filter_grads(jax, spec, x, delta1) -> dict:
+    """name -> (fn, args): dE/df of `x` and `delta1` (one chunk) in each form, the inputs made."""
+    import jaxbp
+    from jaxbp import batched
+
+    jit = lambda fn: jax.jit(fn, compiler_options=jaxbp.compiler_options())  # noqa: E731
+    n = x.shape[0]
+    patches = jit(lambda x: batched.conv_patches(x, spec))(x)
+    rows = jit(lambda x: batched.toeplitz_rows(x, spec))(x)
+    per = lambda a: a.reshape(n, -1, a.shape[-1])  # noqa: E731  (examples, rows of one, columns)
+    return {
+        "df_batch_patches": (
+            jit(lambda p, d: batched.filter_grad_patches(p, d, spec, transposed=True)),
+            (patches, delta1),
+        ),
+        "df_batch_toeplitz": (
+            jit(lambda r, d: batched.filter_grad_toeplitz(r, d, spec, transposed=True)),
+            (rows, delta1),
+        ),
+        "df_batch_conv": (
+            jit(lambda x, d: batched.filter_grad_conv(x, d, spec, batched.conv_filter_grad_parts(n))),
+            (x, delta1),
+        ),
+        "df_example_patches": (
+            jit(jax.vmap(lambda p, d: batched.filter_grad_patches(p, d[None], spec))),
+            (per(patches), delta1),
+        ),
+        "df_example_toeplitz": (
+            jit(jax.vmap(lambda r, d: batched.filter_grad_toeplitz(r, d[None], spec))),
+            (per(rows), delta1),
+        ),
+    }
+
+
+def check(jax, spec) -> float:
+    """The largest relative difference between the five forms' dE/df (summed over examples for
+    the per-example ones), float64, 3 examples."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(1)
+        x = jax.numpy.asarray(rng.normal(size=(3, *spec.in_shape)))
+        d1 = jax.numpy.asarray(rng.normal(size=(3, *spec.h1_shape)))
+        got = {}
+        for name, (fn, args) in filter_grads(jax, spec, x, d1).items():
+            g = np.asarray(fn(*args), np.float64)
+            got[name] = g.sum(0) if name.startswith("df_example") else g
+        k = spec.n_filters
+        ref = got["df_batch_conv"]  # (kh, kw, C, K)
+        for name in ("df_batch_patches", "df_batch_toeplitz"):  # (K, kh kw C) filters first
+            got[name] = got[name].reshape(k, *ref.shape[:3]).transpose(1, 2, 3, 0)
+        return max(float(np.abs(g - ref).max() / np.abs(ref).max()) for g in got.values())
+
+
+def run_point(batch, in_shape, kernel, filters, repeats, min_sample_s) -> dict:
+    import jax
+
+    import jaxbp
+    from jaxbp import tune
+    from jaxbp.per_example import per_example_chunk
+
+    spec = jaxbp.ConvNetSpec(in_shape=in_shape, n_filters=filters, kernel_size=kernel, n_out=10)
+    error = check(jax, spec)
+    if error > 1e-10:  # float64 sums of the same products in other orders: about 1e-15
+        raise RuntimeError(f"the dE/df forms disagree at {spec}: relative difference {error:.1e}")
+    rng = np.random.default_rng(0)
+    params = jaxbp.init_params(jax.random.key(0), spec)
+    x = jax.numpy.asarray(rng.normal(size=(batch, *in_shape)).astype(np.float32))
+    y = jax.numpy.asarray(rng.uniform(size=(batch, 10)).astype(np.float32))
+    args = (params, x, y)
+    chunk = per_example_chunk(spec, batch) or batch
+    delta1 = jax.numpy.asarray(rng.normal(size=(chunk, *spec.h1_shape)).astype(np.float32))
+    jit = lambda fn, **kw: jax.jit(fn, compiler_options=jaxbp.compiler_options(), **kw)  # noqa: E731
+    per_ex = jaxbp.make_per_example_grads(spec)
+    dW = lambda p, x, y: per_example_dW_write(p, y)  # noqa: E731
+    dW_into = jit(lambda p, x, y, out: dW(p, x, y), donate_argnums=3, keep_unused=True)
+    calls = {
+        "batch_grad": tune.timed_calls(
+            jit(lambda p, x, y: jaxbp.manual_value_and_grads(p, x, y, spec)), args
+        ),
+        "per_ex": tune.timed_calls_into(per_ex, args, per_ex(*args)),
+        "batch_forward": tune.timed_calls(jit(lambda p, x, y: batch_forward(p, x, y, spec)), args),
+        "dW_reused": tune.timed_calls_into(dW_into, args, jit(dW)(*args)),
+    }
+    for name, (fn, fn_args) in filter_grads(jax, spec, x[:chunk], delta1).items():
+        calls[name] = tune.timed_calls(fn, fn_args)
+    samples = tune.interleaved_samples(calls, repeats, min_sample_s)
+    ms = {name: 1e3 * statistics.median(v) for name, v in samples.items()}
+    for name in DF_METHODS:  # one chunk, scaled to the batch
+        ms[name] *= batch / chunk
+    fastest = min(DF_METHODS, key=ms.get)
+    b = ms["batch_grad"]
+    return {
+        "point": {"batch": batch, "input": list(in_shape), "kernel": kernel, "filters": filters},
+        "chunk": chunk,
+        "check_rel_error": error,
+        "median_ms": ms,
+        "fastest_df": fastest,
+        "per_ex_over_batch_grad": ms["per_ex"] / b,
+        "floor_over_batch_grad": (ms["batch_forward"] + ms["dW_reused"]) / b,
+        "floor_df_over_batch_grad": (ms["batch_forward"] + ms["dW_reused"] + ms[fastest]) / b,
+    }
+
+
+def markdown(results, info, command, args) -> str:
+    short = {m: m.replace("df_", "").replace("_", " ") for m in DF_METHODS}
+    lines = [
+        "# dE/df's arithmetic beside the floor under per-example gradients",
+        "",
+        f"Command: `{command}`  ",
+        machine_line(info),
+        "",
+        f"Median ms per call of {args.repeats} interleaved samples (float32, VALID, 10 outputs); each "
+        "dE/df form timed on one chunk of `chunk` examples and scaled to the batch. `/b`: over the "
+        "batch gradient. `floor`: `batch_forward` + `dW_reused` (bench.py's `floor/b`); `floor+df`: "
+        "that plus the fastest dE/df form, an estimate of the least per-example gradients can take "
+        "where dE/df runs no faster than here.",
+        "",
+        "| batch | input | k | K | chunk | batch_grad | per_ex | batch_forward | dW_reused | "
+        + " | ".join(short[m] for m in DF_METHODS)
+        + " | fastest | per_ex/b | floor/b | floor+df/b |",
+        "|---" * (13 + len(DF_METHODS)) + "|",
+    ]
+    for r in results:
+        p, m = r["point"], r["median_ms"]
+        lines.append(
+            f"| {p['batch']} | {'x'.join(map(str, p['input']))} | {p['kernel']} | {p['filters']} "
+            f"| {r['chunk']} | "
+            + " | ".join(
+                f"{m[k]:.3g}" for k in ("batch_grad", "per_ex", "batch_forward", "dW_reused", *DF_METHODS)
+            )
+            + f" | {short[r['fastest_df']]} | {r['per_ex_over_batch_grad']:.2f} "
+            f"| {r['floor_over_batch_grad']:.2f} | {r['floor_df_over_batch_grad']:.2f} |"
+        )
+    over = [r for r in results if r["floor_df_over_batch_grad"] > 1.2]
+    met = [r for r in results if r["per_ex_over_batch_grad"] <= 1.2]
+    gap = [r["per_ex_over_batch_grad"] / r["floor_df_over_batch_grad"] for r in results]
+    lines += [
+        "",
+        f"- floor+df over 1.2x at {len(over)} of {len(results)} points; per-example within 1.2x at "
+        f"{len(met)}; per-example over floor+df {np.median(gap):.2f}x (median; "
+        f"{min(gap):.2f}-{max(gap):.2f})",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--points", nargs="+", type=parse_point, default=[parse_point(p) for p in POINTS])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--min-sample-s", type=float, default=0.05)
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.min_sample_s <= 0:
+        parser.error(
+            f"--repeats must be at least 1 and --min-sample-s positive, got {args.repeats} and "
+            f"{args.min_sample_s}"
+        )
+    import jax
+
+    results = []
+    for point in args.points:
+        results.append(run_point(*point, args.repeats, args.min_sample_s))
+        r = results[-1]
+        print(
+            f"{point}: per_ex/b {r['per_ex_over_batch_grad']:.2f} floor/b {r['floor_over_batch_grad']:.2f} "
+            f"floor+df/b {r['floor_df_over_batch_grad']:.2f} ({r['fastest_df']})",
+            file=sys.stderr,
+            flush=True,
+        )
+    info = machine_info(jax, {})
+    info["load_average"] = [round(v, 2) for v in os.getloadavg()]
+    command = script_command(__file__, argv)
+    write_results(
+        args.out, "probe_filter_grad_floor", info, command, results, markdown(results, info, command, args)
+    )
+
+
+if __name__ == "__main__":
+    main()
