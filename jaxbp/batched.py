@@ -615,9 +615,9 @@ def fewer_rows_first(a: jax.Array, b: jax.Array, precision=None) -> jax.Array:
     one with fewer output rows faster where the two sides differ by 2x or more
     (experiments/results/bench_dot_rows.md, ``fewer rows / more rows``, the order alone: 64-128
     examples, the per-example dE/df's shapes): 8 rows against the patches' 25-75 columns in
-    0.51-0.67x the time, 9 against 32 in 0.57x. Nearer a tie it is noise or a small loss (8
-    rows against 9 took 1.13x, and 1.04-1.14x in three runs before; 27 against 32 1.15x,
-    0.94-1.05x before; and with 8 rows first the per-example gradients at batch 32-1024 of
+    0.48-0.67x the time in two runs, 9 against 32 in 0.57-0.61x. Nearer a tie it is noise or a
+    loss (8 rows against 9 took 0.99-1.14x in five runs; 27 against 32 0.94-1.21x in four;
+    and with 8 rows first the per-example gradients at batch 32-1024 of
     28x28x1 with 3x3 and 8 filters, whose patches have 9 columns, took 1.02-1.07x as long
     against the batch gradient as with 9, experiments/results/bench_amd_epyc_floor.md against
     bench_amd_epyc_reuse.md), so there a stays first. Differences under about 15% are within
@@ -761,8 +761,8 @@ def filter_grad_toeplitz(
     instead, the product with fewer output rows, and folded with the indices read the other way
     (XLA lays G out for the fold's dot with a copy, either way). Vmapped, that order alone ran
     in 0.25-0.93x the time of the other with 18-120 slab columns against jb K = 128 (32
-    filters), and 0.59x with 18 against 32 (experiments/results/bench_dot_rows.md); with 8
-    filters and 40-120 slab columns delta1 stays first (its order took 0.82-1.05x the other's).
+    filters; two runs), 0.59-0.68x with 18 against 32 (experiments/results/bench_dot_rows.md);
+    with 8 filters and 40-120 slab columns delta1 stays first (its order: 0.82-1.05x the other's).
     delta1 is padded with zeros to nb jb columns, so the output columns of a padded last block
     (s jb + j >= Wo) contribute nothing.
 
