@@ -23,7 +23,7 @@ per-example gradient, and stand in for the best a per-example dE/df could do.
 
     python experiments/probe_filter_grad_floor.py [--points 256:32x32x3:5:8 ...] [--repeats 5]
 
-Writes experiments/results/probe_filter_grad_floor.{json,md}.
+Writes experiments/results/<--name, probe_filter_grad_floor>.{json,md}.
 """
 
 from __future__ import annotations
@@ -220,6 +220,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--min-sample-s", type=float, default=0.05)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
+    parser.add_argument("--name", default="probe_filter_grad_floor", help="the results' file name stem")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.min_sample_s <= 0:
         parser.error(
@@ -241,9 +242,7 @@ def main(argv=None) -> None:
     info = machine_info(jax, {})
     info["load_average"] = [round(v, 2) for v in os.getloadavg()]
     command = script_command(__file__, argv)
-    write_results(
-        args.out, "probe_filter_grad_floor", info, command, results, markdown(results, info, command, args)
-    )
+    write_results(args.out, args.name, info, command, results, markdown(results, info, command, args))
 
 
 if __name__ == "__main__":
