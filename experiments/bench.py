@@ -476,7 +476,7 @@ def batch_forward(params, x, y, spec):
     (``per_ex_dW_write_reused``), estimates the least time they can take with jaxbp's forward
     forms (a floor for a path whose forward is no faster than the batch step's; it leaves out
     dE/df's arithmetic and the writes of dE/df and dE/db). Run at once rather than one after the
-    other, the batch gradient and that write took 0.88-1.00x the time on the 2-core CPU jaxbp was
+    other, the batch gradient and that write took 0.88-1.02x the time on the 2-core CPU jaxbp was
     measured on (experiments/results/probe_write_overlap.md), so the sum may be a few percent
     high where they could overlap.
     """

@@ -616,7 +616,7 @@ def fewer_rows_first(a: jax.Array, b: jax.Array, precision=None) -> jax.Array:
     (experiments/results/bench_dot_rows.md, ``fewer rows / more rows``, the order alone: 64-128
     examples, the per-example dE/df's shapes): 8 rows against the patches' 25-75 columns in
     0.48-0.67x the time in two runs, 9 against 32 in 0.57-0.61x. Nearer a tie it is noise or a
-    loss (8 rows against 9 took 0.99-1.14x in five runs; 27 against 32 0.94-1.21x in four;
+    loss (8 rows against 9 took 0.99-1.14x in the runs so far, 27 against 32 0.94-1.21x;
     and with 8 rows first the per-example gradients at batch 32-1024 of
     28x28x1 with 3x3 and 8 filters, whose patches have 9 columns, took 1.02-1.07x as long
     against the batch gradient as with 9, experiments/results/bench_amd_epyc_floor.md against

@@ -505,7 +505,7 @@ def test_chunked_sums_in_float32_within_the_float32_error_model(seed):
     O = jaxbp.forward(params64, x64, spec)
     kappa = float(jnp.max(jnp.abs(O) + jnp.abs(y64)) / jnp.max(jnp.abs(O - y64)))
     params, x, y = jax.tree.map(lambda a: a.astype(jnp.float32), (params64, x64, y64))
-    for formulation, g in zip(CHUNKED, chunked_grads_jit(params, x, y, spec)):
+    for formulation, g in zip(CHUNKED, chunked_grads_jit(params, x, y, spec), strict=True):
         chex.assert_trees_all_equal_dtypes(g, params)
         assert tree_relative_error(g, reference) < FLOAT32_PER_KAPPA * kappa, formulation
 
