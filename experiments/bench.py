@@ -480,8 +480,8 @@ def batch_forward(params, x, y, spec):
     measured on (experiments/results/probe_write_overlap.md), so the sum may be a few percent
     high where they could overlap.
     """
+    import jax
     import jax.numpy as jnp
-    from jax import lax
 
     from jaxbp import batched
 
@@ -489,29 +489,12 @@ def batch_forward(params, x, y, spec):
     form = batched.choose_formulation(spec, n, itemsize=x.dtype.itemsize)
     chunk = n if form.chunk is None else min(form.chunk, n)
 
-    def sums(x, y):
+    def add(total, x, y):  # the chunks read as `jaxbp.batched.value_and_grads` reads them
         _, O, delta2, delta1 = batched.slide_terms(params, x, y, spec, form.forward, n)
-        return jnp.stack([0.5 * jnp.sum((O - y) ** 2) / n, jnp.sum(delta1)]), jnp.sum(delta2, axis=0)
+        part = jnp.stack([0.5 * jnp.sum((O - y) ** 2) / n, jnp.sum(delta1)]), jnp.sum(delta2, axis=0)
+        return jax.tree.map(jnp.add, total, part)
 
-    whole = n // chunk
-    # Chunk i as `jaxbp.batched.value_and_grads` reads it: a row of x flattened chunk by chunk.
-    rows = [a[: whole * chunk].reshape(whole, -1) for a in (x, y)]
-
-    def add(i, total):
-        x_i, y_i = (
-            lax.dynamic_index_in_dim(r, i, keepdims=False, allow_negative_indices=False).reshape(
-                chunk, *a.shape[1:]
-            )
-            for r, a in zip(rows, (x, y))
-        )
-        part = sums(x_i, y_i)
-        return total[0] + part[0], total[1] + part[1]
-
-    total = lax.fori_loop(0, whole, add, (jnp.zeros(2, x.dtype), jnp.zeros(y.shape[1], x.dtype)))
-    if whole * chunk < n:
-        part = sums(x[whole * chunk :], y[whole * chunk :])
-        total = total[0] + part[0], total[1] + part[1]
-    return total
+    return batched.add_chunks(add, (jnp.zeros(2, x.dtype), jnp.zeros(y.shape[1], x.dtype)), x, y, chunk)
 
 
 def per_example_without_filter_grad(params, x, y, spec):

@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from fractions import Fraction
 from typing import Literal
 from typing import NamedTuple
@@ -940,6 +941,40 @@ def untranspose(sums: Params, spec: ConvNetSpec) -> Params:
     return Params(f=f, W=sums.W.T, b=sums.b)
 
 
+def add_chunks(add: Callable, total, x: jax.Array, y: jax.Array, chunk: int):
+    """`total` after ``total = add(total, x_chunk, y_chunk)`` for each chunk of `chunk` examples of
+    x and y in turn, in a `lax.fori_loop` over the whole chunks, then the remainder (n not a
+    multiple of chunk) as one more, smaller chunk.
+
+    The whole chunks are rows of x (and of y) flattened chunk by chunk, indexed by the loop.
+    Scanning over x as (whole, chunk, H, W, C) made XLA copy all of x first where C = 1 (the
+    layouts it gave the unit axis differed), and slicing x at i chunk made the kernels that read
+    the slice slower (the step 1.14-1.28x at batch 256 and 1024 of 32x32x3 with 3x3, one
+    filter); a row of a matrix does neither. (With a remainder, x's whole chunks are still
+    copied out once, as the scan did.) No negative indices: JAX's wrap of them puts a select
+    into every kernel that reads the row, and the step took 1.16-1.19x as long with it at those
+    two points (standalone timings, not committed).
+    """
+    n = x.shape[0]
+    whole = n // chunk
+    x_rows = x[: whole * chunk].reshape(whole, -1)
+    y_rows = y[: whole * chunk].reshape(whole, -1)
+
+    def add_whole_chunk(i, total):
+        x_chunk, y_chunk = (
+            lax.dynamic_index_in_dim(rows, i, keepdims=False, allow_negative_indices=False).reshape(
+                chunk, *a.shape[1:]
+            )
+            for rows, a in ((x_rows, x), (y_rows, y))
+        )
+        return add(total, x_chunk, y_chunk)
+
+    total = lax.fori_loop(0, whole, add_whole_chunk, total)
+    if whole * chunk < n:
+        total = add(total, x[whole * chunk :], y[whole * chunk :])
+    return total
+
+
 def value_and_grads(
     params: Params,
     x: jax.Array,
@@ -981,7 +1016,6 @@ def value_and_grads(
     if chunk == n:
         E, sums = chunk_sums(params, x, y, spec, form, n, contract_channels=contract_channels)
         return E, untranspose(sums, spec)
-    whole = n // chunk
 
     # The loop carries two arrays: (dE/dW)^T, and E, dE/df and dE/db laid end to end in one
     # vector. Each chunk adds into them with two fused kernels, started from two broadcasts of
@@ -999,26 +1033,6 @@ def value_and_grads(
         E_f_b, W = total
         return E_f_b + jnp.concatenate([E[None], part.f.ravel(), part.b]), W + part.W
 
-    # The whole chunks, each a row of x (and of y) flattened chunk by chunk, indexed by the
-    # loop. Scanning over x as (whole, chunk, H, W, C) made XLA copy all of x first where C = 1
-    # (the layouts it gave the unit axis differed), and slicing x at i chunk made the kernels
-    # that read the slice slower (the step 1.14-1.28x at batch 256 and 1024 of 32x32x3 with 3x3,
-    # one filter); a row of a matrix does neither. (With a remainder, n not a multiple of chunk,
-    # x's whole chunks are still copied out once, as the scan did.) No negative indices: JAX's
-    # wrap of them puts a select into every kernel that reads the row, and the step took
-    # 1.16-1.19x as long with it at those two points (standalone timings, not committed).
-    x_rows = x[: whole * chunk].reshape(whole, -1)
-    y_rows = y[: whole * chunk].reshape(whole, -1)
-
-    def add_whole_chunk(i, total):
-        x_chunk, y_chunk = (
-            lax.dynamic_index_in_dim(rows, i, keepdims=False, allow_negative_indices=False).reshape(
-                chunk, *a.shape[1:]
-            )
-            for rows, a in ((x_rows, x), (y_rows, y))
-        )
-        return add_chunk(total, x_chunk, y_chunk)
-
     # The zeros are typed like the chunks' sums: zeros_like keeps an array's varying mesh axes,
     # so under `jax.shard_map` (`jaxbp.parallel`) the zeros vary over the axes the shard of x and
     # the params vary over, as the sums do (the loop requires equal carry types). That relies on
@@ -1026,10 +1040,7 @@ def value_and_grads(
     # shards over one chunk, and fails if it stops holding.
     zero = jnp.zeros_like(x, shape=()) + jnp.zeros_like(params.f, shape=())
     zeros = (jnp.zeros(offsets[-1], x.dtype) + zero, jnp.zeros(params.W.T.shape, x.dtype) + zero)
-    total = lax.fori_loop(0, whole, add_whole_chunk, zeros)
-    if whole * chunk < n:  # the remainder, n not a multiple of chunk: one more, smaller chunk
-        total = add_chunk(total, x[whole * chunk :], y[whole * chunk :])
-    E_f_b, W = total
+    E_f_b, W = add_chunks(add_chunk, zeros, x, y, chunk)
     E, f, b = (E_f_b[a:z].reshape(shape) for a, z, shape in zip(offsets[:-1], offsets[1:], shapes))
     return E, untranspose(Params(f=f, W=W, b=b), spec)
 
