@@ -401,13 +401,15 @@ def jax_methods(
     chosen: None, or the formulation `choose_formulation` picks for the point (of batch size
     `batch`); then every other formulation of the manual step is added too, a chunk of at least
     the batch counted once, as the whole batch.
-    forms: the forms paired with --formulations (None: all of `jaxbp.batched.FORMS`).
+    forms: the forms paired with --formulations (None: all of `jaxbp.conv_forms.FORMS`).
     chunks: the chunks the pick is also timed at with --formulations, besides the whole batch.
     variants: also the variants of the steps that were measured and not adopted (`variant_methods`).
     """
     import optax
 
     from jaxbp import batched
+    from jaxbp import conv_forms
+    from jaxbp import formulations
     from jaxbp.autodiff import value_and_autodiff_grads_example
     from jaxbp.backward import value_and_manual_grads_example
 
@@ -439,9 +441,9 @@ def jax_methods(
     if chosen is not None:
         # Every pair of forms at the chunk the rule picks, and the rule's forms at other chunks.
         # XLA's conv for dE/df in the rule's parts wherever it appears (one on other backends).
-        parts = batched.conv_filter_grad_parts(batch)
-        pairs = itertools.product(forms or batched.FORMS, forms or batched.FORMS)
-        timed = [batched.Formulation(f, g, chosen.chunk, parts) for f, g in pairs]  # parts: conv only
+        parts = formulations.conv_filter_grad_parts(batch)
+        pairs = itertools.product(forms or conv_forms.FORMS, forms or conv_forms.FORMS)
+        timed = [formulations.Formulation(f, g, chosen.chunk, parts) for f, g in pairs]  # parts: conv only
         timed.append(chosen)  # the pick itself, also where --forms leaves its pair out
         timed += [chosen._replace(chunk=c) for c in (None, *chunks) if c != chosen.chunk]
         if chosen.filter_grad == "conv" and batch > 1:
@@ -484,9 +486,10 @@ def batch_forward(params, x, y, spec):
     import jax.numpy as jnp
 
     from jaxbp import batched
+    from jaxbp import formulations
 
     n = x.shape[0]
-    form = batched.choose_formulation(spec, n, itemsize=x.dtype.itemsize)
+    form = formulations.choose_formulation(spec, n, itemsize=x.dtype.itemsize)
     chunk = n if form.chunk is None else min(form.chunk, n)
 
     def add(total, x, y):  # the chunks read as `jaxbp.batched.value_and_grads` reads them
@@ -507,15 +510,17 @@ def per_example_without_filter_grad(params, x, y, spec):
     import jax.numpy as jnp
 
     from jaxbp import batched
+    from jaxbp import conv_forms
+    from jaxbp import formulations
 
-    form = batched.per_example_formulation(spec, x.shape[0], itemsize=x.dtype.itemsize)
+    form = formulations.per_example_formulation(spec, x.shape[0], itemsize=x.dtype.itemsize)
     if form.forward == "taps":  # the whole batch's terms at once; jit drops the unused dE/df
         grads = batched.per_example_grads_taps(params, x, y, spec)
         return grads.W, grads.b
 
     def example(xy):  # one example, as `jaxbp.batched.value_and_grads_example` runs it
         x, y = xy
-        h1 = jax.nn.sigmoid(batched.conv_forward(x[None], params.f, spec, form.forward).reshape(-1))
+        h1 = jax.nn.sigmoid(conv_forms.conv_forward(x[None], params.f, spec, form.forward).reshape(-1))
         o = jax.nn.sigmoid(jnp.dot(h1, params.W, precision=spec.precision) + params.b)
         delta2 = (o - y) * o * (1 - o)  # dE/dZ2; dE/db is delta2 itself
         return jnp.outer(h1, delta2), delta2  # dE/dW = H1 delta2^T
@@ -1565,7 +1570,7 @@ def main(argv=None) -> None:
     from tqdm import tqdm
 
     import jaxbp
-    from jaxbp.batched import FORMS
+    from jaxbp.conv_forms import FORMS
 
     if args.forms and not set(args.forms) <= set(FORMS):
         raise SystemExit(f"--forms must be among {FORMS}, got {args.forms}")

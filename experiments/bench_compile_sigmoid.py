@@ -69,6 +69,7 @@ def main(argv=None) -> None:
 
     import jaxbp
     from jaxbp import batched
+    from jaxbp import formulations
 
     options = jaxbp.compiler_options()
     ops = {"sigmoid": jax.nn.sigmoid, "tanh": jnp.tanh, "exp": jnp.exp}
@@ -98,7 +99,7 @@ def main(argv=None) -> None:
             jax.lax.optimization_barrier = barrier
         autodiff_grad = lambda p, x, y, spec=spec: jaxbp.autodiff_value_and_grads(p, x, y, spec)  # noqa: E731
         autodiff = compile_s(jax, autodiff_grad, (params, x, y), args.repeats, options)
-        form = batched.choose_formulation(spec, batch)
+        form = formulations.choose_formulation(spec, batch)
         steps.append(
             {
                 "point": {"batch": batch, "input": list(in_shape), "kernel": kernel, "filters": filters},

@@ -2,9 +2,9 @@
 
 Per example, dE/df contracts the patches (or the Toeplitz slabs) with delta1 over the output
 positions: (M, p) by (M, q), vmapped over a chunk of examples into one batched dot. XLA's CPU
-runs the two orders at different speeds; `jaxbp.batched.fewer_rows_first` takes the one with
+runs the two orders at different speeds; `jaxbp.conv_forms.fewer_rows_first` takes the one with
 fewer output rows for the patches where the other has twice as many, and
-`jaxbp.batched.filter_grad_toeplitz` the one with fewer rows for the slabs. This times both at
+`jaxbp.conv_forms.filter_grad_toeplitz` the one with fewer rows for the slabs. This times both at
 the shapes of the benchmark grid, interleaved.
 
     python experiments/bench_dot_rows.py [--repeats 7]
@@ -52,7 +52,7 @@ def run_shape(n, m, p, q, repeats) -> dict:
     from jax import lax
 
     import jaxbp
-    from jaxbp import batched
+    from jaxbp import conv_forms
     from jaxbp import tune
 
     a = jax.random.normal(jax.random.key(0), (n, m, p), np.float32)
@@ -62,7 +62,7 @@ def run_shape(n, m, p, q, repeats) -> dict:
     fns = {
         "a_first": jit(lambda a, b: lax.dot_general(a, b, batch_dims)),  # (n, p, q)
         "b_first": jit(lambda a, b: lax.dot_general(b, a, batch_dims)),  # (n, q, p)
-        "fewer_rows_first": jit(jax.vmap(batched.fewer_rows_first)),  # (n, p, q)
+        "fewer_rows_first": jit(jax.vmap(conv_forms.fewer_rows_first)),  # (n, p, q)
     }
     ref = np.asarray(fns["a_first"](a, b))
     errors = {
@@ -108,7 +108,7 @@ def markdown(results, info, command, args) -> str:
         "",
         f"Median ms of {args.repeats} interleaved samples (float32). `a first`: the (n, p, q) product, p "
         "output rows per example; `b first`: (n, q, p); `fewer rows first`: "
-        "`jaxbp.batched.fewer_rows_first` vmapped (the (n, p, q) result either way: b first and a "
+        "`jaxbp.conv_forms.fewer_rows_first` vmapped (the (n, p, q) result either way: b first and a "
         "transpose where a has at least twice b's columns); `fewer rows / more rows`: the order with "
         "min(p, q) rows over the other. The patches' product was a first before fewer_rows_first; the "
         "Toeplitz form computes the order with fewer rows (filter_grad_toeplitz).",

@@ -1,6 +1,6 @@
 """Where dE/df's time goes in the Toeplitz step: one chunk's copies, dots and conv, timed apart.
 
-With the Toeplitz form (`jaxbp.batched`: below 8 filters but the taps' one filter on few
+With the Toeplitz form (`jaxbp.formulations`: below 8 filters but the taps' one filter on few
 channels, and 5x5 from 8 on) each chunk of m examples builds R, the row slabs (M' = m Ho nb
 rows of kh span C numbers), and computes
 
@@ -54,17 +54,17 @@ METHODS = ("build_R", "build_RT", "forward", "df_TN", "df_NN", "df_conv", "matmu
 def toeplitz_rows_transposed(x, spec):
     r"""R^T: ``RT[(a, w, c), (n, i, s)] = X_pad[n, a d_h + i s_h, s j_b s_w + w, c]``, written in
     that layout from x (transposed first, a few numbers per output position), in the same two
-    steps as `jaxbp.batched.toeplitz_rows`: the input columns grouped g = jb s_w at a time and
+    steps as `jaxbp.conv_forms.toeplitz_rows`: the input columns grouped g = jb s_w at a time and
     laid side by side, then the kh row slices."""
     import jax.numpy as jnp
     from jax import lax
 
-    from jaxbp import batched
+    from jaxbp import conv_forms
 
     (kh, _), (sh, sw), (dh, _) = spec.kernel_size, spec.stride, spec.dilation
     ho = spec.h1_shape[0]
-    jb, nb, span = batched.toeplitz_blocks(spec)
-    groups = batched.toeplitz_column_groups(x, spec)  # (n, hp, nb + nt - 1, g c)
+    jb, nb, span = conv_forms.toeplitz_blocks(spec)
+    groups = conv_forms.toeplitz_column_groups(x, spec)  # (n, hp, nb + nt - 1, g c)
     n, hp, q, _ = groups.shape
     g, c, nt = jb * sw, x.shape[-1], q - nb + 1
     # xg[v, c, n, r, q] = X_pad[n, r, q g + v, c]
@@ -77,17 +77,17 @@ def toeplitz_rows_transposed(x, spec):
 
 
 def filter_grad_from_transposed(rows_t, delta1, spec):
-    """dE/df (K, kh kw C) as `jaxbp.batched.filter_grad_toeplitz` folds it, from G^T = R^T delta1."""
+    """dE/df (K, kh kw C) as `jaxbp.conv_forms.filter_grad_toeplitz` folds it, from G^T = R^T delta1."""
     import jax.numpy as jnp
 
-    from jaxbp import batched
+    from jaxbp import conv_forms
 
     kh, _ = spec.kernel_size
     ho, wo, k = spec.h1_shape
-    jb, nb, span = batched.toeplitz_blocks(spec)
+    jb, nb, span = conv_forms.toeplitz_blocks(spec)
     d1 = jnp.pad(delta1, ((0, 0), (0, 0), (0, nb * jb - wo), (0, 0))).reshape(-1, jb * k)
     Gt = jnp.dot(rows_t, d1, precision=spec.precision).reshape(kh, span, -1, jb, k)
-    S = batched.toeplitz_selection(spec, Gt.dtype)
+    S = conv_forms.toeplitz_selection(spec, Gt.dtype)
     return jnp.einsum("bwj,awcjk->kabc", S, Gt, precision=spec.precision).reshape(k, -1)
 
 
@@ -95,28 +95,29 @@ def methods(jax, jaxbp, spec):
     """The timed functions of one chunk of m examples, each jitted with jaxbp's options, and
     their arguments' builder."""
     from jaxbp import batched
+    from jaxbp import conv_forms
 
     jit = lambda fn: jax.jit(fn, compiler_options=jaxbp.compiler_options())  # noqa: E731
     transposed = lambda f: batched.filters_first(f)  # noqa: E731
     return {
-        "build_R": jit(lambda x, R, RT, d1, f: batched.toeplitz_rows(x, spec)),
+        "build_R": jit(lambda x, R, RT, d1, f: conv_forms.toeplitz_rows(x, spec)),
         "build_RT": jit(lambda x, R, RT, d1, f: toeplitz_rows_transposed(x, spec)),
-        "forward": jit(lambda x, R, RT, d1, f: batched.conv_forward_toeplitz(R, f, spec)),
-        "df_TN": jit(lambda x, R, RT, d1, f: batched.filter_grad_toeplitz(R, d1, spec, True)),
+        "forward": jit(lambda x, R, RT, d1, f: conv_forms.conv_forward_toeplitz(R, f, spec)),
+        "df_TN": jit(lambda x, R, RT, d1, f: conv_forms.filter_grad_toeplitz(R, d1, spec, True)),
         "df_NN": jit(lambda x, R, RT, d1, f: filter_grad_from_transposed(RT, d1, spec)),
-        "df_conv": jit(lambda x, R, RT, d1, f: transposed(batched.filter_grad_conv(x, d1, spec))),
+        "df_conv": jit(lambda x, R, RT, d1, f: transposed(conv_forms.filter_grad_conv(x, d1, spec))),
     }
 
 
 def arguments(jax, spec, m, dtype):
     """(x, R, R^T, delta1, f) of one chunk, random."""
-    from jaxbp import batched
+    from jaxbp import conv_forms
 
     kx, kd, kf = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (m, *spec.in_shape), dtype)
     delta1 = jax.random.normal(kd, (m, *spec.h1_shape), dtype)
     f = jax.random.normal(kf, (*spec.kernel_size, spec.in_shape[2], spec.n_filters), dtype)
-    return x, batched.toeplitz_rows(x, spec), toeplitz_rows_transposed(x, spec), delta1, f
+    return x, conv_forms.toeplitz_rows(x, spec), toeplitz_rows_transposed(x, spec), delta1, f
 
 
 def check(jax, jaxbp, spec) -> dict:
@@ -138,7 +139,7 @@ def run_point(jax, jaxbp, in_shape, filters, batch, args) -> dict:
     import jax.numpy as jnp
 
     spec = jaxbp.ConvNetSpec(in_shape=in_shape, n_filters=filters, kernel_size=5, n_out=10)
-    form = jaxbp.batched.choose_formulation(spec, batch)
+    form = jaxbp.formulations.choose_formulation(spec, batch)
     if form.forward != "toeplitz":
         raise SystemExit(f"{in_shape}, {filters} filters, batch {batch}: the step uses {form}, not Toeplitz")
     errors = check(jax, jaxbp, spec)
@@ -165,7 +166,7 @@ def run_point(jax, jaxbp, in_shape, filters, batch, args) -> dict:
             jax.block_until_ready(out)
             samples[name].append((time.perf_counter() - start) / args.calls)
     times = {name: summarize(s) for name, s in samples.items()}
-    jb, nb, span = jaxbp.batched.toeplitz_blocks(spec)
+    jb, nb, span = jaxbp.conv_forms.toeplitz_blocks(spec)
     rows = m * spec.h1_shape[0] * nb
     dot_flop = 2 * rows * spec.kernel_size[0] * span * spec.in_shape[2] * jb * filters
     return {

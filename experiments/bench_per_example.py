@@ -1,8 +1,8 @@
 """Per-example gradients with one filter: the shipped batch-wide path against the vmapped one.
 
 `jaxbp.per_example_manual_grads` computes, after the taps forward (one filter on fewer than 8
-channels, `jaxbp.batched.per_example_formulation`), the slides' terms of the whole batch at once
-and dE/df per example by `jaxbp.batched.filter_grad_rows`: for each tap, the sum over output rows
+channels, `jaxbp.formulations.per_example_formulation`), the slides' terms of the whole batch at once
+and dE/df per example by `jaxbp.conv_forms.filter_grad_rows`: for each tap, the sum over output rows
 written out as one fused elementwise loop. Before, it vmapped the manual backward of one example
 (the Toeplitz form's dE/df, batched dots), over the whole batch or under `lax.map` in chunks past a
 working set. This script times, for each point (float32, VALID, 10 outputs), interleaved round by
@@ -60,10 +60,11 @@ def methods(jax, jaxbp, spec, batch, itemsize, chunk=None):
     from jax import lax
 
     from jaxbp import batched
+    from jaxbp import formulations
 
     jit = lambda fn: jax.jit(fn, compiler_options=jaxbp.compiler_options())  # noqa: E731
-    form = batched.per_example_formulation(spec, batch, itemsize=itemsize)
-    chunk = chunk or batched.working_set_chunk(spec, batch, itemsize) or batch
+    form = formulations.per_example_formulation(spec, batch, itemsize=itemsize)
+    chunk = chunk or formulations.working_set_chunk(spec, batch, itemsize) or batch
 
     def example(p):
         return lambda xy: batched.value_and_grads_example(p, *xy, spec, formulation=form)[1]
@@ -120,7 +121,7 @@ def point_spec(jaxbp, in_shape, kernel, filters):
     import jax
 
     spec = jaxbp.ConvNetSpec(in_shape=in_shape, n_filters=filters, kernel_size=kernel, n_out=10)
-    form = jaxbp.batched.per_example_formulation(spec, 2)  # the taps' choice is the batch's any
+    form = jaxbp.formulations.per_example_formulation(spec, 2)  # the taps' choice is the batch's any
     if form.forward != "taps":
         raise SystemExit(
             f"{'x'.join(map(str, in_shape))}, {kernel}x{kernel}, {filters} filters: the per-example "
@@ -131,7 +132,8 @@ def point_spec(jaxbp, in_shape, kernel, filters):
 
 
 def run_point(jax, jaxbp, in_shape, kernel, filters, batch, args) -> dict:
-    from jaxbp import batched
+    from jaxbp import conv_forms
+    from jaxbp import formulations
 
     spec = point_spec(jaxbp, in_shape, kernel, filters)
     error = check(jax, jaxbp, spec)
@@ -143,9 +145,9 @@ def run_point(jax, jaxbp, in_shape, kernel, filters, batch, args) -> dict:
     samples = jaxbp.tune.interleaved_samples(calls, args.repeats, args.min_sample_s, args.warm_calls)
     return {
         "point": {"input": list(in_shape), "kernel": kernel, "filters": filters, "batch": batch},
-        "chunk": batched.working_set_chunk(spec, batch, 4),
-        "unrolled_terms": batched.rows_terms(spec),
-        "unrolled": batched.rows_terms(spec) <= batched.PER_EXAMPLE_UNROLLED_MAX_TERMS,
+        "chunk": formulations.working_set_chunk(spec, batch, 4),
+        "unrolled_terms": conv_forms.rows_terms(spec),
+        "unrolled": conv_forms.rows_terms(spec) <= conv_forms.PER_EXAMPLE_UNROLLED_MAX_TERMS,
         "check_rel_error": error,
         "times": {name: summarize(s) for name, s in samples.items()},
     }
@@ -232,7 +234,7 @@ def main(argv=None) -> None:
         print(f"done {in_shape} {kernel} {filters} {batch}", file=sys.stderr, flush=True)
     info = machine_info(jax, {})
     info["load_average"] = [round(v, 2) for v in os.getloadavg()]
-    info["max_terms"] = jaxbp.batched.PER_EXAMPLE_UNROLLED_MAX_TERMS
+    info["max_terms"] = jaxbp.conv_forms.PER_EXAMPLE_UNROLLED_MAX_TERMS
     info["warm_calls"] = args.warm_calls
     command = script_command(__file__, argv)
     write_results(args.out, args.name, info, command, results, markdown(results, info, command))

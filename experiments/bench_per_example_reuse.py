@@ -61,7 +61,7 @@ def calls(jax, jaxbp, spec, args):
     dW = lambda p, x, y: per_example_dW_write(p, y)  # noqa: E731
     dW_into = jit(lambda p, x, y, out: dW(p, x, y), donate_argnums=3, keep_unused=True)
     whole = jaxbp.make_per_example_grads(spec, chunk=None)
-    chunk = jaxbp.batched.working_set_chunk(spec, args[1].shape[0], args[1].dtype.itemsize)
+    chunk = jaxbp.formulations.working_set_chunk(spec, args[1].shape[0], args[1].dtype.itemsize)
     out = {
         "batch_grad": tune.timed_calls(batch, args),
         "fresh": tune.timed_calls(fresh, args),
@@ -106,7 +106,7 @@ def run_point(jax, jaxbp, in_shape, kernel, filters, batch, args) -> dict:
     samples = jaxbp.tune.interleaved_samples(fns, args.repeats, args.min_sample_s, args.warm_calls)
     return {
         "point": {"input": list(in_shape), "kernel": kernel, "filters": filters, "batch": batch},
-        "chunk": jaxbp.batched.working_set_chunk(spec, batch, 4),
+        "chunk": jaxbp.formulations.working_set_chunk(spec, batch, 4),
         "rule_chunk": jaxbp.per_example.per_example_chunk(spec, batch, 4),
         "dW_bytes": 4 * batch * math.prod(spec.h1_shape) * spec.n_out,
         "check_rel_error": error,

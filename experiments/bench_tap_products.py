@@ -1,7 +1,7 @@
 """The taps forward with the input channels contracted first, against the per-channel loop.
 
 With one filter on few channels the batch step's forward is the taps' shift-and-add, which
-XLA fuses with the sigmoid into one elementwise loop (`jaxbp.batched.conv_forward_taps`). Per
+XLA fuses with the sigmoid into one elementwise loop (`jaxbp.conv_forms.conv_forward_taps`). Per
 channel, that loop has kh*kw*C terms; from `TAPS_CONTRACT_CHANNELS_FROM` channels on it has
 kh*kw, over U = X_pad f, each pixel's products with every tap (one small matmul,
 `conv_forward_tap_products`). This script times, interleaved round by round, the jitted update
@@ -46,16 +46,16 @@ def step_and_args(jax, jaxbp, spec, batch: int, grads: str, contract_from: int |
     shipped)."""
     import jax.numpy as jnp
 
-    from jaxbp import batched
+    from jaxbp import conv_forms
 
     params = jaxbp.init_params(jax.random.key(0), spec)
     x = jax.random.normal(jax.random.key(1), (batch, *spec.in_shape), jnp.float32)
     y = jax.random.uniform(jax.random.key(2), (batch, spec.n_out), jnp.float32)
     optimizer = jaxbp.sgd(0.1)
     args = (params, optimizer.init(params), x, y)
-    shipped = batched.TAPS_CONTRACT_CHANNELS_FROM
+    shipped = conv_forms.TAPS_CONTRACT_CHANNELS_FROM
     if contract_from is not None:
-        batched.TAPS_CONTRACT_CHANNELS_FROM = contract_from
+        conv_forms.TAPS_CONTRACT_CHANNELS_FROM = contract_from
     try:
         step = jaxbp.make_update_step(spec, optimizer, grads=grads)
         start = time.perf_counter()
@@ -63,7 +63,7 @@ def step_and_args(jax, jaxbp, spec, batch: int, grads: str, contract_from: int |
         compiled = lowered.compile()
         seconds = time.perf_counter() - start
     finally:
-        batched.TAPS_CONTRACT_CHANNELS_FROM = shipped
+        conv_forms.TAPS_CONTRACT_CHANNELS_FROM = shipped
     return compiled, args, seconds, lowered.as_text().count("dot_general")
 
 
@@ -91,7 +91,8 @@ def main(argv=None) -> None:
     import jax
 
     import jaxbp
-    from jaxbp import batched
+    from jaxbp import conv_forms
+    from jaxbp import formulations
     from jaxbp.tune import interleaved_samples
     from jaxbp.tune import timed_calls
 
@@ -100,7 +101,7 @@ def main(argv=None) -> None:
         spec = jaxbp.ConvNetSpec(
             in_shape=(args.size, args.size, c), n_filters=1, kernel_size=kernel, n_out=10
         )
-        form = batched.choose_formulation(spec, batch)
+        form = formulations.choose_formulation(spec, batch)
         variants = {
             "products": ("manual", 1),
             "per_channel": ("manual", c + 1),
@@ -164,7 +165,7 @@ def main(argv=None) -> None:
         "filter, 10 outputs, VALID, float32. `products`: the manual step with the channels "
         "contracted first (U = X_pad f, then kh*kw terms); `per_channel`: with the kh*kw*C-term loop; "
         "the step as shipped is `products` from TAPS_CONTRACT_CHANNELS_FROM = "
-        f"{batched.TAPS_CONTRACT_CHANNELS_FROM} channels on. `autodiff`: the jax.grad step. `pc/pr`: "
+        f"{conv_forms.TAPS_CONTRACT_CHANNELS_FROM} channels on. `autodiff`: the jax.grad step. `pc/pr`: "
         "per_channel over products (> 1: the products faster). Compile: seconds, the fastest of "
         f"{args.compile_repeats}. `diff`: the "
         "largest difference of the two manual steps' updated params, relative to each leaf's largest. "

@@ -9,8 +9,6 @@ from jaxbp.backward import chain_terms
 from jaxbp.backward import manual_grads
 from jaxbp.backward import manual_value_and_grads
 from jaxbp.backward import per_example_manual_grads
-from jaxbp.batched import Formulation
-from jaxbp.batched import choose_formulation
 from jaxbp.check import GradCheckReport
 from jaxbp.check import compare_grads
 from jaxbp.checkpoint import load_checkpoint
@@ -21,6 +19,8 @@ from jaxbp.data import load_digits
 from jaxbp.data import load_idx
 from jaxbp.data import make_task
 from jaxbp.data import read_idx
+from jaxbp.formulations import Formulation
+from jaxbp.formulations import choose_formulation
 from jaxbp.layers import AvgPool
 from jaxbp.layers import Conv2D
 from jaxbp.layers import Conv2DParams

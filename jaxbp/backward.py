@@ -127,7 +127,7 @@ def per_example_manual_grads(params: Params, x: jax.Array, y: jax.Array, spec: C
     For a `jaxbp.Network`, its `per_example_manual_grads`.
 
     `jaxbp.batched.per_example_grads`: after the taps forward (one filter) the slides' terms of
-    the whole batch at once, dE/df by `jaxbp.batched.filter_grad_rows`; otherwise `jax.vmap` of
+    the whole batch at once, dE/df by `jaxbp.conv_forms.filter_grad_rows`; otherwise `jax.vmap` of
     `jaxbp.batched` of a batch of one (patches or Toeplitz slabs, which vmap into batched dots,
     not grouped convolutions). Equal to vmapping `value_and_manual_grads_example` (tested in
     tests/test_batched.py).

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbp import batched
+from jaxbp import formulations
 from jaxbp import model
 from jaxbp.backward import per_example_manual_grads
 from jaxbp.compile_options import compiler_options as default_compiler_options
@@ -64,9 +64,9 @@ FRESH_PAGES_FROM = 32 * 2**20
 
 
 def per_example_chunk(spec: ConvNetSpec | Network, batch: int, itemsize: int = 4) -> int | None:
-    """Examples per chunk for the slides' network on the CPU: `jaxbp.batched.working_set_chunk`'s
+    """Examples per chunk for the slides' network on the CPU: `jaxbp.formulations.working_set_chunk`'s
     (about 16 MB of temporaries) where the whole batch's would pass `FRESH_PAGES_FROM`
-    (`jaxbp.batched.temporaries_per_example`), except after the taps forward (one filter on few
+    (`jaxbp.formulations.temporaries_per_example`), except after the taps forward (one filter on few
     channels); else None, the whole batch. None for a `Network` and off the CPU.
 
     Measured with the output reused (experiments/results/bench_per_example_reuse.md, AMD EPYC):
@@ -81,11 +81,11 @@ def per_example_chunk(spec: ConvNetSpec | Network, batch: int, itemsize: int = 4
     """
     if isinstance(spec, Network) or jax.default_backend() != "cpu":
         return None
-    if batched.per_example_formulation(spec, batch, itemsize=itemsize).forward == "taps":
+    if formulations.per_example_formulation(spec, batch, itemsize=itemsize).forward == "taps":
         return None
-    if batch * batched.temporaries_per_example(spec, itemsize) <= FRESH_PAGES_FROM:
+    if batch * formulations.temporaries_per_example(spec, itemsize) <= FRESH_PAGES_FROM:
         return None
-    return batched.working_set_chunk(spec, batch, itemsize=itemsize)
+    return formulations.working_set_chunk(spec, batch, itemsize=itemsize)
 
 
 def grads_into(fn: Callable, params, x: jax.Array, y: jax.Array, out, chunk: int | None):

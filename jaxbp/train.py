@@ -11,6 +11,7 @@ import optax
 from jax.sharding import Mesh
 
 from jaxbp import batched
+from jaxbp import formulations
 from jaxbp import model
 from jaxbp import network as network_module
 from jaxbp.compile_options import OptionsJit
@@ -71,7 +72,7 @@ def make_update_step(
     mesh: Mesh | None = None,
     batch_axis: str | None = None,
     compiler_options: dict[str, object] | None = None,
-    formulation: batched.Formulation | None = None,
+    formulation: formulations.Formulation | None = None,
 ):
     """Build the jitted update step for the slides' network `spec`, or any layer `Network`.
 
@@ -142,7 +143,7 @@ def make_update_step(
                 f"got grads={grads!r} and a {type(spec).__name__}"
             )
         value_and_grads = functools.partial(
-            batched.value_and_grads, formulation=batched.check_formulation(formulation)
+            batched.value_and_grads, formulation=formulations.check_formulation(formulation)
         )
     mean_fn = lambda params, x, y: value_and_grads(params, x, y, spec)  # noqa: E731
     if mesh is not None:

@@ -1,6 +1,6 @@
 """Choosing the batch step's formulation by timing the candidates on this machine.
 
-`jaxbp.batched.choose_formulation` is a rule fitted to measurements on one 2-core Intel Xeon. On a
+`jaxbp.formulations.choose_formulation` is a rule fitted to measurements on one 2-core Intel Xeon. On a
 2-core AMD EPYC the same programs ranked differently: chunks of 32 examples were the fastest at
 most 8- and 32-filter points of batch 256 and 1024, where the rule's chunk took 1.23-1.51x the
 best time at 6 of 8 batch-1024 points (experiments/PERFORMANCE.md, "On a second CPU"). Which
@@ -36,9 +36,10 @@ import jaxlib
 import numpy as np
 
 from jaxbp import batched
+from jaxbp import formulations
 from jaxbp import machine
-from jaxbp.batched import Formulation
 from jaxbp.compile_options import compiler_options as default_compiler_options
+from jaxbp.formulations import Formulation
 from jaxbp.params import init_params
 from jaxbp.spec import ConvNetSpec
 
@@ -50,7 +51,7 @@ from jaxbp.spec import ConvNetSpec
 CANDIDATE_CHUNKS = (16, 32, 64, 128)
 WHOLE_BATCH_MAX = 256
 # And these pairs of forms at the rule's chunk: the fastest pair other than the rule's was most
-# often the Toeplitz or patches pair, or XLA's conv (`batched`'s measurements); conv/conv is what
+# often the Toeplitz or patches pair, or XLA's conv (`jaxbp.formulations`' measurements); conv/conv is what
 # jax.grad's step runs, and is tried for the batch-1 points where the rule was behind jax.grad.
 CANDIDATE_PAIRS = (("toeplitz", "toeplitz"), ("patches", "patches"), ("conv", "conv"))
 MAX_INNER = 1 << 16  # calls per timed sample at most
@@ -94,11 +95,11 @@ def candidate_formulations(
     """The formulations `tune_formulation` times by default, the rule's pick first: its forms at
     each of `CANDIDATE_CHUNKS` below the batch (and the whole batch up to `WHOLE_BATCH_MAX`), then
     each of `CANDIDATE_PAIRS` at the pick's chunk (XLA's conv for dE/df in the rule's parts for
-    this batch and backend, `batched.conv_filter_grad_parts`): 3-9 formulations, 4-8 on the
+    this batch and backend, `formulations.conv_filter_grad_parts`): 3-9 formulations, 4-8 on the
     benchmark's grid."""
     positive_int(batch, "batch")
-    rule = batched.choose_formulation(spec, batch, backend, itemsize)
-    parts = batched.conv_filter_grad_parts(batch, backend)
+    rule = formulations.choose_formulation(spec, batch, backend, itemsize)
+    parts = formulations.conv_filter_grad_parts(batch, backend)
     chunks = [c for c in CANDIDATE_CHUNKS if c < batch] + ([None] if batch <= WHOLE_BATCH_MAX else [])
     out = [rule] + [rule._replace(chunk=c) for c in chunks]
     out += [Formulation(f, g, rule.chunk, parts) for f, g in CANDIDATE_PAIRS]
@@ -272,7 +273,7 @@ def tune_formulation(
     if jax.dtypes.canonicalize_dtype(dtype) != dtype:
         raise ValueError(f"dtype {dtype} needs jax_enable_x64 (jax.config.update('jax_enable_x64', True))")
     itemsize = dtype.itemsize
-    rule = batched.choose_formulation(spec, batch, itemsize=itemsize)
+    rule = formulations.choose_formulation(spec, batch, itemsize=itemsize)
     if candidates is None:
         candidates = candidate_formulations(spec, batch, itemsize=itemsize)
     else:
@@ -282,7 +283,7 @@ def tune_formulation(
             raise ValueError("candidates must hold at least one Formulation, got none")
         for i, form in enumerate(candidates):
             try:
-                batched.check_formulation(form)
+                formulations.check_formulation(form)
             except (TypeError, ValueError) as err:
                 raise type(err)(f"candidates[{i}]: {err}") from None
     candidates = distinct([rule, *candidates], batch)  # the rule is always measured, first
@@ -442,7 +443,7 @@ def read_entry(stored, path: Path) -> tuple[Tuning, dict]:
     written before it was recorded)."""
 
     def form(fields):
-        return batched.check_formulation(Formulation(*fields))
+        return formulations.check_formulation(Formulation(*fields))
 
     try:
         best, rule = form(stored["best"]), form(stored["rule"])

@@ -20,6 +20,8 @@ from strategies import specs
 import jaxbp
 from jaxbp import backward
 from jaxbp import batched
+from jaxbp import conv_forms
+from jaxbp import formulations
 from jaxbp import layers
 from jaxbp import model
 from jaxbp import network
@@ -165,7 +167,18 @@ def test_value_is_the_loss():
 
 # --- the manual path calls no autodiff transform ----------------------------------------------
 
-MANUAL_PATH = (ops, backward, batched, model, params_module, spec_module, layers, network)
+MANUAL_PATH = (
+    ops,
+    backward,
+    batched,
+    conv_forms,
+    formulations,
+    model,
+    params_module,
+    spec_module,
+    layers,
+    network,
+)
 
 
 def autodiff_names_used(source: str) -> set[str]:

@@ -20,7 +20,10 @@ from test_bench import bench
 
 import jaxbp
 from jaxbp import batched
+from jaxbp import conv_forms
+from jaxbp import formulations
 from jaxbp.check import tree_relative_error
+from jaxbp.formulations import Formulation
 
 # Every pair of the taps, patches and conv on the whole batch, and the Toeplitz form for both
 # convolutions (sharing R), for the forward alone and for dE/df alone (each form's code is the
@@ -31,15 +34,15 @@ from jaxbp.check import tree_relative_error
 # unequal size, and a remainder chunk.
 PAIRS = [*itertools.product(("taps", "patches", "conv"), repeat=2)]
 PAIRS += [("toeplitz", "toeplitz"), ("toeplitz", "conv"), ("taps", "toeplitz")]
-CHUNKED = [batched.Formulation(form, form, 2) for form in batched.FORMS] + [
-    batched.Formulation("taps", "conv", 2),
-    batched.Formulation("patches", "conv", 2),
-    batched.Formulation("toeplitz", "conv", 2),
-    batched.Formulation("taps", "taps", 1),
-    batched.Formulation("taps", "conv", None, 4),
-    batched.Formulation("toeplitz", "conv", 3, 2),
+CHUNKED = [Formulation(form, form, 2) for form in conv_forms.FORMS] + [
+    Formulation("taps", "conv", 2),
+    Formulation("patches", "conv", 2),
+    Formulation("toeplitz", "conv", 2),
+    Formulation("taps", "taps", 1),
+    Formulation("taps", "conv", None, 4),
+    Formulation("toeplitz", "conv", 3, 2),
 ]
-FORMULATIONS = [batched.Formulation(*f) for f in PAIRS] + CHUNKED
+FORMULATIONS = [Formulation(*f) for f in PAIRS] + CHUNKED
 
 
 def all_formulations(params, x, y, spec):
@@ -70,7 +73,7 @@ def test_every_formulation_equals_autodiff_float64(spec, batch, seed):
 def test_chosen_formulation_is_the_default_and_known():
     for c, k in ((1, 2), (3, 8)):
         spec = jaxbp.ConvNetSpec(in_shape=(8, 8, c), n_filters=k, kernel_size=3, n_out=2)
-        form = batched.choose_formulation(spec, 4)
+        form = formulations.choose_formulation(spec, 4)
         assert form in FORMULATIONS
         params, x, y = problem(spec, 0, 4)
         chex.assert_trees_all_equal(
@@ -94,27 +97,27 @@ def odd_spec(channels: int, filters: int, stride=(2, 1), dilation=(2, 2)) -> jax
 def test_taps_reassemble_the_convolution():
     spec = odd_spec(2, 3)
     params, x, _ = problem(spec, 1, 3)
-    taps = batched.conv_taps(x, spec)
+    taps = conv_forms.conv_taps(x, spec)
     assert len(taps) == 6 and all(t.shape == (3, *spec.h1_shape[:2], 2) for t in taps)
-    conv = batched.conv_forward_conv(x, params.f, spec)
-    np.testing.assert_allclose(batched.conv_forward_taps(x, params.f, spec), conv, rtol=1e-12)
+    conv = conv_forms.conv_forward_conv(x, params.f, spec)
+    np.testing.assert_allclose(conv_forms.conv_forward_taps(x, params.f, spec), conv, rtol=1e-12)
     # The patches are the taps side by side, in the (a, b, c) order of the filter's rows.
-    patches = batched.conv_patches(x, spec)
+    patches = conv_forms.conv_patches(x, spec)
     np.testing.assert_array_equal(patches, np.concatenate(taps, axis=-1).reshape(-1, 6 * 2))
-    np.testing.assert_allclose(batched.conv_forward_patches(patches, params.f, spec), conv, rtol=1e-12)
+    np.testing.assert_allclose(conv_forms.conv_forward_patches(patches, params.f, spec), conv, rtol=1e-12)
 
 
 @pytest.mark.parametrize("channels", [2, 3, 4])
 def test_taps_contract_the_channels_first_from_the_threshold_and_reassemble_the_convolution(channels):
     spec = odd_spec(channels, 2, dilation=(2, 1))  # dh != dw: the slices of U must not swap them
     params, x, _ = problem(spec, 2, 3)
-    conv = batched.conv_forward_conv(x, params.f, spec)
-    np.testing.assert_allclose(batched.conv_forward_tap_products(x, params.f, spec), conv, rtol=1e-12)
-    np.testing.assert_allclose(batched.conv_forward_taps(x, params.f, spec), conv, rtol=1e-12)
+    conv = conv_forms.conv_forward_conv(x, params.f, spec)
+    np.testing.assert_allclose(conv_forms.conv_forward_tap_products(x, params.f, spec), conv, rtol=1e-12)
+    np.testing.assert_allclose(conv_forms.conv_forward_taps(x, params.f, spec), conv, rtol=1e-12)
     # The contracted form is the only one with a matmul (U = X_pad f); the per-channel loop has
     # kh*kw*C multiplies.
-    jaxpr = str(jax.make_jaxpr(lambda x, f: batched.conv_forward_taps(x, f, spec))(x, params.f))
-    contracted = channels >= batched.TAPS_CONTRACT_CHANNELS_FROM
+    jaxpr = str(jax.make_jaxpr(lambda x, f: conv_forms.conv_forward_taps(x, f, spec))(x, params.f))
+    contracted = channels >= conv_forms.TAPS_CONTRACT_CHANNELS_FROM
     assert ("dot_general" in jaxpr) == contracted
     assert jaxpr.count(" mul ") == (0 if contracted else 6 * channels)
 
@@ -127,10 +130,10 @@ def test_toeplitz_rows_and_band_reassemble_the_convolution():
         params, x, _ = problem(spec, 1, 3)
         (kh, kw), (_, sw), (_, dw) = spec.kernel_size, spec.stride, spec.dilation
         ho, wo, _ = spec.h1_shape
-        jb, nb, span = batched.toeplitz_blocks(spec)
+        jb, nb, span = conv_forms.toeplitz_blocks(spec)
         assert (jb, nb, span) == {1: (4, 2, 6), 2: (3, 1, 7)}[sw]  # span (jb - 1) s_w + (kw - 1) d_w + 1
-        rows = batched.toeplitz_rows(x, spec).reshape(3, ho, nb, kh, span, 2)
-        patches = batched.conv_patches(x, spec).reshape(3, ho, wo, kh, kw, 2)
+        rows = conv_forms.toeplitz_rows(x, spec).reshape(3, ho, nb, kh, span, 2)
+        patches = conv_forms.conv_patches(x, spec).reshape(3, ho, wo, kh, kw, 2)
         # R's column j s_w + b d_w of block s is the patches' column b of output column s jb + j.
         for j, b in itertools.product(range(jb), range(kw)):
             for s in range(nb):
@@ -138,9 +141,11 @@ def test_toeplitz_rows_and_band_reassemble_the_convolution():
                     np.testing.assert_array_equal(
                         rows[:, :, s, :, j * sw + b * dw], patches[:, :, s * jb + j, :, b]
                     )
-        conv = batched.conv_forward_conv(x, params.f, spec)
+        conv = conv_forms.conv_forward_conv(x, params.f, spec)
         np.testing.assert_allclose(
-            batched.conv_forward_toeplitz(batched.toeplitz_rows(x, spec), params.f, spec), conv, rtol=1e-12
+            conv_forms.conv_forward_toeplitz(conv_forms.toeplitz_rows(x, spec), params.f, spec),
+            conv,
+            rtol=1e-12,
         )
 
 
@@ -148,7 +153,7 @@ def test_toeplitz_rows_and_band_reassemble_the_convolution():
 def test_fewer_rows_first_is_a_transpose_b_computed_with_b_first_from_twice_the_columns(p, q, rows):
     a = jax.random.normal(jax.random.key(0), (3, 11, p), jnp.float64)
     b = jax.random.normal(jax.random.key(1), (3, 11, q), jnp.float64)
-    fn = jax.vmap(batched.fewer_rows_first)
+    fn = jax.vmap(conv_forms.fewer_rows_first)
     np.testing.assert_allclose(fn(a, b), np.einsum("nmp,nmq->npq", a, b), rtol=1e-12)
     # The batched dot XLA compiles: q rows where a has at least twice b's columns (the order
     # fenced off by the barrier), else a's p.
@@ -168,15 +173,15 @@ def test_one_examples_filter_grad_either_product_equals_the_conv_float64(form, f
     spec = jaxbp.ConvNetSpec(in_shape=(6, 7, 1), n_filters=filters, kernel_size=kernel, n_out=3)
     params, x, y = problem(spec, 5, 4)
     _, _, _, delta1 = batched.slide_terms(params, x, y, spec, "conv", 1)
-    build = batched.conv_patches if form == "patches" else batched.toeplitz_rows
-    filter_grad = batched.filter_grad_patches if form == "patches" else batched.filter_grad_toeplitz
+    build = conv_forms.conv_patches if form == "patches" else conv_forms.toeplitz_rows
+    filter_grad = conv_forms.filter_grad_patches if form == "patches" else conv_forms.filter_grad_toeplitz
     columns = build(x[:1], spec).shape[-1]
 
     def grad(x, d1):  # one example: a batch of one, untransposed
         return filter_grad(build(x[None], spec), d1[None], spec)
 
     assert columns == {"patches": 9, "toeplitz": 35}[form]
-    conv = jax.vmap(lambda x, d1: batched.filter_grad_conv(x[None], d1[None], spec))
+    conv = jax.vmap(lambda x, d1: conv_forms.filter_grad_conv(x[None], d1[None], spec))
     np.testing.assert_allclose(jax.vmap(grad)(x, delta1), conv(x, delta1), rtol=1e-10, atol=1e-14)
 
 
@@ -185,14 +190,14 @@ def test_one_examples_toeplitz_filter_grad_either_product_with_a_padded_block_eq
     # odd_spec with a stride of 1 and a dilation of 2 in W: Wo = 6, two blocks of 4 (the last
     # padded), span 6, so 18 slab columns against jb K = 8 (delta1 first) and 32 (R first).
     spec = odd_spec(1, filters, stride=(1, 1), dilation=(1, 2))
-    assert spec.h1_shape[1] == 6 and batched.toeplitz_blocks(spec) == (4, 2, 6)
+    assert spec.h1_shape[1] == 6 and conv_forms.toeplitz_blocks(spec) == (4, 2, 6)
     params, x, y = problem(spec, 9, 3)
     _, _, _, delta1 = batched.slide_terms(params, x, y, spec, "conv", 1)
 
     def grad(x, d1):  # one example: a batch of one, untransposed
-        return batched.filter_grad_toeplitz(batched.toeplitz_rows(x[None], spec), d1[None], spec)
+        return conv_forms.filter_grad_toeplitz(conv_forms.toeplitz_rows(x[None], spec), d1[None], spec)
 
-    conv = jax.vmap(lambda x, d1: batched.filter_grad_conv(x[None], d1[None], spec))
+    conv = jax.vmap(lambda x, d1: conv_forms.filter_grad_conv(x[None], d1[None], spec))
     np.testing.assert_allclose(jax.vmap(grad)(x, delta1), conv(x, delta1), rtol=1e-10, atol=1e-14)
 
 
@@ -233,16 +238,16 @@ def test_per_example_grads_float32_agreement(spec, batch, seed, one_filter):
 
 def test_choose_formulation_by_backend_channels_filters_and_working_set():
     few = jaxbp.ConvNetSpec(in_shape=(8, 8, 3), n_filters=1, kernel_size=3, n_out=2)
-    assert batched.choose_formulation(few, 4, "cpu") == batched.Formulation("taps", "conv", None, 4)
+    assert formulations.choose_formulation(few, 4, "cpu") == Formulation("taps", "conv", None, 4)
     # On a GPU the patches for both, the whole batch (bench_formulations_gpu.md) up to about 1 GiB
     # of temporaries; unmeasured accelerators XLA's conv for both.
-    assert batched.choose_formulation(few, 4, "gpu") == batched.Formulation("patches", "patches", None)
-    assert batched.choose_formulation(few, 4, "tpu") == batched.Formulation("conv", "conv", None)
+    assert formulations.choose_formulation(few, 4, "gpu") == Formulation("patches", "patches", None)
+    assert formulations.choose_formulation(few, 4, "tpu") == Formulation("conv", "conv", None)
     # 32x32x3, 5x5, 32 filters: 784 * (3 * 32 + 75) * 4 bytes = 536 kB per example, 2002 in 1 GiB,
     # rounded to the power of two 2048 (no cap of 128 as on the CPU).
     large = jaxbp.ConvNetSpec(in_shape=(32, 32, 3), n_filters=32, kernel_size=5, n_out=10)
-    assert batched.choose_formulation(large, 2048, "gpu").chunk is None
-    assert batched.choose_formulation(large, 4096, "gpu") == batched.Formulation("patches", "patches", 2048)
+    assert formulations.choose_formulation(large, 2048, "gpu").chunk is None
+    assert formulations.choose_formulation(large, 4096, "gpu") == Formulation("patches", "patches", 2048)
     # The taps for one filter while C < 8; else the Toeplitz form below 8 filters, and from 8 on
     # where its band costs at most 8/5 of the patches' multiplies (nb jb span / (Wo kw), for 16x16
     # inputs: 5x5 6 4 8 / (12 5) = 1.6; 3x3 4 4 6 / (14 3) = 2.29; 5x5 dilated by 2 2 4 12 / (8 5)
@@ -257,15 +262,13 @@ def test_choose_formulation_by_backend_channels_filters_and_working_set():
         spec = jaxbp.ConvNetSpec(
             in_shape=(hw, hw, c), n_filters=k, kernel_size=kernel, dilation=dilation, n_out=2
         )
-        expected = batched.Formulation(
-            form, "conv" if form == "taps" else form, None, 4 if form == "taps" else 1
-        )
-        assert batched.choose_formulation(spec, 4, "cpu") == expected, (hw, c, k, kernel, dilation)
+        expected = Formulation(form, "conv" if form == "taps" else form, None, 4 if form == "taps" else 1)
+        assert formulations.choose_formulation(spec, 4, "cpu") == expected, (hw, c, k, kernel, dilation)
     # The grid's largest point, the chunk sized by the patches' numbers per position for the
     # Toeplitz form too: 784 * (3 * 32 + 75) * 4 bytes = 536 kB per example, so about
     # 16 MB / 536 kB = 31 examples per chunk, rounded to the power of two 32.
     big = jaxbp.ConvNetSpec(in_shape=(32, 32, 3), n_filters=32, kernel_size=5, n_out=10)
-    assert batched.choose_formulation(big, 1024, "cpu") == batched.Formulation("toeplitz", "conv", 32, 4)
+    assert formulations.choose_formulation(big, 1024, "cpu") == Formulation("toeplitz", "conv", 32, 4)
 
     # The taps with at most 9 terms (3x3 on one channel) run the whole batch while x, Z1, H1 and
     # delta1 fit 48 MB: 28x28x1, one filter, (784 + 3 * 676) * 4 = 11248 bytes per example, so
@@ -275,40 +278,40 @@ def test_choose_formulation_by_backend_channels_filters_and_working_set():
     def single_filter(hw, c, kernel):
         return jaxbp.ConvNetSpec(in_shape=(hw, hw, c), n_filters=1, kernel_size=kernel, n_out=10)
 
-    assert batched.choose_formulation(single_filter(28, 1, 3), 1024, "cpu") == batched.Formulation(
+    assert formulations.choose_formulation(single_filter(28, 1, 3), 1024, "cpu") == Formulation(
         "taps", "conv", None, 4
     )
-    assert batched.choose_formulation(single_filter(28, 1, 3), 4474, "cpu").chunk is None
-    assert batched.choose_formulation(single_filter(28, 1, 3), 4475, "cpu").chunk == 128
-    assert batched.choose_formulation(single_filter(28, 1, 3), 2237, "cpu", itemsize=8).chunk is None
-    assert batched.choose_formulation(single_filter(28, 1, 3), 2238, "cpu", itemsize=8).chunk == 128
+    assert formulations.choose_formulation(single_filter(28, 1, 3), 4474, "cpu").chunk is None
+    assert formulations.choose_formulation(single_filter(28, 1, 3), 4475, "cpu").chunk == 128
+    assert formulations.choose_formulation(single_filter(28, 1, 3), 2237, "cpu", itemsize=8).chunk is None
+    assert formulations.choose_formulation(single_filter(28, 1, 3), 2238, "cpu", itemsize=8).chunk == 128
     seven = jaxbp.ConvNetSpec(in_shape=(28, 28, 1), n_filters=7, kernel_size=3, n_out=10)
-    assert batched.choose_formulation(seven, 1024, "cpu") == batched.Formulation("toeplitz", "toeplitz", 128)
-    assert batched.choose_formulation(single_filter(28, 1, 5), 1024, "cpu").chunk == 128
-    assert batched.choose_formulation(single_filter(32, 3, 3), 1024, "cpu").chunk == 128
+    assert formulations.choose_formulation(seven, 1024, "cpu") == Formulation("toeplitz", "toeplitz", 128)
+    assert formulations.choose_formulation(single_filter(28, 1, 5), 1024, "cpu").chunk == 128
+    assert formulations.choose_formulation(single_filter(32, 3, 3), 1024, "cpu").chunk == 128
     # dE/df by XLA's conv (in parts) from 32 filters on, after the Toeplitz forward or the patches.
     for k, kernel, expected in ((31, 5, "toeplitz"), (32, 5, "conv"), (31, 3, "patches"), (32, 3, "conv")):
         spec = jaxbp.ConvNetSpec(in_shape=(32, 32, 3), n_filters=k, kernel_size=kernel, n_out=10)
-        assert batched.choose_formulation(spec, 256, "cpu").filter_grad == expected, (k, kernel)
-    assert batched.choose_formulation(big, 1024, "cpu", itemsize=8).chunk == 16
-    assert batched.choose_formulation(big, 32, "cpu").chunk is None  # the whole batch is one chunk
+        assert formulations.choose_formulation(spec, 256, "cpu").filter_grad == expected, (k, kernel)
+    assert formulations.choose_formulation(big, 1024, "cpu", itemsize=8).chunk == 16
+    assert formulations.choose_formulation(big, 32, "cpu").chunk is None  # the whole batch is one chunk
     # Taps: 784 * (3 * 1 + 75) * 4 bytes = 245 kB per example, 68 in 16 MB, rounded to 64.
     one_filter = jaxbp.ConvNetSpec(in_shape=(32, 32, 3), n_filters=1, kernel_size=5, n_out=10)
-    assert batched.choose_formulation(one_filter, 256, "cpu") == batched.Formulation("taps", "conv", 64, 4)
+    assert formulations.choose_formulation(one_filter, 256, "cpu") == Formulation("taps", "conv", 64, 4)
     # One example: the taps forward for one filter, dE/df in the Toeplitz form from 2 channels on
     # (bench_formulations_one_filter_small_batch.md), else XLA's conv (one part: there is one
     # example); with more filters the patches forward and the conv.
-    assert batched.choose_formulation(few, 1, "cpu") == batched.Formulation("taps", "toeplitz", None)
+    assert formulations.choose_formulation(few, 1, "cpu") == Formulation("taps", "toeplitz", None)
     two = jaxbp.ConvNetSpec(in_shape=(8, 8, 2), n_filters=1, kernel_size=3, n_out=2)
-    assert batched.choose_formulation(two, 1, "cpu") == batched.Formulation("taps", "toeplitz", None)
+    assert formulations.choose_formulation(two, 1, "cpu") == Formulation("taps", "toeplitz", None)
     one = jaxbp.ConvNetSpec(in_shape=(8, 8, 1), n_filters=1, kernel_size=3, n_out=2)
-    assert batched.choose_formulation(one, 1, "cpu") == batched.Formulation("taps", "conv", None, 1)
-    assert batched.choose_formulation(few, 2, "cpu") == batched.Formulation("taps", "conv", None, 2)
+    assert formulations.choose_formulation(one, 1, "cpu") == Formulation("taps", "conv", None, 1)
+    assert formulations.choose_formulation(few, 2, "cpu") == Formulation("taps", "conv", None, 2)
     # The vmapped per-example path's formulation is what it was: the taps, the Toeplitz dE/df.
-    assert batched.per_example_formulation(few, 1) == batched.Formulation("taps", "toeplitz", None)
-    assert batched.per_example_formulation(one, 1) == batched.Formulation("taps", "toeplitz", None)
-    assert batched.choose_formulation(seven, 1, "cpu") == batched.Formulation("patches", "conv", None)
-    assert batched.choose_formulation(big, 1, "cpu") == batched.Formulation("patches", "conv", None)
+    assert formulations.per_example_formulation(few, 1) == Formulation("taps", "toeplitz", None)
+    assert formulations.per_example_formulation(one, 1) == Formulation("taps", "toeplitz", None)
+    assert formulations.choose_formulation(seven, 1, "cpu") == Formulation("patches", "conv", None)
+    assert formulations.choose_formulation(big, 1, "cpu") == Formulation("patches", "conv", None)
 
 
 def test_default_chunks_with_a_remainder_equal_autodiff_float64():
@@ -317,14 +320,14 @@ def test_default_chunks_with_a_remainder_equal_autodiff_float64():
     # taps terms, past the 9 up to which the taps run the whole batch.
     spec = jaxbp.ConvNetSpec(in_shape=(6, 6, 2), n_filters=1, kernel_size=3, n_out=3)
     if jax.default_backend() == "cpu":
-        assert batched.choose_formulation(spec, 130) == batched.Formulation("taps", "conv", 128, 4)
+        assert formulations.choose_formulation(spec, 130) == Formulation("taps", "conv", 128, 4)
     params, x, y = problem(spec, 5, 130)
     E_ref, g_ref = jaxbp.autodiff_value_and_grads(params, x, y, spec)
     E, g = batched.value_and_grads(params, x, y, spec)
     chex.assert_trees_all_close(g, g_ref, rtol=1e-10, atol=1e-13)
     np.testing.assert_allclose(E, E_ref, rtol=1e-12)
     # The same chunks named explicitly, so that they run on any backend.
-    E, g = batched.value_and_grads(params, x, y, spec, formulation=batched.Formulation("taps", "conv", 128))
+    E, g = batched.value_and_grads(params, x, y, spec, formulation=Formulation("taps", "conv", 128))
     chex.assert_trees_all_close(g, g_ref, rtol=1e-10, atol=1e-13)
     slides = jax.vmap(jaxbp.backward.value_and_manual_grads_example, in_axes=(None, 0, 0, None))
     per_example = jaxbp.per_example_manual_grads(params, x, y, spec)
@@ -360,7 +363,7 @@ def test_filter_grad_conv_parts_are_separate_convs():
     spec = jaxbp.ConvNetSpec(in_shape=(6, 6, 1), n_filters=1, kernel_size=3, n_out=3)
     for batch, parts, expected in ((8, 4, 4), (3, 4, 3), (8, 1, 1)):
         params, x, y = problem(spec, 1, batch)
-        form = batched.Formulation("taps", "conv", None, parts)
+        form = Formulation("taps", "conv", None, parts)
         fn = lambda p, x, y, form=form: batched.value_and_grads(p, x, y, spec, formulation=form)  # noqa: E731
         assert len(conv_group_counts(fn, params, x, y)) == expected, (batch, parts)
 
@@ -385,7 +388,7 @@ def test_per_example_grads_never_group_a_conv_and_equal_the_slides_float64(
     # and the patches (8 filters, 3x3): per example there must be no grouped conv, which is what
     # vmapping the conv dE/df would give.
     if max_terms is not None:
-        monkeypatch.setattr(batched, "PER_EXAMPLE_UNROLLED_MAX_TERMS", max_terms)
+        monkeypatch.setattr(conv_forms, "PER_EXAMPLE_UNROLLED_MAX_TERMS", max_terms)
     spec = jaxbp.ConvNetSpec(in_shape=(6, 6, channels), n_filters=filters, kernel_size=kernel, n_out=3)
     params, x, y = problem(spec, 7, batch)
     groups = conv_group_counts(lambda p, x, y: jaxbp.per_example_manual_grads(p, x, y, spec), params, x, y)
@@ -402,7 +405,7 @@ def test_per_example_taps_with_and_without_the_channels_contracted_equal_the_sli
     # Three channels: the batch step contracts them first (TAPS_CONTRACT_CHANNELS_FROM); the
     # per-example path does not unless asked (its forward then has U's matmul: one more dot).
     spec = jaxbp.ConvNetSpec(in_shape=(7, 6, 3), n_filters=1, kernel_size=(3, 2), stride=(1, 2), n_out=2)
-    assert 3 >= batched.TAPS_CONTRACT_CHANNELS_FROM
+    assert 3 >= conv_forms.TAPS_CONTRACT_CHANNELS_FROM
     params, x, y = problem(spec, 11, 4)
     fn = lambda p, x, y: batched.per_example_grads_taps(p, x, y, spec, contract_channels=contract_channels)  # noqa: E731
     slides = jax.vmap(jaxbp.backward.value_and_manual_grads_example, in_axes=(None, 0, 0, None))
@@ -412,7 +415,7 @@ def test_per_example_taps_with_and_without_the_channels_contracted_equal_the_sli
     assert dots == shipped.count("dot_general") + contract_channels
     # The vmapped per-example function keeps the per-channel loop too; a batch of one through
     # value_and_grads contracts (U's one more matmul).
-    taps = batched.Formulation("taps", "toeplitz")
+    taps = Formulation("taps", "toeplitz")
     example = lambda p, x, y: batched.value_and_grads_example(p, x, y, spec, formulation=taps)  # noqa: E731
     vmapped = str(jax.make_jaxpr(jax.vmap(example, in_axes=(None, 0, 0)))(params, x, y))
     one = lambda p, x, y: batched.value_and_grads(p, x[None], y[None], spec, formulation=taps)  # noqa: E731
@@ -442,7 +445,7 @@ def test_filter_grad_rows_is_each_examples_conv_of_delta1_and_x_float64(max_term
     )
     _, x, _ = problem(spec, 5, 4)
     delta1 = jax.random.normal(jax.random.key(6), (4, *spec.h1_shape), x.dtype)
-    got = batched.filter_grad_rows(x, delta1, spec, max_terms=max_terms)
+    got = conv_forms.filter_grad_rows(x, delta1, spec, max_terms=max_terms)
     want = jnp.stack(
         [
             jaxbp.ops.conv2d_filter_vjp_sum(
@@ -459,7 +462,7 @@ def test_filter_grad_rows_writes_out_the_row_sums_up_to_its_term_limit(monkeypat
     # at the default limit, one reduction over (i, j) per tap below it; and the per-example path
     # after the taps forward is batch-wide (no scan, no vmapped dots).
     spec = jaxbp.ConvNetSpec(in_shape=(28, 28, 1), n_filters=1, kernel_size=3, n_out=3)
-    assert batched.PER_EXAMPLE_UNROLLED_MAX_TERMS >= 234
+    assert conv_forms.PER_EXAMPLE_UNROLLED_MAX_TERMS >= 234
     params, x, y = problem(spec, 3, 6)
 
     def reduced_axes():  # a new function each time: make_jaxpr caches its traces by the function
@@ -471,7 +474,7 @@ def test_filter_grad_rows_writes_out_the_row_sums_up_to_its_term_limit(monkeypat
         return sorted({tuple(e.params["axes"]) for e in eqns if e.primitive.name == "reduce_sum"})
 
     assert reduced_axes() == [(1,)]
-    monkeypatch.setattr(batched, "PER_EXAMPLE_UNROLLED_MAX_TERMS", 233)
+    monkeypatch.setattr(conv_forms, "PER_EXAMPLE_UNROLLED_MAX_TERMS", 233)
     assert reduced_axes() == [(1, 2)]
 
 
@@ -479,15 +482,15 @@ def test_bad_formulation_and_unbatched_input_raise():
     spec = jaxbp.ConvNetSpec(in_shape=(6, 6, 1), n_filters=2, kernel_size=3, n_out=2)
     params, x, y = problem(spec, 0, 2)
     with pytest.raises(ValueError, match="formulation.forward"):
-        batched.value_and_grads(params, x, y, spec, formulation=batched.Formulation("fft", "conv"))
+        batched.value_and_grads(params, x, y, spec, formulation=Formulation("fft", "conv"))
     with pytest.raises(TypeError, match="formulation"):
         batched.value_and_grads(params, x, y, spec, formulation=("taps", "taps"))
     for chunk in (0, 2.0, True):
-        form = batched.Formulation("taps", "taps", chunk)
+        form = Formulation("taps", "taps", chunk)
         with pytest.raises(ValueError, match="formulation.chunk"):
             batched.value_and_grads(params, x, y, spec, formulation=form)
     for parts in (0, 2.0, True):
-        form = batched.Formulation("taps", "conv", None, parts)
+        form = Formulation("taps", "conv", None, parts)
         with pytest.raises(ValueError, match="formulation.conv_parts"):
             batched.value_and_grads(params, x, y, spec, formulation=form)
     with pytest.raises(ValueError, match="x must be a batch"):
@@ -540,7 +543,7 @@ def test_the_chunk_loop_neither_copies_x_nor_adds_each_sum_in_a_kernel_of_its_ow
     x, y = jnp.ones((32, 12, 12, 1), jnp.float32), jnp.ones((32, 10), jnp.float32)
 
     def optimized(chunk):
-        form = batched.Formulation("patches", "patches", chunk)
+        form = Formulation("patches", "patches", chunk)
         fn = jax.jit(
             lambda p, x, y: batched.value_and_grads(p, x, y, spec, formulation=form),
             compiler_options=jaxbp.compiler_options(),

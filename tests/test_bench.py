@@ -17,6 +17,8 @@ import pytest
 
 import jaxbp
 from jaxbp import batched
+from jaxbp import conv_forms
+from jaxbp import formulations
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -122,11 +124,11 @@ def test_per_example_without_filter_grad_is_the_per_example_dW_and_db_float64():
     import jax
 
     import jaxbp
-    from jaxbp import batched
+    from jaxbp import formulations
 
     for hw, filters, kernel, form in ((10, 1, 3, "taps"), (10, 8, 3, "patches"), (16, 8, 5, "toeplitz")):
         spec = jaxbp.ConvNetSpec(in_shape=(hw, hw, 1), n_filters=filters, kernel_size=kernel, n_out=3)
-        assert batched.per_example_formulation(spec, 300, itemsize=8).forward == form
+        assert formulations.per_example_formulation(spec, 300, itemsize=8).forward == form
         params = jaxbp.init_params(jax.random.key(0), spec, dtype=np.float64)
         x = jax.random.normal(jax.random.key(1), (300, *spec.in_shape), np.float64)
         y = jax.random.uniform(jax.random.key(2), (300, 3), np.float64)
@@ -147,7 +149,7 @@ def test_batch_forward_is_the_forward_and_deltas_and_contracts_nothing_float64(b
     params = jaxbp.init_params(jax.random.key(0), spec, dtype=np.float64)
     x = jax.random.normal(jax.random.key(1), (batch, *spec.in_shape), np.float64)
     y = jax.random.uniform(jax.random.key(2), (batch, 3), np.float64)
-    assert (batched.choose_formulation(spec, batch, itemsize=8).chunk is None) == (batch == 7)
+    assert (formulations.choose_formulation(spec, batch, itemsize=8).chunk is None) == (batch == 7)
     fn = jax.jit(bench.batch_forward, static_argnums=3)
     (E, sum_delta1), sum_delta2 = fn(params, x, y, spec)
     E_ref, grads = jaxbp.manual_value_and_grads(params, x, y, spec)
@@ -157,7 +159,7 @@ def test_batch_forward_is_the_forward_and_deltas_and_contracts_nothing_float64(b
     np.testing.assert_allclose(sum_delta1, jnp.sum(delta1), rtol=1e-10, atol=1e-15)
 
     k, d, kkc = filters, int(np.prod(spec.h1_shape)), kernel * kernel
-    jb, _, span = batched.toeplitz_blocks(spec)
+    jb, _, span = conv_forms.toeplitz_blocks(spec)
     dW, df = {(3, d), (d, 3)}, {(k, kkc), (kkc, k), (jb * k, kernel * span)}  # df: or G = delta1^T R
 
     def gradient_products(fn):  # convolutions, and dots shaped as dE/dW or dE/df
@@ -217,14 +219,21 @@ def test_filter_grad_floor_probe_checks_every_form_and_adds_the_fastest(tmp_path
     probe_filter_grad_floor.main(["--points", "4:8x8x1:3:2", "--repeats", "1", "--out", str(tmp_path)])
     payload = json.loads((tmp_path / "probe_filter_grad_floor.json").read_text())
     (r,) = payload["results"]
-    # The five forms agree in float64 before anything is timed (sums in other orders: 5e-16 here).
+    # The five forms, and the program floor against the per-example gradients, agree in float64
+    # before anything is timed (sums in other orders: 5e-16 here).
     assert r["check_rel_error"] < 1e-10 and r["chunk"] == 4
-    m, df = r["median_ms"], probe_filter_grad_floor.DF_METHODS
-    assert set(m) == {"batch_grad", "per_ex", "batch_forward", "dW_reused", *df}
+    m, df, programs = (
+        r["median_ms"],
+        probe_filter_grad_floor.DF_METHODS,
+        probe_filter_grad_floor.PROGRAM_METHODS,
+    )
+    assert set(m) == {"batch_grad", "per_ex", "batch_forward", "dW_reused", *df, *programs}
     assert r["fastest_df"] == min(df, key=m.get)
     floor = m["batch_forward"] + m["dW_reused"]
     assert r["floor_over_batch_grad"] == pytest.approx(floor / m["batch_grad"])
     assert r["floor_df_over_batch_grad"] == pytest.approx((floor + m[r["fastest_df"]]) / m["batch_grad"])
+    assert r["fastest_program"] == min(programs, key=m.get)
+    assert r["program_over_batch_grad"] == pytest.approx(m[r["fastest_program"]] / m["batch_grad"])
     text = (tmp_path / "probe_filter_grad_floor.md").read_text()
     assert "| 4 | 8x8x1 | 3 | 2 | 4 |" in text and bench.machine_line(payload["machine"]) in text
     with pytest.raises(SystemExit):
@@ -243,6 +252,27 @@ def test_filter_grad_floor_probe_scales_a_chunk_to_the_batch(monkeypatch):
     assert [r["median_ms"][k] for k in probe_filter_grad_floor.DF_METHODS] == pytest.approx([2.0] * 5)
     assert r["median_ms"]["batch_grad"] == pytest.approx(1.0)
     assert r["floor_df_over_batch_grad"] == pytest.approx(4.0)
+    # The program floor runs the whole batch (in the chunks' loop), so it counts once.
+    assert [r["median_ms"][k] for k in probe_filter_grad_floor.PROGRAM_METHODS] == pytest.approx([1.0] * 3)
+    assert r["program_over_batch_grad"] == pytest.approx(1.0)
+
+
+def test_program_floor_writes_each_examples_dW_and_db_in_chunks_and_sums_dE_df_float64():
+    spec = jaxbp.ConvNetSpec(in_shape=(8, 8, 2), n_filters=3, kernel_size=3, n_out=4)
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        params = jaxbp.init_params(jax.random.key(0), spec, dtype=jnp.float64)
+        x, y = jnp.asarray(rng.normal(size=(4, 8, 8, 2))), jnp.asarray(rng.uniform(size=(4, 4)))
+        want = jaxbp.per_example_manual_grads(params, x, y, spec)
+        for df_form in probe_filter_grad_floor.PROGRAM_FORMS:
+            out = probe_filter_grad_floor.program_out(jax, spec, params, x, y, df_form)
+            (W, b), df = probe_filter_grad_floor.program_floor(params, x, y, out, spec, df_form, 2)
+            np.testing.assert_allclose(W, want.W, rtol=1e-12)
+            np.testing.assert_allclose(b, want.b, rtol=1e-12)
+            df = df if df_form == "conv" else df.T.reshape(want.f.shape[1:])  # (K, kh kw C) back
+            np.testing.assert_allclose(df, want.f.sum(0), rtol=1e-12)
+            with pytest.raises(ValueError, match="chunk must divide the batch, got 3 and 4"):
+                probe_filter_grad_floor.program_floor(params, x, y, out, spec, df_form, 3)
 
 
 bench_dot_rows = load_experiment("bench_dot_rows")
@@ -778,7 +808,7 @@ def test_per_example_bench_refuses_a_point_without_the_taps_before_timing_any(tm
 
 def test_chunks_set_the_chunks_the_pick_is_also_timed_at(tmp_path):
     spec = jaxbp.ConvNetSpec(in_shape=(8, 8, 1), kernel_size=(3, 3), n_filters=8, n_out=10)
-    chosen = batched.Formulation("patches", "patches", 32)
+    chosen = formulations.Formulation("patches", "patches", 32)
     names = bench.jax_methods(jax, jaxbp, spec, chosen, 256, forms=("patches",), chunks=(16, 64))
     timed = sorted(n for n in names if n.startswith("manual["))
     assert timed == [f"manual[patches/patches/{c}]" for c in ("16", "32", "64", "all")]

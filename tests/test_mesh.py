@@ -43,7 +43,7 @@ SCRIPT = textwrap.dedent(
     # 128 and then the remainder of 2), whose carry must vary over the mesh axis as the sums do.
     # Measured: one step's params differ from one device's by at most 3.3e-16 of the largest
     # entry; the 1e-12 of the float64 runs above holds.
-    assert jaxbp.batched.choose_formulation(spec, 130, itemsize=8).chunk == 128
+    assert jaxbp.formulations.choose_formulation(spec, 130, itemsize=8).chunk == 128
     params0 = jaxbp.init_params(jax.random.key(2), spec, jnp.float64)
     xb = jnp.asarray(rng.normal(size=(4 * 130, 10, 9, 2)))
     yb = jnp.asarray(rng.uniform(size=(4 * 130, 2)))

@@ -70,15 +70,15 @@ def test_autodiff_equals_manual_and_a_network_works():
 def test_chunk_rule_chunks_only_past_fresh_pages_and_never_after_the_taps():
     # 28x28x1, 3x3, 32 filters at batch 256: 69 MiB of temporaries estimated, past 32 MiB.
     big = jaxbp.ConvNetSpec(in_shape=(28, 28, 1), n_filters=32, kernel_size=3, n_out=10)
-    assert 256 * jaxbp.batched.temporaries_per_example(big) > per_example.FRESH_PAGES_FROM
-    assert per_example.per_example_chunk(big, 256) == jaxbp.batched.working_set_chunk(big, 256) == 64
+    assert 256 * jaxbp.formulations.temporaries_per_example(big) > per_example.FRESH_PAGES_FROM
+    assert per_example.per_example_chunk(big, 256) == jaxbp.formulations.working_set_chunk(big, 256) == 64
     # 8 filters at batch 256: 22 MiB, whole (the chunks took 1.18x its time).
     eight = jaxbp.ConvNetSpec(in_shape=(28, 28, 1), n_filters=8, kernel_size=3, n_out=10)
-    assert jaxbp.batched.working_set_chunk(eight, 256) is not None
+    assert jaxbp.formulations.working_set_chunk(eight, 256) is not None
     assert per_example.per_example_chunk(eight, 256) is None
     # One filter: the taps forward, whole at any batch.
     one = jaxbp.ConvNetSpec(in_shape=(32, 32, 3), n_filters=1, kernel_size=5, n_out=10)
-    assert 4096 * jaxbp.batched.temporaries_per_example(one) > per_example.FRESH_PAGES_FROM
+    assert 4096 * jaxbp.formulations.temporaries_per_example(one) > per_example.FRESH_PAGES_FROM
     assert per_example.per_example_chunk(one, 4096) is None
     assert per_example.per_example_chunk(SPEC, 4) is None
 

@@ -167,7 +167,7 @@ def test_formulation_reaches_the_manual_step_and_keeps_the_update():
     for bad, message in (
         ({"grads": "autodiff"}, "formulation only applies to grads='manual'"),
         ({"grads": jaxbp.manual_value_and_grads}, "formulation only applies to grads='manual'"),
-        ({"formulation": ("patches", "patches")}, "formulation must be a jaxbp.batched.Formulation"),
+        ({"formulation": ("patches", "patches")}, "formulation must be a jaxbp.Formulation"),
     ):
         kwargs = {"formulation": jaxbp.Formulation("patches", "patches"), **bad}
         with pytest.raises((ValueError, TypeError), match=message):

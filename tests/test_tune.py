@@ -16,10 +16,11 @@ from strategies import problem
 
 import jaxbp
 from jaxbp import batched
+from jaxbp import formulations
 from jaxbp import tune
 
 SPEC = jaxbp.ConvNetSpec(in_shape=(8, 8, 3), n_filters=8, kernel_size=(3, 3), n_out=4)
-SPEC_FORM = batched.Formulation("patches", "patches")
+SPEC_FORM = formulations.Formulation("patches", "patches")
 
 
 # The rule at 8x8x3, 3x3: one filter the taps (dE/df the Toeplitz form at batch 1, else the
@@ -28,11 +29,11 @@ SPEC_FORM = batched.Formulation("patches", "patches")
 @pytest.mark.parametrize("batch", [1, 32, 256, 1024])
 def test_candidates_are_the_rules_forms_at_other_chunks_and_other_pairs(batch, filters):
     spec = jaxbp.ConvNetSpec(in_shape=(8, 8, 3), n_filters=filters, kernel_size=(3, 3), n_out=4)
-    rule = batched.choose_formulation(spec, batch, "cpu")
+    rule = formulations.choose_formulation(spec, batch, "cpu")
     candidates = tune.candidate_formulations(spec, batch, "cpu")
     assert candidates[0] == rule and len(set(candidates)) == len(candidates)
     for form in candidates:
-        batched.check_formulation(form)
+        formulations.check_formulation(form)
         assert form.chunk is None or form.chunk < batch  # a chunk of the whole batch is None
     same_forms = {f.chunk for f in candidates if f[:2] == rule[:2]}
     expected = {c for c in tune.CANDIDATE_CHUNKS if c < batch} | {rule.chunk}
@@ -40,11 +41,11 @@ def test_candidates_are_the_rules_forms_at_other_chunks_and_other_pairs(batch, f
     for pair in tune.CANDIDATE_PAIRS:
         assert any(f[:2] == pair and f.chunk == rule.chunk for f in candidates), pair
     # XLA's conv dE/df in the rule's parts for this batch (4 on the CPU, one per example at most).
-    parts = batched.conv_filter_grad_parts(batch, "cpu")
+    parts = formulations.conv_filter_grad_parts(batch, "cpu")
     assert {f.conv_parts for f in candidates if f.filter_grad == "conv"} == {parts}
     assert {f.conv_parts for f in candidates if f.filter_grad != "conv"} == {1}
     on_gpu = tune.candidate_formulations(spec, batch, "gpu")
-    assert on_gpu[0] == batched.choose_formulation(spec, batch, "gpu")
+    assert on_gpu[0] == formulations.choose_formulation(spec, batch, "gpu")
     assert {f.conv_parts for f in on_gpu} == {1}
 
 
@@ -52,7 +53,7 @@ def test_candidates_given_are_taken_as_they_run_at_the_batch():
     whole, chunked = SPEC_FORM, SPEC_FORM._replace(chunk=8)
     given = [whole._replace(chunk=20), whole._replace(chunk=64), chunked, chunked._replace(conv_parts=3)]
     assert tune.distinct(given, 20) == [whole, chunked]  # conv_parts only matters for a conv dE/df
-    conv = batched.Formulation("patches", "conv", 8, 3)
+    conv = formulations.Formulation("patches", "conv", 8, 3)
     assert tune.distinct([conv, conv._replace(conv_parts=1)], 20) == [conv, conv._replace(conv_parts=1)]
 
 
@@ -63,7 +64,7 @@ def test_tuning_times_every_candidate_and_each_computes_the_rules_means():
         SPEC, 20, dtype="float64", repeats=2, min_sample_s=0.0, progress=lines.append
     )
     candidates = tune.candidate_formulations(SPEC, 20, itemsize=8)
-    assert tuning.rule == batched.choose_formulation(SPEC, 20, itemsize=8)
+    assert tuning.rule == formulations.choose_formulation(SPEC, 20, itemsize=8)
     assert set(tuning.times_ms) == set(tuning.compile_s) == set(candidates)
     labels = ["patches/patches/all", "patches/patches/16", "toeplitz/toeplitz/all", "conv/conv*4/all"]
     assert [f.label() for f in candidates] == labels
@@ -94,9 +95,9 @@ def fake_samples(medians_ms):
 
 
 def test_the_pick_is_the_smallest_median_and_the_rule_wins_a_tie(monkeypatch):
-    rule = batched.choose_formulation(SPEC, 64)
+    rule = formulations.choose_formulation(SPEC, 64)
     other = rule._replace(chunk=16)
-    slower = batched.Formulation("conv", "conv", 16)
+    slower = formulations.Formulation("conv", "conv", 16)
     medians = {rule: 2.0, other: 1.5, slower: 3.0}
     monkeypatch.setattr(tune, "interleaved_samples", fake_samples(medians.get))
     tuning = jaxbp.tune_formulation(SPEC, 64, candidates=[slower, other], repeats=1)
@@ -150,7 +151,7 @@ def test_a_sample_times_only_its_own_calls_not_the_warm_ones():
         ({"candidates": SPEC_FORM}, TypeError, "candidates must be a list of jaxbp.Formulation"),
         ({"candidates": [("patches", "patches")]}, TypeError, r"candidates\[0\]: formulation must be a"),
         (
-            {"candidates": [SPEC_FORM, batched.Formulation("im2col", "patches")]},
+            {"candidates": [SPEC_FORM, formulations.Formulation("im2col", "patches")]},
             ValueError,
             r"candidates\[1\]: formulation.forward must be",
         ),
@@ -171,7 +172,7 @@ def test_float64_without_x64_is_refused_with_the_fix():
 
 def test_a_cached_tuning_is_read_back_instead_of_timed_and_a_new_question_is_added(tmp_path, monkeypatch):
     path = tmp_path / "tunings" / "cpu.json"  # its folder is made too
-    rule = batched.choose_formulation(SPEC, 64)
+    rule = formulations.choose_formulation(SPEC, 64)
     other = rule._replace(chunk=16)
     medians = {rule: 2.0, other: 1.5}
     monkeypatch.setattr(tune, "interleaved_samples", fake_samples(lambda form: medians.get(form, 4.0)))
@@ -209,7 +210,7 @@ def test_a_cached_tuning_timed_without_untimed_calls_is_timed_again(tmp_path, mo
     # An entry written before the cache recorded warm_calls (its samples had no untimed call
     # before them) does not answer the question: timed again, and replaced with warm_calls.
     path = tmp_path / "cpu.json"
-    rule = batched.choose_formulation(SPEC, 64)
+    rule = formulations.choose_formulation(SPEC, 64)
     other = rule._replace(chunk=16)
     medians = {rule: 2.0, other: 1.5}
     monkeypatch.setattr(tune, "interleaved_samples", fake_samples(medians.get))
@@ -227,7 +228,7 @@ def test_a_cached_tuning_timed_without_untimed_calls_is_timed_again(tmp_path, mo
 
 def test_a_tuning_that_cannot_be_written_is_returned_with_a_warning(tmp_path, monkeypatch):
     path = tmp_path / "cpu.json"
-    rule = batched.choose_formulation(SPEC, 4)
+    rule = formulations.choose_formulation(SPEC, 4)
     monkeypatch.setattr(tune, "interleaved_samples", fake_samples(lambda form: 1.0))
     jaxbp.tune_formulation(SPEC, 4, candidates=[rule], repeats=1, cache=path)
     before = path.read_text()
@@ -259,7 +260,7 @@ ENTRY = {"best": ["patches", "patches", None, 1], "rule": ["patches", "patches",
 def test_a_file_that_is_not_a_tuning_cache_is_refused_and_kept(tmp_path, text, monkeypatch):
     path, keyed = tmp_path / "notes.json", text == "KEYED"
     if keyed:
-        rule = batched.choose_formulation(SPEC, 4)
+        rule = formulations.choose_formulation(SPEC, 4)
         candidates = tune.candidate_formulations(SPEC, 4)
         key = tune.cache_key(SPEC, 4, "float32", candidates, jaxbp.compiler_options())
         text = json.dumps(
