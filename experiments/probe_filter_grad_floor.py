@@ -74,7 +74,8 @@ DF_METHODS = (
     "df_example_patches",
     "df_example_toeplitz",
 )
-PROGRAM_METHODS = ("program_patches", "program_toeplitz", "program_conv")
+PROGRAM_FORMS = ("patches", "toeplitz", "conv")
+PROGRAM_METHODS = tuple(f"program_{form}" for form in PROGRAM_FORMS)
 
 
 def filter_grads(jax, spec, x, delta1) -> dict:
@@ -112,9 +113,6 @@ def filter_grads(jax, spec, x, delta1) -> dict:
     }
 
 
-PROGRAM_FORMS = ("patches", "toeplitz", "conv")
-
-
 def program_floor(params, x, y, out, spec, df_form: str, chunk: int | None):
     """The per-example gradients with their dE/df replaced by the examples' sum, in one program:
     the per-example path's forward form and chunks (`jaxbp.formulations.per_example_formulation`,
@@ -143,8 +141,9 @@ def program_floor(params, x, y, out, spec, df_form: str, chunk: int | None):
         forms = (forward, df_form)
         patches = conv_forms.conv_patches(x, spec) if "patches" in forms else None
         rows = conv_forms.toeplitz_rows(x, spec) if "toeplitz" in forms else None
+        # The taps, where they are the forward, as the per-example path runs them: channel by channel.
         H1, _, delta2, delta1 = batched.slide_terms(
-            params, x, y, spec, forward, 1, patches=patches, rows=rows
+            params, x, y, spec, forward, 1, patches=patches, rows=rows, contract_channels=False
         )
         if df_form == "patches":
             df = conv_forms.filter_grad_patches(patches, delta1, spec, transposed=True)
@@ -252,6 +251,7 @@ def run_point(batch, in_shape, kernel, filters, repeats, min_sample_s) -> dict:
         program = jit(
             lambda p, x, y, out, df_form=df_form: program_floor(p, x, y, out, spec, df_form, chunk),
             donate_argnums=3,
+            keep_unused=True,  # unchunked, `out` is unused but for its memory
         )
         calls[f"program_{df_form}"] = tune.timed_calls_into(
             program, args, program_out(jax, spec, *args, df_form)

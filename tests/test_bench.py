@@ -257,20 +257,31 @@ def test_filter_grad_floor_probe_scales_a_chunk_to_the_batch(monkeypatch):
     assert r["program_over_batch_grad"] == pytest.approx(1.0)
 
 
-def test_program_floor_writes_each_examples_dW_and_db_in_chunks_and_sums_dE_df_float64():
-    spec = jaxbp.ConvNetSpec(in_shape=(8, 8, 2), n_filters=3, kernel_size=3, n_out=4)
+@pytest.mark.parametrize("filters", [1, 3])  # the taps forward, and the Toeplitz form's
+def test_program_floor_writes_each_examples_dW_and_db_in_chunks_and_sums_dE_df_float64(filters):
+    spec = jaxbp.ConvNetSpec(in_shape=(8, 8, 3), n_filters=filters, kernel_size=3, n_out=4)
     with jax.enable_x64(True):
         rng = np.random.default_rng(0)
         params = jaxbp.init_params(jax.random.key(0), spec, dtype=jnp.float64)
-        x, y = jnp.asarray(rng.normal(size=(4, 8, 8, 2))), jnp.asarray(rng.uniform(size=(4, 4)))
+        x, y = jnp.asarray(rng.normal(size=(4, 8, 8, 3))), jnp.asarray(rng.uniform(size=(4, 4)))
         want = jaxbp.per_example_manual_grads(params, x, y, spec)
         for df_form in probe_filter_grad_floor.PROGRAM_FORMS:
+            for chunk in (None, 2):  # jitted with out donated, as the probe times it
+                program = jax.jit(
+                    lambda p, x, y, out, df_form=df_form, chunk=chunk: probe_filter_grad_floor.program_floor(
+                        p, x, y, out, spec, df_form, chunk
+                    ),
+                    donate_argnums=3,
+                    keep_unused=True,
+                )
+                out = probe_filter_grad_floor.program_out(jax, spec, params, x, y, df_form)
+                (W, b), df = program(params, x, y, out)
+                assert all(a.is_deleted() for a in jax.tree.leaves(out))  # donated, not copied
+                np.testing.assert_allclose(W, want.W, rtol=1e-10, atol=1e-13)
+                np.testing.assert_allclose(b, want.b, rtol=1e-10, atol=1e-13)
+                df = df if df_form == "conv" else df.T.reshape(want.f.shape[1:])  # (K, kh kw C) back
+                np.testing.assert_allclose(df, want.f.sum(0), rtol=1e-10, atol=1e-13)
             out = probe_filter_grad_floor.program_out(jax, spec, params, x, y, df_form)
-            (W, b), df = probe_filter_grad_floor.program_floor(params, x, y, out, spec, df_form, 2)
-            np.testing.assert_allclose(W, want.W, rtol=1e-12)
-            np.testing.assert_allclose(b, want.b, rtol=1e-12)
-            df = df if df_form == "conv" else df.T.reshape(want.f.shape[1:])  # (K, kh kw C) back
-            np.testing.assert_allclose(df, want.f.sum(0), rtol=1e-12)
             with pytest.raises(ValueError, match="chunk must divide the batch, got 3 and 4"):
                 probe_filter_grad_floor.program_floor(params, x, y, out, spec, df_form, 3)
 
