@@ -52,7 +52,8 @@ from jaxbp.spec import ConvNetSpec
 ConvForm = Literal["taps", "patches", "toeplitz", "conv"]
 FORMS = ("taps", "patches", "toeplitz", "conv")
 
-# The measurements behind these three are with the rules, in `jaxbp.formulations`.
+# The measurements behind the first two are with the rules, in `jaxbp.formulations`; behind the
+# third, in `filter_grad_rows`.
 TAPS_CONTRACT_CHANNELS_FROM = 3
 TOEPLITZ_BLOCK = 4
 PER_EXAMPLE_UNROLLED_MAX_TERMS = 1024
@@ -276,8 +277,8 @@ def filter_grad_patches(
 
     The transposed (K, kh kw C) product, filters first, ran 1.2-1.4x faster (chunks of 32 x 784
     positions, 75 columns, 32 filters: 0.88-0.94 ms against 1.07-1.32), so sums over chunks are
-    kept that way and transposed back once per step (`jaxbp.batched.chunk_sums`). Untransposed (one example:
-    what vmap sees for per-example gradients) it is `fewer_rows_first`'s product.
+    kept that way and transposed back once per step (`jaxbp.batched.chunk_sums`). Untransposed
+    (one example: what vmap sees for per-example gradients) it is `fewer_rows_first`'s product.
 
     Returns:
       (kh, kw, C, K) dE/df, or with ``transposed`` (K, kh kw C), columns in the (a, b, c) order

@@ -2,14 +2,14 @@
 the fastest measured, by shape and backend (`choose_formulation`; the forms are `jaxbp.conv_forms`,
 the batch gradient that runs them `jaxbp.batched`).
 
-Not vmap, and XLA's conv only where it measured faster. Under vmap the per-example dE/df (a
-conv whose batch axis is C) becomes a grouped conv per example, which XLA's CPU runs slowly. The
-``conv`` forms (XLA's convolution, with the batch as the contracted axis of dE/df) serve dE/df
-after the taps (but a single example on 2 or more channels), from 32 filters on and for a batch
-of one past the taps, and both convolutions on accelerators other than a GPU (not measured
-there; on a GPU the patches for both measured fastest, below). On the CPU dE/df's conv is split
-over the examples into a few convs that run at once (``conv_parts``): with 32 filters Eigen ran
-one such conv on one core. The measurements assume the steps' `jaxbp.compiler_options()`: with
+The batch step does not vmap, and uses XLA's conv only where it measured faster. Under vmap the
+per-example dE/df (a conv whose batch axis is C) becomes a grouped conv per example, which XLA's
+CPU runs slowly. The ``conv`` forms (XLA's convolution, with the batch as the contracted axis of
+dE/df) serve dE/df after the taps (but a single example on 2 or more channels), from 32 filters on
+and for a batch of one past the taps, and both convolutions on accelerators other than a GPU (not
+measured there; on a GPU the patches for both measured fastest, below). On the CPU dE/df's conv is
+split over the examples into a few convs that run at once (``conv_parts``): with 32 filters Eigen
+ran one such conv on one core. The measurements assume the steps' `jaxbp.compiler_options()`: with
 jaxlib 0.10's default YNNPACK convolutions the same convs ran up to 10x slower
 (`jaxbp.compile_options`).
 
@@ -218,7 +218,8 @@ class Formulation(NamedTuple):
 #   loop's speed, slower by more than 5% at 2 of 6 points (batch 1024, 3x3: 10.0 against 7.8 ms)
 #   and faster by more than 5% at 1. A first run of the same command (committed in c7e4372,
 #   replaced in 21af73a) had the same sides at C >= 3 (1.05-1.64x) and C = 2 slower at 4 of 6
-#   points: hence TAPS_CONTRACT_CHANNELS_FROM = 3. With one channel there is nothing to contract.
+#   points: hence `jaxbp.conv_forms.TAPS_CONTRACT_CHANNELS_FROM` = 3. With one channel there is
+#   nothing to contract.
 #   The per-example paths keep the per-channel loop (they write U for every example,
 #   `jaxbp.batched.per_example_grads_taps`, `jaxbp.batched.value_and_grads_example`). U holds kh
 #   kw K numbers per input pixel where the loop reads C; the chunk is still sized by the working

@@ -124,7 +124,6 @@ def test_per_example_without_filter_grad_is_the_per_example_dW_and_db_float64():
     import jax
 
     import jaxbp
-    from jaxbp import formulations
 
     for hw, filters, kernel, form in ((10, 1, 3, "taps"), (10, 8, 3, "patches"), (16, 8, 5, "toeplitz")):
         spec = jaxbp.ConvNetSpec(in_shape=(hw, hw, 1), n_filters=filters, kernel_size=kernel, n_out=3)
