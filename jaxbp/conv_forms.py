@@ -24,7 +24,7 @@ time goes (which form runs where, and the measurements: `jaxbp.formulations`):
 * **Taps (shift-and-add), for one filter on few channels.** ``Z1 = sum_ab tap_ab(X) f[a, b]``
   with tap_ab a strided slice of the padded input: XLA fuses the slices, multiply-adds and the
   sigmoid into one loop, so neither P nor Z1 is written. dE/df is then XLA's conv with the
-  batch as its contracted axis (Eigen's, with `jaxbp.compiler_options()`; in parts, below),
+  batch as its contracted axis (Eigen's, with `jaxbp.compiler_options()`; in parts, `filter_grad_conv`),
   except for a single example on 2 or more channels, where it is the Toeplitz form's.
   With one filter P @ f is a matrix-vector product that only pays for writing P. From 3 input
   channels on the channels are contracted first, U = X_pad f (kh kw K numbers per pixel, one
