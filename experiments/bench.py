@@ -448,7 +448,11 @@ def jax_methods(
         timed += [chosen._replace(chunk=c) for c in (None, *chunks) if c != chosen.chunk]
         if chosen.filter_grad == "conv" and batch > 1:
             timed += [chosen._replace(conv_parts=p) for p in FORMULATION_CONV_PARTS if p != chosen.conv_parts]
-        for form in jaxbp.tune.distinct(timed, batch):  # a chunk of the batch or more: the whole
+        channels = spec.in_shape[2]
+        if chosen.forward == "taps" and channels >= 2:  # the taps' channels contracted first or not
+            timed.append(chosen._replace(contract_channels=not conv_forms.contracts_channels_first(channels)))
+        # A chunk of the batch or more is the whole batch; the channels' default is None.
+        for form in jaxbp.tune.distinct(timed, batch, channels):
 
             def vg(p, s, x, y, form=form):
                 E, g = batched.value_and_grads(p, x, y, spec, formulation=form)

@@ -129,7 +129,6 @@ def chunk_sums(
     form: Formulation,
     n: int,
     transposed: bool = True,
-    contract_channels: bool | None = None,
 ) -> tuple[jax.Array, Params]:
     """(sum of E, sums of dE/dparams) over the examples of one chunk, each already divided by n.
 
@@ -137,14 +136,21 @@ def chunk_sums(
     With ``transposed`` the two weight gradients come small axis first, f as (K, kh kw C) and W
     as (n_out, D) (see `untranspose`): faster for sums over several examples, and slower for a
     single vmapped example, where the transpose back is one per example (per-example gradients,
-    batch 256, 28x28x1, 8 filters: 52 ms transposed against 29). ``contract_channels`` is
-    `jaxbp.conv_forms.conv_forward_taps`'.
+    batch 256, 28x28x1, 8 filters: 52 ms transposed against 29).
     """
     forms = (form.forward, form.filter_grad)
     patches = conv_patches(x, spec) if "patches" in forms else None
     rows = toeplitz_rows(x, spec) if "toeplitz" in forms else None
     H1, O, delta2, delta1 = slide_terms(
-        params, x, y, spec, form.forward, n, patches=patches, rows=rows, contract_channels=contract_channels
+        params,
+        x,
+        y,
+        spec,
+        form.forward,
+        n,
+        patches=patches,
+        rows=rows,
+        contract_channels=form.contract_channels,
     )
     E = 0.5 * jnp.sum((O - y) ** 2) / n
     if transposed:
@@ -222,7 +228,6 @@ def value_and_grads(
     spec: ConvNetSpec,
     *,
     formulation: Formulation | None = None,
-    contract_channels: bool | None = None,
 ) -> tuple[jax.Array, Params]:
     r"""(E, dE/dparams) of a batch: the means over examples, computed as contractions over N.
 
@@ -233,9 +238,6 @@ def value_and_grads(
       spec: the network.
       formulation: how to compute the two convolutions and in what chunks; None picks
         `jaxbp.formulations.choose_formulation`.
-      contract_channels: with the taps forward, whether the input channels are contracted first
-        (`jaxbp.conv_forms.conv_forward_taps`); None: from
-        `jaxbp.conv_forms.TAPS_CONTRACT_CHANNELS_FROM` channels on.
 
     Returns:
       (E, Params(dE/df, dE/dW, dE/db)), E the mean of the per-example losses
@@ -253,9 +255,9 @@ def value_and_grads(
         form = check_formulation(formulation)
     chunk = n if form.chunk is None else min(form.chunk, n)
     if n == 1:  # one example (what vmap sees for per-example gradients): no sum to transpose
-        return chunk_sums(params, x, y, spec, form, n, transposed=False, contract_channels=contract_channels)
+        return chunk_sums(params, x, y, spec, form, n, transposed=False)
     if chunk == n:
-        E, sums = chunk_sums(params, x, y, spec, form, n, contract_channels=contract_channels)
+        E, sums = chunk_sums(params, x, y, spec, form, n)
         return E, untranspose(sums, spec)
 
     # The loop carries two arrays: (dE/dW)^T, and E, dE/df and dE/db laid end to end in one
@@ -270,7 +272,7 @@ def value_and_grads(
     offsets = np.cumsum([0, *(math.prod(shape) for shape in shapes)])
 
     def add_chunk(total, x_chunk, y_chunk):
-        E, part = chunk_sums(params, x_chunk, y_chunk, spec, form, n, contract_channels=contract_channels)
+        E, part = chunk_sums(params, x_chunk, y_chunk, spec, form, n)
         E_f_b, W = total
         return E_f_b + jnp.concatenate([E[None], part.f.ravel(), part.b]), W + part.W
 
@@ -301,13 +303,16 @@ def value_and_grads_example(
     `jaxbp.backward` (dE/df = conv(X, delta1) with C as the conv's batch) gives a grouped
     convolution per example, which XLA's CPU backend runs slowly (experiments/bench.py,
     per_ex_manual). None takes `jaxbp.formulations.per_example_formulation`. The taps forward
-    keeps its per-channel loop (``contract_channels=False``), as `per_example_grads_taps` does:
-    vmapped, `jaxbp.conv_forms.conv_forward_tap_products` writes U for every example of the
-    batch.
+    keeps its per-channel loop unless the formulation's ``contract_channels`` is set, as
+    `per_example_grads_taps` does: vmapped, `jaxbp.conv_forms.conv_forward_tap_products` writes
+    U for every example of the batch.
     """
     if formulation is None:
         formulation = per_example_formulation(spec, 1, itemsize=jnp.asarray(x).dtype.itemsize)
-    return value_and_grads(params, x[None], y[None], spec, formulation=formulation, contract_channels=False)
+    formulation = check_formulation(formulation)
+    if formulation.contract_channels is None:
+        formulation = formulation._replace(contract_channels=False)
+    return value_and_grads(params, x[None], y[None], spec, formulation=formulation)
 
 
 def per_example_grads(params: Params, x: jax.Array, y: jax.Array, spec: ConvNetSpec) -> Params:

@@ -139,7 +139,7 @@ def conv_forward_taps(
     """
     kh, kw, c_in, _ = f.shape
     if contract_channels is None:
-        contract_channels = c_in >= TAPS_CONTRACT_CHANNELS_FROM
+        contract_channels = contracts_channels_first(c_in)
     if contract_channels:
         return conv_forward_tap_products(x, f, spec)
     taps = conv_taps(x, spec)
@@ -150,6 +150,12 @@ def conv_forward_taps(
             term = tap[..., c : c + 1] * f[a, b, c][None, None, None, :]
             z = term if z is None else z + term
     return z
+
+
+def contracts_channels_first(channels: int) -> bool:
+    """Whether the taps forward contracts the input channels first by default (``contract_channels``
+    None): from `TAPS_CONTRACT_CHANNELS_FROM` channels on."""
+    return channels >= TAPS_CONTRACT_CHANNELS_FROM
 
 
 def conv_forward_tap_products(x: jax.Array, f: jax.Array, spec: ConvNetSpec) -> jax.Array:

@@ -46,18 +46,29 @@ class Formulation(NamedTuple):
       conv_parts: with dE/df as XLA's conv, that conv is split into this many convs over
         consecutive slices of a chunk's examples and summed (at most one part per example):
         Eigen runs the conv on one core, and XLA's CPU runtime runs independent convs at once.
+      contract_channels: with the taps forward, True contracts the input channels first (U =
+        X_pad f, one small matmul, then kh*kw shifted slices of U:
+        `jaxbp.conv_forms.conv_forward_tap_products`), False runs the loop over taps and
+        channels; None, from `jaxbp.conv_forms.TAPS_CONTRACT_CHANNELS_FROM` channels on. Which
+        is faster differs between CPUs (below); only the taps forward reads it.
     """
 
     forward: ConvForm
     filter_grad: ConvForm
     chunk: int | None = None
     conv_parts: int = 1
+    contract_channels: bool | None = None
 
     def label(self) -> str:
         """``forward/filter_grad/chunk`` (``all`` for the whole batch), the filter_grad ``conv*P``
-        where XLA's conv is split in P parts: how the benchmark's tables name it."""
+        where XLA's conv is split in P parts, the forward ``taps(products)`` or
+        ``taps(per_channel)`` where the taps' channels are set: how the benchmark's tables name
+        it."""
         parts = f"*{self.conv_parts}" if self.filter_grad == "conv" and self.conv_parts > 1 else ""
-        return f"{self.forward}/{self.filter_grad}{parts}/{self.chunk or 'all'}"
+        forward = self.forward
+        if forward == "taps" and self.contract_channels is not None:
+            forward += "(products)" if self.contract_channels else "(per_channel)"
+        return f"{forward}/{self.filter_grad}{parts}/{self.chunk or 'all'}"
 
 
 # Measured on the 2-core CPU in float32, 3x3 and 5x5 kernels, batch 32/256/1024, 1/8/32
@@ -362,8 +373,9 @@ def working_set_chunk(
 
 
 def check_formulation(formulation) -> Formulation:
-    """Raise unless `formulation` is a Formulation of known forms, a positive int chunk (or None)
-    and a positive int conv_parts (which only the conv dE/df uses)."""
+    """Raise unless `formulation` is a Formulation of known forms, a positive int chunk (or None),
+    a positive int conv_parts (which only the conv dE/df uses) and contract_channels None, True
+    or False (which only the taps forward uses)."""
     if not isinstance(formulation, Formulation):
         raise TypeError(f"formulation must be a jaxbp.Formulation, got {formulation!r}")
     for name in ("forward", "filter_grad"):
@@ -376,6 +388,9 @@ def check_formulation(formulation) -> Formulation:
     parts = formulation.conv_parts
     if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
         raise ValueError(f"formulation.conv_parts must be an int >= 1, got {parts!r}")
+    contract = formulation.contract_channels
+    if not (contract is None or isinstance(contract, bool)):
+        raise ValueError(f"formulation.contract_channels must be None, True or False, got {contract!r}")
     return formulation
 
 

@@ -39,6 +39,7 @@ from jaxbp import batched
 from jaxbp import formulations
 from jaxbp import machine
 from jaxbp.compile_options import compiler_options as default_compiler_options
+from jaxbp.conv_forms import contracts_channels_first
 from jaxbp.formulations import Formulation
 from jaxbp.params import init_params
 from jaxbp.spec import ConvNetSpec
@@ -93,17 +94,24 @@ def candidate_formulations(
     spec: ConvNetSpec, batch: int, backend: str | None = None, itemsize: int = 4
 ) -> list[Formulation]:
     """The formulations `tune_formulation` times by default, the rule's pick first: its forms at
-    each of `CANDIDATE_CHUNKS` below the batch (and the whole batch up to `WHOLE_BATCH_MAX`), then
-    each of `CANDIDATE_PAIRS` at the pick's chunk (XLA's conv for dE/df in the rule's parts for
-    this batch and backend, `formulations.conv_filter_grad_parts`): 3-9 formulations, 4-8 on the
-    benchmark's grid."""
+    each of `CANDIDATE_CHUNKS` below the batch (and the whole batch up to `WHOLE_BATCH_MAX`); where
+    the pick's forward is the taps on 2 or more input channels, the pick with the other
+    ``contract_channels``; then each of `CANDIDATE_PAIRS` at the pick's chunk (XLA's conv for
+    dE/df in the rule's parts for this batch and backend, `formulations.conv_filter_grad_parts`):
+    3-10 formulations, 4-9 on the benchmark's grid."""
     positive_int(batch, "batch")
     rule = formulations.choose_formulation(spec, batch, backend, itemsize)
     parts = formulations.conv_filter_grad_parts(batch, backend)
     chunks = [c for c in CANDIDATE_CHUNKS if c < batch] + ([None] if batch <= WHOLE_BATCH_MAX else [])
     out = [rule] + [rule._replace(chunk=c) for c in chunks]
+    channels = spec.in_shape[2]
+    if rule.forward == "taps" and channels >= 2:
+        # The channels contracted first or not: the rule's side was the slower by up to 1.5x on
+        # another CPU than the one it was measured on (`formulations`, TAPS_CONTRACT_CHANNELS_FROM).
+        # With one channel there is nothing to contract.
+        out.append(rule._replace(contract_channels=not contracts_channels_first(channels)))
     out += [Formulation(f, g, rule.chunk, parts) for f, g in CANDIDATE_PAIRS]
-    return distinct(out, batch)
+    return distinct(out, batch, channels)
 
 
 def positive_int(value, name: str) -> int:
@@ -113,13 +121,24 @@ def positive_int(value, name: str) -> int:
     return value
 
 
-def distinct(forms, batch: int) -> list[Formulation]:
+def distinct(forms, batch: int, channels: int | None = None) -> list[Formulation]:
     """`forms` without repeats, each as it runs at `batch`: a chunk of at least the batch is the
-    whole batch (None), and conv_parts is 1 where dE/df is not XLA's conv (nothing else reads it)."""
+    whole batch (None), conv_parts is 1 where dE/df is not XLA's conv and contract_channels None
+    where the forward is not the taps (nothing else reads them). Given the input `channels`, a
+    taps forward's contract_channels that None also means for them is None."""
+
+    def contract(f):
+        if f.forward != "taps":
+            return None
+        if channels is not None and f.contract_channels == contracts_channels_first(channels):
+            return None
+        return f.contract_channels
+
     runs_as = (
         f._replace(
             chunk=None if (f.chunk or batch) >= batch else f.chunk,
             conv_parts=f.conv_parts if f.filter_grad == "conv" else 1,
+            contract_channels=contract(f),
         )
         for f in forms
     )
@@ -286,7 +305,7 @@ def tune_formulation(
                 formulations.check_formulation(form)
             except (TypeError, ValueError) as err:
                 raise type(err)(f"candidates[{i}]: {err}") from None
-    candidates = distinct([rule, *candidates], batch)  # the rule is always measured, first
+    candidates = distinct([rule, *candidates], batch, spec.in_shape[2])  # the rule always, first
     options = default_compiler_options() if compiler_options is None else compiler_options
     say = progress or (lambda line: None)
     if cache is not None:

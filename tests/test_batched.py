@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
+from jax.extend.core import subjaxprs
 from strategies import problem
 from strategies import specs
 from test_backward import FLOAT32_PER_KAPPA
@@ -31,7 +32,8 @@ from jaxbp.formulations import Formulation
 # chunks of 2 (a batch of 3 or 5 also leaves a remainder chunk, of one example with 3 and 5), the
 # mixed pairs that choose_formulation picks in chunks of 2, and chunks of one example; dE/df's
 # conv split over the examples (conv_parts) with more parts than a chunk has examples, parts of
-# unequal size, and a remainder chunk.
+# unequal size, and a remainder chunk; the taps forward with its channels contracted first and
+# not, whatever their number.
 PAIRS = [*itertools.product(("taps", "patches", "conv"), repeat=2)]
 PAIRS += [("toeplitz", "toeplitz"), ("toeplitz", "conv"), ("taps", "toeplitz")]
 CHUNKED = [Formulation(form, form, 2) for form in conv_forms.FORMS] + [
@@ -41,6 +43,8 @@ CHUNKED = [Formulation(form, form, 2) for form in conv_forms.FORMS] + [
     Formulation("taps", "taps", 1),
     Formulation("taps", "conv", None, 4),
     Formulation("toeplitz", "conv", 3, 2),
+    Formulation("taps", "conv", 2, 2, contract_channels=True),
+    Formulation("taps", "toeplitz", None, 1, contract_channels=False),
 ]
 FORMULATIONS = [Formulation(*f) for f in PAIRS] + CHUNKED
 
@@ -398,6 +402,41 @@ def test_per_example_grads_never_group_a_conv_and_equal_the_slides_float64(
     chex.assert_trees_all_close(per_example, slides(params, x, y, spec)[1], rtol=1e-10, atol=1e-13)
 
 
+def u_matmuls(fn, x, *args) -> int:
+    """The dots in fn's jaxpr (loops included) whose left operand ends in the images' (H, W, C):
+    U = X_pad f."""
+
+    def u(e):
+        return e.primitive.name == "dot_general" and e.invars[0].aval.shape[-3:] == x.shape[1:]
+
+    def count(jaxpr):
+        return sum(map(u, jaxpr.eqns)) + sum(map(count, subjaxprs(jaxpr)))
+
+    return count(jax.make_jaxpr(fn)(x, *args).jaxpr)
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_formulation_says_whether_the_taps_contract_the_channels_first(channels, chunk):
+    # None is TAPS_CONTRACT_CHANNELS_FROM's default; True and False override it either way, in
+    # the batch step and (set) in the vmapped per-example function, whose None is False.
+    spec = jaxbp.ConvNetSpec(in_shape=(7, 6, channels), n_filters=1, kernel_size=(3, 2), n_out=2)
+    params, x, y = problem(spec, 3, 4)
+    default = channels >= conv_forms.TAPS_CONTRACT_CHANNELS_FROM
+    assert conv_forms.contracts_channels_first(channels) == default
+    for contract in (None, True, False):
+        form = Formulation("taps", "conv", chunk, 2, contract)
+
+        def step(x, p, y, form=form):
+            return batched.value_and_grads(p, x, y, spec, formulation=form)
+
+        def example(x, p, y, form=form):
+            return batched.value_and_grads_example(p, x, y, spec, formulation=form)
+
+        assert u_matmuls(step, x, params, y) == (default if contract is None else contract), contract
+        assert u_matmuls(jax.vmap(example, in_axes=(0, None, 0)), x, params, y) == bool(contract), contract
+
+
 @pytest.mark.parametrize("contract_channels", [False, True])
 def test_per_example_taps_with_and_without_the_channels_contracted_equal_the_slides_float64(
     contract_channels,
@@ -492,6 +531,10 @@ def test_bad_formulation_and_unbatched_input_raise():
     for parts in (0, 2.0, True):
         form = Formulation("taps", "conv", None, parts)
         with pytest.raises(ValueError, match="formulation.conv_parts"):
+            batched.value_and_grads(params, x, y, spec, formulation=form)
+    for contract in (1, 0, "yes", np.bool_(True)):
+        form = Formulation("taps", "conv", None, 1, contract)
+        with pytest.raises(ValueError, match="formulation.contract_channels"):
             batched.value_and_grads(params, x, y, spec, formulation=form)
     with pytest.raises(ValueError, match="x must be a batch"):
         batched.value_and_grads(params, x[0], y[0], spec)

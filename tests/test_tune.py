@@ -44,6 +44,10 @@ def test_candidates_are_the_rules_forms_at_other_chunks_and_other_pairs(batch, f
     parts = formulations.conv_filter_grad_parts(batch, "cpu")
     assert {f.conv_parts for f in candidates if f.filter_grad == "conv"} == {parts}
     assert {f.conv_parts for f in candidates if f.filter_grad != "conv"} == {1}
+    # The taps on 3 channels contract them first by default (TAPS_CONTRACT_CHANNELS_FROM): the
+    # pick is also timed with the per-channel loop; nothing else sets contract_channels.
+    flipped = [f for f in candidates if f.contract_channels is not None]
+    assert flipped == ([rule._replace(contract_channels=False)] if rule.forward == "taps" else [])
     on_gpu = tune.candidate_formulations(spec, batch, "gpu")
     assert on_gpu[0] == formulations.choose_formulation(spec, batch, "gpu")
     assert {f.conv_parts for f in on_gpu} == {1}
@@ -55,6 +59,19 @@ def test_candidates_given_are_taken_as_they_run_at_the_batch():
     assert tune.distinct(given, 20) == [whole, chunked]  # conv_parts only matters for a conv dE/df
     conv = formulations.Formulation("patches", "conv", 8, 3)
     assert tune.distinct([conv, conv._replace(conv_parts=1)], 20) == [conv, conv._replace(conv_parts=1)]
+    # contract_channels only matters for the taps forward; given the channels, set to what None
+    # means for them it is None.
+    assert tune.distinct([whole._replace(contract_channels=True)], 20, 3) == [whole]
+    taps = formulations.Formulation("taps", "conv", 8, 3)
+    products, per_channel = (taps._replace(contract_channels=c) for c in (True, False))
+    assert tune.distinct([taps, products, per_channel], 20, 3) == [taps, per_channel]
+    assert tune.distinct([taps, products, per_channel], 20, 1) == [taps, products]
+    assert tune.distinct([taps, products, per_channel], 20) == [taps, products, per_channel]
+    assert [f.label() for f in (taps, products, per_channel)] == [
+        "taps/conv*3/8",
+        "taps(products)/conv*3/8",
+        "taps(per_channel)/conv*3/8",
+    ]
 
 
 def test_tuning_times_every_candidate_and_each_computes_the_rules_means():
