@@ -230,7 +230,12 @@ class Formulation(NamedTuple):
 #   and faster by more than 5% at 1. A first run of the same command (committed in c7e4372,
 #   replaced in 21af73a) had the same sides at C >= 3 (1.05-1.64x) and C = 2 slower at 4 of 6
 #   points: hence `jaxbp.conv_forms.TAPS_CONTRACT_CHANNELS_FROM` = 3. With one channel there is
-#   nothing to contract.
+#   nothing to contract. On another AMD EPYC (a 16 MB L3; the run above had 32 MB) the same
+#   command (bench_tap_products_amd_epyc_16mb.md) had the products faster at 13 of 24 points
+#   only: slower at all three 3x3 points on 3 channels (0.68-0.79x the per-channel loop's
+#   speed), where U's (N H W, 3) x (3, 9) matmul took most of the step. The rule is left as
+#   measured on its CPU; `Formulation.contract_channels` sets the side per formulation, and
+#   `jaxbp.tune_formulation` times the other side too.
 #   The per-example paths keep the per-channel loop (they write U for every example,
 #   `jaxbp.batched.per_example_grads_taps`, `jaxbp.batched.value_and_grads_example`). U holds kh
 #   kw K numbers per input pixel where the loop reads C; the chunk is still sized by the working
