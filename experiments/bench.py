@@ -451,6 +451,8 @@ def jax_methods(
         channels = spec.in_shape[2]
         if chosen.forward == "taps" and channels >= 2:  # the taps' channels contracted first or not
             timed.append(chosen._replace(contract_channels=not conv_forms.contracts_channels_first(channels)))
+        if chosen[:2] == ("taps", "conv") and batch > 1:  # and in the batch-minor layout
+            timed.append(chosen._replace(contract_channels=None, batch_minor=True))
         # A chunk of the batch or more is the whole batch; the channels' default is None.
         for form in jaxbp.tune.distinct(timed, batch, channels):
 

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxbp import batch_minor
 from jaxbp import ops
 from jaxbp.conv_forms import ConvForm
 from jaxbp.conv_forms import conv_forward
@@ -255,7 +256,10 @@ def value_and_grads(
         form = check_formulation(formulation)
     chunk = n if form.chunk is None else min(form.chunk, n)
     if n == 1:  # one example (what vmap sees for per-example gradients): no sum to transpose
-        return chunk_sums(params, x, y, spec, form, n, transposed=False)
+        return chunk_sums(params, x, y, spec, form._replace(batch_minor=False), n, transposed=False)
+    if form.batch_minor:
+        E, sums = batch_minor.value_and_grads(params, x, y, spec, chunk, form.conv_parts)
+        return E, untranspose(sums, spec)
     if chunk == n:
         E, sums = chunk_sums(params, x, y, spec, form, n)
         return E, untranspose(sums, spec)

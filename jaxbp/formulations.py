@@ -51,6 +51,9 @@ class Formulation(NamedTuple):
         `jaxbp.conv_forms.conv_forward_tap_products`), False runs the loop over taps and
         channels; None, from `jaxbp.conv_forms.TAPS_CONTRACT_CHANNELS_FROM` channels on. Which
         is faster differs between CPUs (below); only the taps forward reads it.
+      batch_minor: with the taps forward and XLA's conv for dE/df, every array of a chunk with
+        its examples as the minor axis, x transposed once per chunk (`jaxbp.batch_minor`); the
+        taps' loop then runs per channel.
     """
 
     forward: ConvForm
@@ -58,15 +61,18 @@ class Formulation(NamedTuple):
     chunk: int | None = None
     conv_parts: int = 1
     contract_channels: bool | None = None
+    batch_minor: bool = False
 
     def label(self) -> str:
         """``forward/filter_grad/chunk`` (``all`` for the whole batch), the filter_grad ``conv*P``
         where XLA's conv is split in P parts, the forward ``taps(products)`` or
-        ``taps(per_channel)`` where the taps' channels are set: how the benchmark's tables name
-        it."""
+        ``taps(per_channel)`` where the taps' channels are set and ``taps(batch_minor)`` in the
+        batch-minor layout: how the benchmark's tables name it."""
         parts = f"*{self.conv_parts}" if self.filter_grad == "conv" and self.conv_parts > 1 else ""
         forward = self.forward
-        if forward == "taps" and self.contract_channels is not None:
+        if forward == "taps" and self.batch_minor:
+            forward += "(batch_minor)"
+        elif forward == "taps" and self.contract_channels is not None:
             forward += "(products)" if self.contract_channels else "(per_channel)"
         return f"{forward}/{self.filter_grad}{parts}/{self.chunk or 'all'}"
 
@@ -379,8 +385,9 @@ def working_set_chunk(
 
 def check_formulation(formulation) -> Formulation:
     """Raise unless `formulation` is a Formulation of known forms, a positive int chunk (or None),
-    a positive int conv_parts (which only the conv dE/df uses) and contract_channels None, True
-    or False (which only the taps forward uses)."""
+    a positive int conv_parts (which only the conv dE/df uses), contract_channels None, True
+    or False (which only the taps forward uses) and batch_minor a bool, True only for the taps
+    forward with the conv dE/df and the per-channel loop."""
     if not isinstance(formulation, Formulation):
         raise TypeError(f"formulation must be a jaxbp.Formulation, got {formulation!r}")
     for name in ("forward", "filter_grad"):
@@ -396,6 +403,13 @@ def check_formulation(formulation) -> Formulation:
     contract = formulation.contract_channels
     if not (contract is None or isinstance(contract, bool)):
         raise ValueError(f"formulation.contract_channels must be None, True or False, got {contract!r}")
+    if not isinstance(formulation.batch_minor, bool):
+        raise ValueError(f"formulation.batch_minor must be True or False, got {formulation.batch_minor!r}")
+    if formulation.batch_minor and (formulation[:2] != ("taps", "conv") or contract):
+        raise ValueError(
+            "formulation.batch_minor needs forward 'taps', filter_grad 'conv' and contract_channels "
+            f"None or False, got {formulation!r}"
+        )
     return formulation
 
 

@@ -96,9 +96,10 @@ def candidate_formulations(
     """The formulations `tune_formulation` times by default, the rule's pick first: its forms at
     each of `CANDIDATE_CHUNKS` below the batch (and the whole batch up to `WHOLE_BATCH_MAX`); where
     the pick's forward is the taps on 2 or more input channels, the pick with the other
-    ``contract_channels``; then each of `CANDIDATE_PAIRS` at the pick's chunk (XLA's conv for
-    dE/df in the rule's parts for this batch and backend, `formulations.conv_filter_grad_parts`):
-    3-10 formulations, 4-9 on the benchmark's grid."""
+    ``contract_channels``; where the pick is the taps and XLA's conv for a batch of 2 or more,
+    the pick in the batch-minor layout; then each of `CANDIDATE_PAIRS` at the pick's chunk
+    (XLA's conv for dE/df in the rule's parts for this batch and backend,
+    `formulations.conv_filter_grad_parts`): 3-11 formulations, 4-10 on the benchmark's grid."""
     positive_int(batch, "batch")
     rule = formulations.choose_formulation(spec, batch, backend, itemsize)
     parts = formulations.conv_filter_grad_parts(batch, backend)
@@ -110,6 +111,9 @@ def candidate_formulations(
         # another CPU than the one it was measured on (`formulations`, TAPS_CONTRACT_CHANNELS_FROM).
         # With one channel there is nothing to contract.
         out.append(rule._replace(contract_channels=not contracts_channels_first(channels)))
+    if rule[:2] == ("taps", "conv") and batch > 1:
+        # The same pair in the batch-minor layout (`jaxbp.batch_minor`), at the rule's chunk.
+        out.append(rule._replace(contract_channels=None, batch_minor=True))
     out += [Formulation(f, g, rule.chunk, parts) for f, g in CANDIDATE_PAIRS]
     return distinct(out, batch, channels)
 
@@ -123,12 +127,13 @@ def positive_int(value, name: str) -> int:
 
 def distinct(forms, batch: int, channels: int | None = None) -> list[Formulation]:
     """`forms` without repeats, each as it runs at `batch`: a chunk of at least the batch is the
-    whole batch (None), conv_parts is 1 where dE/df is not XLA's conv and contract_channels None
-    where the forward is not the taps (nothing else reads them). Given the input `channels`, a
-    taps forward's contract_channels that None also means for them is None."""
+    whole batch (None), conv_parts is 1 where dE/df is not XLA's conv, contract_channels None
+    where the forward is not the taps or the layout batch-minor, and batch_minor False but for
+    the taps and the conv (nothing else reads them). Given the input `channels`, a taps
+    forward's contract_channels that None also means for them is None."""
 
     def contract(f):
-        if f.forward != "taps":
+        if f.forward != "taps" or f.batch_minor:
             return None
         if channels is not None and f.contract_channels == contracts_channels_first(channels):
             return None
@@ -139,6 +144,7 @@ def distinct(forms, batch: int, channels: int | None = None) -> list[Formulation
             chunk=None if (f.chunk or batch) >= batch else f.chunk,
             conv_parts=f.conv_parts if f.filter_grad == "conv" else 1,
             contract_channels=contract(f),
+            batch_minor=f.batch_minor and f[:2] == ("taps", "conv"),
         )
         for f in forms
     )

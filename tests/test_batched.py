@@ -20,6 +20,7 @@ from test_backward import FLOAT32_PER_KAPPA
 from test_bench import bench
 
 import jaxbp
+from jaxbp import batch_minor
 from jaxbp import batched
 from jaxbp import conv_forms
 from jaxbp import formulations
@@ -33,7 +34,8 @@ from jaxbp.formulations import Formulation
 # mixed pairs that choose_formulation picks in chunks of 2, and chunks of one example; dE/df's
 # conv split over the examples (conv_parts) with more parts than a chunk has examples, parts of
 # unequal size, and a remainder chunk; the taps forward with its channels contracted first and
-# not, whatever their number.
+# not, whatever their number; the taps and conv in the batch-minor layout, in chunks of 2 (2
+# parts; a remainder of one example, one part) and whole (3 parts where they divide the batch).
 PAIRS = [*itertools.product(("taps", "patches", "conv"), repeat=2)]
 PAIRS += [("toeplitz", "toeplitz"), ("toeplitz", "conv"), ("taps", "toeplitz")]
 CHUNKED = [Formulation(form, form, 2) for form in conv_forms.FORMS] + [
@@ -45,6 +47,8 @@ CHUNKED = [Formulation(form, form, 2) for form in conv_forms.FORMS] + [
     Formulation("toeplitz", "conv", 3, 2),
     Formulation("taps", "conv", 2, 2, contract_channels=True),
     Formulation("taps", "toeplitz", None, 1, contract_channels=False),
+    Formulation("taps", "conv", 2, 2, batch_minor=True),
+    Formulation("taps", "conv", None, 3, batch_minor=True),
 ]
 FORMULATIONS = [Formulation(*f) for f in PAIRS] + CHUNKED
 
@@ -601,3 +605,43 @@ def test_the_chunk_loop_neither_copies_x_nor_adds_each_sum_in_a_kernel_of_its_ow
     shapes = re.findall(r"= f32\[([\d,]*)\]\S* fusion\(", chunked)
     assert x.size not in {math.prod(int(d) for d in shape.split(",") if d) for shape in shapes}
     assert chunked_kernels - whole_kernels <= 8, (chunked_kernels, whole_kernels)
+
+
+def test_batch_minor_parts_and_the_transposed_chunk():
+    assert [batch_minor.split_parts(m, 4) for m in (128, 6, 7, 3, 2, 1)] == [4, 3, 1, 3, 2, 1]
+    spec = odd_spec(2, 3)  # padding ((1, 2), (0, 1)): X^T holds X_pad
+    _, x, _ = problem(spec, 4, 6)
+    rows = batch_minor.transposed_chunk(x, spec, 3)
+    x_pad = conv_forms.pad_input(x, spec)
+    assert rows.shape == (3, 2 * 12 * 8 * 2)
+    for p in range(3):
+        np.testing.assert_array_equal(
+            rows[p].reshape(2, 12, 8, 2), x_pad[2 * p : 2 * p + 2].transpose(3, 1, 2, 0)
+        )
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA's CPU fusions")
+def test_batch_minor_transposes_each_chunk_once_into_rows_the_convs_read_whole():
+    # The chunk's x is transposed by one kernel per loop step, carried to the next as P flat rows
+    # (C Hp Wp q numbers each); nothing else in the loop writes an array of the chunk's size
+    # (computed where it is used, XLA had fused the transpose into each part's copy and into the
+    # taps' loop), and the convs read the rows' (C, Hp, Wp, q) parts.
+    spec = jaxbp.ConvNetSpec(in_shape=(12, 12, 3), n_filters=1, kernel_size=(3, 3), n_out=10)
+    params = jaxbp.init_params(jax.random.key(0), spec)
+    x, y = jnp.ones((64, 12, 12, 3), jnp.float32), jnp.ones((64, 10), jnp.float32)
+    form = Formulation("taps", "conv", 16, 4, batch_minor=True)
+    fn = jax.jit(
+        lambda p, x, y: batched.value_and_grads(p, x, y, spec, formulation=form),
+        compiler_options=jaxbp.compiler_options(),
+    )
+    text = fn.lower(params, x, y).compile().as_text()
+    body = text[text.index("%wide.region") :]  # the loop's computations come first, as printed
+    body = body[: body.index("ENTRY")]
+    chunk_size = 16 * 12 * 12 * 3
+    writes = [
+        math.prod(int(d) for d in shape.split(",") if d)
+        for shape in re.findall(r"= f32\[([\d,]*)\]\S* fusion\(", body)
+    ]
+    assert writes.count(chunk_size) == 1, writes
+    assert re.search(rf"= f32\[4,{chunk_size // 4}\]\S* fusion\(", body)
+    assert len(re.findall(r"= f32\[3,12,12,4\]\S* (?:fusion|slice|copy)\(", body)) <= 4

@@ -48,6 +48,10 @@ def test_candidates_are_the_rules_forms_at_other_chunks_and_other_pairs(batch, f
     # pick is also timed with the per-channel loop; nothing else sets contract_channels.
     flipped = [f for f in candidates if f.contract_channels is not None]
     assert flipped == ([rule._replace(contract_channels=False)] if rule.forward == "taps" else [])
+    # The taps and conv pair also in the batch-minor layout, where there is a batch.
+    batch_minor = [f for f in candidates if f.batch_minor]
+    taps_conv = rule[:2] == ("taps", "conv") and batch > 1
+    assert batch_minor == ([rule._replace(batch_minor=True)] if taps_conv else [])
     on_gpu = tune.candidate_formulations(spec, batch, "gpu")
     assert on_gpu[0] == formulations.choose_formulation(spec, batch, "gpu")
     assert {f.conv_parts for f in on_gpu} == {1}
@@ -67,6 +71,12 @@ def test_candidates_given_are_taken_as_they_run_at_the_batch():
     assert tune.distinct([taps, products, per_channel], 20, 3) == [taps, per_channel]
     assert tune.distinct([taps, products, per_channel], 20, 1) == [taps, products]
     assert tune.distinct([taps, products, per_channel], 20) == [taps, products, per_channel]
+    # The batch-minor layout runs the per-channel loop whatever contract_channels says, and
+    # only the taps and conv pair reads it.
+    minor = taps._replace(batch_minor=True)
+    assert tune.distinct([minor, minor._replace(contract_channels=False)], 20, 3) == [minor]
+    assert tune.distinct([whole._replace(batch_minor=True)], 20) == [whole]
+    assert minor.label() == "taps(batch_minor)/conv*3/8"
     assert [f.label() for f in (taps, products, per_channel)] == [
         "taps/conv*3/8",
         "taps(products)/conv*3/8",
