@@ -1,4 +1,5 @@
-"""The taps forward with the input channels contracted first, against the per-channel loop.
+"""The taps forward with the input channels contracted first, against the per-channel loop and
+the batch-minor layout.
 
 With one filter on few channels the batch step's forward is the taps' shift-and-add, which
 XLA fuses with the sigmoid into one elementwise loop (`jaxbp.conv_forms.conv_forward_taps`). Per
@@ -9,7 +10,9 @@ step (`make_update_step(grads="manual")`) with the channels contracted first and
 per-channel loop (`TAPS_CONTRACT_CHANNELS_FROM` set to 1 and past the channel count while each
 step is traced, so both forms at every channel count), with the jax.grad step as a baseline in
 the same process; and each step's compile time (lower + compile, the fastest of
---compile-repeats fresh jits). Both forms' gradients are compared in float32
+--compile-repeats fresh jits). Beside them the same step in the batch-minor layout
+(`Formulation(..., batch_minor=True)` at the rule's chunk and parts, `jaxbp.batch_minor`: the
+per-channel loop with the examples as the minor axis). The forms' updates are compared in float32
 before timing. Writes experiments/results/<name>.json and .md.
 
     python experiments/bench_tap_products.py            # about 3 minutes on 2 cores
@@ -36,14 +39,14 @@ from bench import write_results  # noqa: E402
 CHANNELS = (2, 3, 5, 7)
 BATCHES = (32, 256, 1024)
 KERNELS = (3, 5)
-METHODS = ("products", "per_channel", "autodiff")
+METHODS = ("products", "per_channel", "batch_minor", "autodiff")
 
 
-def step_and_args(jax, jaxbp, spec, batch: int, grads: str, contract_from: int | None):
+def step_and_args(jax, jaxbp, spec, batch: int, grads: str, contract_from: int | None, formulation=None):
     """The compiled update step, its arguments, its compile seconds and the matmuls of its lowered
     program (the check that each form is timed as labelled: the products have one more, U);
     `contract_from` patches TAPS_CONTRACT_CHANNELS_FROM while the step is traced (None: as
-    shipped)."""
+    shipped); `formulation` is `make_update_step`'s."""
     import jax.numpy as jnp
 
     from jaxbp import conv_forms
@@ -57,7 +60,7 @@ def step_and_args(jax, jaxbp, spec, batch: int, grads: str, contract_from: int |
     if contract_from is not None:
         conv_forms.TAPS_CONTRACT_CHANNELS_FROM = contract_from
     try:
-        step = jaxbp.make_update_step(spec, optimizer, grads=grads)
+        step = jaxbp.make_update_step(spec, optimizer, grads=grads, formulation=formulation)
         start = time.perf_counter()
         lowered = step.lower(*args)
         compiled = lowered.compile()
@@ -103,24 +106,27 @@ def main(argv=None) -> None:
         )
         form = formulations.choose_formulation(spec, batch)
         variants = {
-            "products": ("manual", 1),
-            "per_channel": ("manual", c + 1),
-            "autodiff": ("autodiff", None),
+            "products": ("manual", 1, None),
+            "per_channel": ("manual", c + 1, None),
+            "batch_minor": ("manual", None, form._replace(batch_minor=True)),
+            "autodiff": ("autodiff", None, None),
         }
         compiled, compile_s, dots = {}, {}, {}
-        for name, (grads, contract_from) in variants.items():
+        for name, (grads, contract_from, formulation) in variants.items():
             best = float("inf")
             for _ in range(args.compile_repeats):
                 fn, fn_args, seconds, dots[name] = step_and_args(
-                    jax, jaxbp, spec, batch, grads, contract_from
+                    jax, jaxbp, spec, batch, grads, contract_from, formulation
                 )
                 best = min(best, seconds)
             compiled[name], compile_s[name] = (fn, fn_args), best
         outs = {name: fn(*fn_args) for name, (fn, fn_args) in compiled.items()}
-        # The updated params of both manual forms, relative to the largest of each leaf.
+        # The updated params of the other manual forms against the products', relative to the
+        # largest of each leaf.
         rel_diff = max(
             float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / max(1e-30, np.max(np.abs(np.asarray(b)))))
-            for a, b in zip(jax.tree.leaves(outs["products"][0]), jax.tree.leaves(outs["per_channel"][0]))
+            for other in ("per_channel", "batch_minor")
+            for a, b in zip(jax.tree.leaves(outs[other][0]), jax.tree.leaves(outs["products"][0]))
         )
         calls = {name: timed_calls(fn, fn_args) for name, (fn, fn_args) in compiled.items()}
         samples = interleaved_samples(calls, args.repeats, args.min_sample_s, args.warm_calls)
@@ -142,17 +148,25 @@ def main(argv=None) -> None:
     command = script_command(__file__, argv)
     rows = []
     for r in results:
-        p, t, cs = r["point"], r["times"], r["compile_s"]
+        p, cs = r["point"], r["compile_s"]
+        t = {name: times["median_ms"] for name, times in r["times"].items()}
         rows.append(
             f"| {p['batch']} | {'x'.join(map(str, p['input']))} | {p['kernel']} | {r['formulation']} "
-            f"| {t['products']['median_ms']:.3g} | {t['per_channel']['median_ms']:.3g} "
-            f"| {t['autodiff']['median_ms']:.3g} "
-            f"| {t['per_channel']['median_ms'] / t['products']['median_ms']:.2f} "
-            f"| {cs['products']:.2f} | {cs['per_channel']:.2f} | {cs['autodiff']:.2f} "
+            f"| {t['products']:.3g} | {t['per_channel']:.3g} | {t['batch_minor']:.3g} | {t['autodiff']:.3g} "
+            f"| {t['per_channel'] / t['products']:.2f} "
+            f"| {min(t['products'], t['per_channel']) / t['batch_minor']:.2f} "
+            f"| {cs['products']:.2f} | {cs['per_channel']:.2f} | {cs['batch_minor']:.2f} "
+            f"| {cs['autodiff']:.2f} "
             f"| {r['params_rel_diff']:.1e} |"
         )
     faster = [
         r for r in results if r["times"]["products"]["median_ms"] < r["times"]["per_channel"]["median_ms"]
+    ]
+    minor = [
+        r
+        for r in results
+        if r["times"]["batch_minor"]["median_ms"]
+        < min(r["times"][m]["median_ms"] for m in ("products", "per_channel"))
     ]
     lines = [
         "# The taps forward: input channels contracted first (products) or per channel",
@@ -165,18 +179,21 @@ def main(argv=None) -> None:
         "filter, 10 outputs, VALID, float32. `products`: the manual step with the channels "
         "contracted first (U = X_pad f, then kh*kw terms); `per_channel`: with the kh*kw*C-term loop; "
         "the step as shipped is `products` from TAPS_CONTRACT_CHANNELS_FROM = "
-        f"{conv_forms.TAPS_CONTRACT_CHANNELS_FROM} channels on. `autodiff`: the jax.grad step. `pc/pr`: "
-        "per_channel over products (> 1: the products faster). Compile: seconds, the fastest of "
-        f"{args.compile_repeats}. `diff`: the "
-        "largest difference of the two manual steps' updated params, relative to each leaf's largest. "
-        + warm_text(info),
+        f"{conv_forms.TAPS_CONTRACT_CHANNELS_FROM} channels on. `batch_minor`: the per-channel loop "
+        "in the batch-minor layout (`jaxbp.batch_minor`), at the rule's chunk and parts. `autodiff`: "
+        "the jax.grad step. `pc/pr`: per_channel over products (> 1: the products faster); `best/bm`: "
+        "the faster of those two over batch_minor (> 1: batch_minor faster). Compile: seconds, the "
+        f"fastest of {args.compile_repeats}. `diff`: the largest difference of the other manual steps' "
+        "updated params from the products', relative to each leaf's largest. " + warm_text(info),
         "",
-        "| batch | input | k | formulation | products | per_channel | jax.grad | pc/pr "
-        "| compile products | compile per_channel | compile jax.grad | diff |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| batch | input | k | formulation | products | per_channel | batch_minor | jax.grad | pc/pr "
+        "| best/bm | compile products | compile per_channel | compile batch_minor | compile jax.grad "
+        "| diff |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
-        f"Products faster at {len(faster)} of {len(results)} points.",
+        f"Products faster than per_channel at {len(faster)} of {len(results)} points; batch_minor "
+        f"faster than both at {len(minor)}.",
     ]
     write_results(args.out, args.name, info, command, results, "\n".join(lines) + "\n")
 

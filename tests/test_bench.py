@@ -904,7 +904,8 @@ bench_tap_products = load_experiment("bench_tap_products")
 def test_tap_products_bench_runs_end_to_end_and_times_both_forms(tmp_path):
     # Small inputs, one sample and one compile each: both forms at a channel count below the
     # threshold and one above it, each step timed as labelled (the products' one more matmul,
-    # U), and both forms' updates within float32 rounding of each other.
+    # U), and the forms' updates (the batch-minor layout's too) within float32 rounding of each
+    # other.
     args = ["--channels", "2", "3", "--batches", "4", "--kernels", "3", "--size", "8"]
     args += ["--repeats", "1", "--compile-repeats", "1", "--min-sample-s", "0.001", "--out", str(tmp_path)]
     bench_tap_products.main(args)
@@ -914,10 +915,10 @@ def test_tap_products_bench_runs_end_to_end_and_times_both_forms(tmp_path):
     for r in results:
         assert r["formulation"].startswith("taps/")
         assert r["matmuls"]["products"] == r["matmuls"]["per_channel"] + 1
-        assert set(r["times"]) == {"products", "per_channel", "autodiff"}
+        assert set(r["times"]) == {"products", "per_channel", "batch_minor", "autodiff"}
         assert all(t["median_ms"] > 0 for t in r["times"].values())
         assert all(s > 0 for s in r["compile_s"].values())
         assert r["params_rel_diff"] < 1e-5  # float32: measured 9.0e-8 to 2.1e-7 in the committed run
     text = (tmp_path / "bench_tap_products.md").read_text()
-    assert "| 4 | 8x8x3 | 3 | taps/" in text and "Products faster at " in text
+    assert "| 4 | 8x8x3 | 3 | taps/" in text and "Products faster than per_channel at " in text
     assert payload["machine"]["warm_calls"] == 1 and "Each sample followed 1 untimed call(s)" in text
