@@ -449,10 +449,11 @@ def jax_methods(
         if chosen.filter_grad == "conv" and batch > 1:
             timed += [chosen._replace(conv_parts=p) for p in FORMULATION_CONV_PARTS if p != chosen.conv_parts]
         channels = spec.in_shape[2]
-        if chosen.forward == "taps" and channels >= 2:  # the taps' channels contracted first or not
-            timed.append(chosen._replace(contract_channels=not conv_forms.contracts_channels_first(channels)))
-        if chosen[:2] == ("taps", "conv") and batch > 1:  # and in the batch-minor layout
-            timed.append(chosen._replace(contract_channels=None, batch_minor=True))
+        if chosen[:2] == ("taps", "conv") and batch > 1:  # the other layout (`jaxbp.batch_minor`)
+            timed.append(chosen._replace(batch_minor=not chosen.batch_minor))
+        if chosen.forward == "taps" and channels >= 2:  # channels last, contracted first or not
+            contract = not conv_forms.contracts_channels_first(channels)
+            timed.append(chosen._replace(batch_minor=False, contract_channels=contract))
         # A chunk of the batch or more is the whole batch; the channels' default is None.
         for form in jaxbp.tune.distinct(timed, batch, channels):
 

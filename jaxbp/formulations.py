@@ -265,6 +265,19 @@ class Formulation(NamedTuple):
 #   batch 32 the Toeplitz pair took 0.89-1.64x the rule's time, less at 1 of the 6 points, and
 #   taps/toeplitz 0.95-2.44x: the taps and the conv stay there. The vmapped per-example path
 #   already takes the Toeplitz dE/df after the taps (`per_example_formulation`, unchanged).
+# * The taps and the conv in the batch-minor layout (`jaxbp.batch_minor`), measured on an AMD
+#   EPYC with a 16 MB L3 only (experiments/results/bench_tap_products_batch_minor.md: the update
+#   step, one filter, 32x32xC, C = 2, 3, 5, 7, batch 32, 256 and 1024, 3x3 and 5x5, the rule's
+#   chunk and parts, 5 interleaved repeats, beside the channels contracted first and the
+#   per-channel loop). In chunks (batch 256 and 1024) it was faster than the faster of the other
+#   two at 11 of 12 points (1.00-1.22x; batch 1024, 32x32x3, 3x3: 15.1 against 18.1 and 24.4 ms)
+#   and 0.96x at the twelfth (batch 256, 32x32x2, 3x3: 2.97 against 2.86), and faster than the
+#   rule's side at all 12. Whole, at batch 32, it was 0.76-1.09x the faster's speed, slower at 4
+#   of 8. With one channel, in chunks, the tuned grid (bench_amd_epyc_16mb_tune_one_filter.md)
+#   kept the channels-last layout at all 4 chunked 28x28x1 points, and standalone timings (not
+#   committed) had it at 0.95-1.02x there. Hence the batch-minor layout for the taps in chunks
+#   from BATCH_MINOR_FROM_CHANNELS = 2 channels on. Not measured on the Xeon or the 32 MB AMD
+#   EPYC the other rules come from; `jaxbp.tune_formulation` times both layouts.
 # On a GPU (one NVIDIA H200, jax 0.11.2, full float32; experiments/results/
 # bench_formulations_gpu.md, batch 256, 28x28x1, 5x5, the only shape compared there) the step
 # is a few kernel launches long (the manual step 0.06-0.11 ms in the quick grid). The patches
@@ -291,6 +304,7 @@ GPU_WORKING_SET_BYTES = 2**30
 TOEPLITZ_MAX_MULTIPLY_RATIO = Fraction(8, 5)
 CONV_FILTER_GRAD_FROM_FILTERS = 32
 CONV_FILTER_GRAD_PARTS = 4
+BATCH_MINOR_FROM_CHANNELS = 2
 
 
 def choose_formulation(
@@ -321,7 +335,8 @@ def choose_formulation(
             batch * taps_bytes_per_example(spec, itemsize) <= TAPS_UNCHUNKED_WORKING_SET_BYTES
         ):
             chunk = None
-        return Formulation("taps", "conv", chunk, parts)
+        batch_minor = chunk is not None and c >= BATCH_MINOR_FROM_CHANNELS
+        return Formulation("taps", "conv", chunk, parts, batch_minor=batch_minor)
     if batch == 1:
         return Formulation("patches", "conv", None)
     wide_band = toeplitz_multiply_ratio(spec) > TOEPLITZ_MAX_MULTIPLY_RATIO

@@ -95,10 +95,10 @@ def candidate_formulations(
 ) -> list[Formulation]:
     """The formulations `tune_formulation` times by default, the rule's pick first: its forms at
     each of `CANDIDATE_CHUNKS` below the batch (and the whole batch up to `WHOLE_BATCH_MAX`); where
-    the pick's forward is the taps on 2 or more input channels, the pick with the other
-    ``contract_channels``; where the pick is the taps and XLA's conv for a batch of 2 or more,
-    the pick in the batch-minor layout; then each of `CANDIDATE_PAIRS` at the pick's chunk
-    (XLA's conv for dE/df in the rule's parts for this batch and backend,
+    the pick is the taps and XLA's conv for a batch of 2 or more, the pick in the other layout
+    (`jaxbp.batch_minor`); where the pick's forward is the taps on 2 or more input channels, the
+    pick channels last with the other ``contract_channels``; then each of `CANDIDATE_PAIRS` at
+    the pick's chunk (XLA's conv for dE/df in the rule's parts for this batch and backend,
     `formulations.conv_filter_grad_parts`): 3-11 formulations, 4-10 on the benchmark's grid."""
     positive_int(batch, "batch")
     rule = formulations.choose_formulation(spec, batch, backend, itemsize)
@@ -106,14 +106,16 @@ def candidate_formulations(
     chunks = [c for c in CANDIDATE_CHUNKS if c < batch] + ([None] if batch <= WHOLE_BATCH_MAX else [])
     out = [rule] + [rule._replace(chunk=c) for c in chunks]
     channels = spec.in_shape[2]
-    if rule.forward == "taps" and channels >= 2:
-        # The channels contracted first or not: the rule's side was the slower by up to 1.5x on
-        # another CPU than the one it was measured on (`formulations`, TAPS_CONTRACT_CHANNELS_FROM).
-        # With one channel there is nothing to contract.
-        out.append(rule._replace(contract_channels=not contracts_channels_first(channels)))
     if rule[:2] == ("taps", "conv") and batch > 1:
-        # The same pair in the batch-minor layout (`jaxbp.batch_minor`), at the rule's chunk.
-        out.append(rule._replace(contract_channels=None, batch_minor=True))
+        # The same pair in the other layout (`jaxbp.batch_minor`), at the rule's chunk.
+        out.append(rule._replace(batch_minor=not rule.batch_minor))
+    if rule.forward == "taps" and channels >= 2:
+        # Channels last, the channels contracted first or not as the rule would not: the rule's
+        # side was the slower by up to 1.5x on another CPU than the one it was measured on
+        # (`formulations`, TAPS_CONTRACT_CHANNELS_FROM). With one channel there is nothing to
+        # contract.
+        contract = not contracts_channels_first(channels)
+        out.append(rule._replace(batch_minor=False, contract_channels=contract))
     out += [Formulation(f, g, rule.chunk, parts) for f, g in CANDIDATE_PAIRS]
     return distinct(out, batch, channels)
 

@@ -303,9 +303,16 @@ def test_choose_formulation_by_backend_channels_filters_and_working_set():
         assert formulations.choose_formulation(spec, 256, "cpu").filter_grad == expected, (k, kernel)
     assert formulations.choose_formulation(big, 1024, "cpu", itemsize=8).chunk == 16
     assert formulations.choose_formulation(big, 32, "cpu").chunk is None  # the whole batch is one chunk
-    # Taps: 784 * (3 * 1 + 75) * 4 bytes = 245 kB per example, 68 in 16 MB, rounded to 64.
+    # Taps: 784 * (3 * 1 + 75) * 4 bytes = 245 kB per example, 68 in 16 MB, rounded to 64; in
+    # chunks from 2 channels on (BATCH_MINOR_FROM_CHANNELS) in the batch-minor layout, whole or
+    # on one channel channels last.
     one_filter = jaxbp.ConvNetSpec(in_shape=(32, 32, 3), n_filters=1, kernel_size=5, n_out=10)
-    assert formulations.choose_formulation(one_filter, 256, "cpu") == Formulation("taps", "conv", 64, 4)
+    expected = Formulation("taps", "conv", 64, 4, batch_minor=True)
+    assert formulations.choose_formulation(one_filter, 256, "cpu") == expected
+    assert not formulations.choose_formulation(one_filter, 64, "cpu").batch_minor  # whole
+    assert not formulations.choose_formulation(single_filter(28, 1, 5), 1024, "cpu").batch_minor
+    assert formulations.choose_formulation(single_filter(28, 2, 5), 1024, "cpu").batch_minor
+    assert formulations.BATCH_MINOR_FROM_CHANNELS == 2
     # One example: the taps forward for one filter, dE/df in the Toeplitz form from 2 channels on
     # (bench_formulations_one_filter_small_batch.md), else XLA's conv (one part: there is one
     # example); with more filters the patches forward and the conv.
@@ -327,8 +334,8 @@ def test_default_chunks_with_a_remainder_equal_autodiff_float64():
     # a remainder of 2, and (per example) lax.map over a remainder too. Two input channels: 18
     # taps terms, past the 9 up to which the taps run the whole batch.
     spec = jaxbp.ConvNetSpec(in_shape=(6, 6, 2), n_filters=1, kernel_size=3, n_out=3)
-    if jax.default_backend() == "cpu":
-        assert formulations.choose_formulation(spec, 130) == Formulation("taps", "conv", 128, 4)
+    if jax.default_backend() == "cpu":  # the batch-minor layout (BATCH_MINOR_FROM_CHANNELS)
+        assert formulations.choose_formulation(spec, 130) == Formulation("taps", "conv", 128, 4, None, True)
     params, x, y = problem(spec, 5, 130)
     E_ref, g_ref = jaxbp.autodiff_value_and_grads(params, x, y, spec)
     E, g = batched.value_and_grads(params, x, y, spec)

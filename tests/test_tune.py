@@ -45,13 +45,17 @@ def test_candidates_are_the_rules_forms_at_other_chunks_and_other_pairs(batch, f
     assert {f.conv_parts for f in candidates if f.filter_grad == "conv"} == {parts}
     assert {f.conv_parts for f in candidates if f.filter_grad != "conv"} == {1}
     # The taps on 3 channels contract them first by default (TAPS_CONTRACT_CHANNELS_FROM): the
-    # pick is also timed with the per-channel loop; nothing else sets contract_channels.
+    # pick is also timed channels last with the per-channel loop; nothing else sets
+    # contract_channels.
     flipped = [f for f in candidates if f.contract_channels is not None]
-    assert flipped == ([rule._replace(contract_channels=False)] if rule.forward == "taps" else [])
-    # The taps and conv pair also in the batch-minor layout, where there is a batch.
-    batch_minor = [f for f in candidates if f.batch_minor]
+    per_channel = rule._replace(batch_minor=False, contract_channels=False)
+    assert flipped == ([per_channel] if rule.forward == "taps" else [])
+    # The taps and conv pair in both layouts (the rule's in chunks from 2 channels on,
+    # BATCH_MINOR_FROM_CHANNELS), where there is a batch.
     taps_conv = rule[:2] == ("taps", "conv") and batch > 1
-    assert batch_minor == ([rule._replace(batch_minor=True)] if taps_conv else [])
+    assert rule.batch_minor == (taps_conv and rule.chunk is not None)
+    at_the_rules = [f for f in candidates if f[:3] == rule[:3] and f.contract_channels is None]
+    assert {f.batch_minor for f in at_the_rules} == ({False, True} if taps_conv else {False})
     on_gpu = tune.candidate_formulations(spec, batch, "gpu")
     assert on_gpu[0] == formulations.choose_formulation(spec, batch, "gpu")
     assert {f.conv_parts for f in on_gpu} == {1}
