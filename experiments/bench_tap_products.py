@@ -7,8 +7,8 @@ channel, that loop has kh*kw*C terms; from `TAPS_CONTRACT_CHANNELS_FROM` channel
 kh*kw, over U = X_pad f, each pixel's products with every tap (one small matmul,
 `conv_forward_tap_products`). This script times, interleaved round by round, the jitted update
 step (`make_update_step(grads="manual")`) with the channels contracted first and with the
-per-channel loop (`TAPS_CONTRACT_CHANNELS_FROM` set to 1 and past the channel count while each
-step is traced, so both forms at every channel count), with the jax.grad step as a baseline in
+per-channel loop (the rule's formulation channels last, with ``contract_channels`` True and
+False, so both forms at every channel count), with the jax.grad step as a baseline in
 the same process; and each step's compile time (lower + compile, the fastest of
 --compile-repeats fresh jits). Beside them the same step in the batch-minor layout
 (`Formulation(..., batch_minor=True)` at the rule's chunk and parts, `jaxbp.batch_minor`: the
@@ -42,31 +42,22 @@ KERNELS = (3, 5)
 METHODS = ("products", "per_channel", "batch_minor", "autodiff")
 
 
-def step_and_args(jax, jaxbp, spec, batch: int, grads: str, contract_from: int | None, formulation=None):
+def step_and_args(jax, jaxbp, spec, batch: int, grads: str, formulation=None):
     """The compiled update step, its arguments, its compile seconds and the matmuls of its lowered
-    program (the check that each form is timed as labelled: the products have one more, U);
-    `contract_from` patches TAPS_CONTRACT_CHANNELS_FROM while the step is traced (None: as
-    shipped); `formulation` is `make_update_step`'s."""
+    program (the check that each form is timed as labelled: the products have U's matmul more);
+    `formulation` is `make_update_step`'s."""
     import jax.numpy as jnp
-
-    from jaxbp import conv_forms
 
     params = jaxbp.init_params(jax.random.key(0), spec)
     x = jax.random.normal(jax.random.key(1), (batch, *spec.in_shape), jnp.float32)
     y = jax.random.uniform(jax.random.key(2), (batch, spec.n_out), jnp.float32)
     optimizer = jaxbp.sgd(0.1)
     args = (params, optimizer.init(params), x, y)
-    shipped = conv_forms.TAPS_CONTRACT_CHANNELS_FROM
-    if contract_from is not None:
-        conv_forms.TAPS_CONTRACT_CHANNELS_FROM = contract_from
-    try:
-        step = jaxbp.make_update_step(spec, optimizer, grads=grads, formulation=formulation)
-        start = time.perf_counter()
-        lowered = step.lower(*args)
-        compiled = lowered.compile()
-        seconds = time.perf_counter() - start
-    finally:
-        conv_forms.TAPS_CONTRACT_CHANNELS_FROM = shipped
+    step = jaxbp.make_update_step(spec, optimizer, grads=grads, formulation=formulation)
+    start = time.perf_counter()
+    lowered = step.lower(*args)
+    compiled = lowered.compile()
+    seconds = time.perf_counter() - start
     return compiled, args, seconds, lowered.as_text().count("dot_general")
 
 
@@ -105,21 +96,26 @@ def main(argv=None) -> None:
             in_shape=(args.size, args.size, c), n_filters=1, kernel_size=kernel, n_out=10
         )
         form = formulations.choose_formulation(spec, batch)
+        channels_last = form._replace(batch_minor=False)
         variants = {
-            "products": ("manual", 1, None),
-            "per_channel": ("manual", c + 1, None),
-            "batch_minor": ("manual", None, form._replace(batch_minor=True)),
-            "autodiff": ("autodiff", None, None),
+            "products": ("manual", channels_last._replace(contract_channels=True)),
+            "per_channel": ("manual", channels_last._replace(contract_channels=False)),
+            "batch_minor": ("manual", form._replace(batch_minor=True, contract_channels=None)),
+            "autodiff": ("autodiff", None),
         }
         compiled, compile_s, dots = {}, {}, {}
-        for name, (grads, contract_from, formulation) in variants.items():
+        for name, (grads, formulation) in variants.items():
             best = float("inf")
             for _ in range(args.compile_repeats):
-                fn, fn_args, seconds, dots[name] = step_and_args(
-                    jax, jaxbp, spec, batch, grads, contract_from, formulation
-                )
+                fn, fn_args, seconds, dots[name] = step_and_args(jax, jaxbp, spec, batch, grads, formulation)
                 best = min(best, seconds)
             compiled[name], compile_s[name] = (fn, fn_args), best
+        # Each form timed as labelled: the products have U's matmul once more in each chunk body
+        # the program traces (the loop's, and a remainder's where the chunk does not divide).
+        chunk = form.chunk or batch
+        bodies = (batch >= chunk) + (batch % chunk > 0)
+        if dots["products"] != dots["per_channel"] + bodies:
+            raise AssertionError(f"C {c}, batch {batch}: matmuls {dots}, not {bodies} more with the products")
         outs = {name: fn(*fn_args) for name, (fn, fn_args) in compiled.items()}
         # The updated params of the other manual forms against the products', relative to the
         # largest of each leaf.
@@ -177,9 +173,10 @@ def main(argv=None) -> None:
         "",
         f"Median ms per update step of {args.repeats} interleaved samples (quartiles in the JSON), one "
         "filter, 10 outputs, VALID, float32. `products`: the manual step with the channels "
-        "contracted first (U = X_pad f, then kh*kw terms); `per_channel`: with the kh*kw*C-term loop; "
-        "the step as shipped is `products` from TAPS_CONTRACT_CHANNELS_FROM = "
-        f"{conv_forms.TAPS_CONTRACT_CHANNELS_FROM} channels on. `batch_minor`: the per-channel loop "
+        "contracted first (U = X_pad f, then kh*kw terms); `per_channel`: with the kh*kw*C-term loop "
+        "(both channels last, the rule's chunk and parts); channels last the rule takes the products "
+        f"from TAPS_CONTRACT_CHANNELS_FROM = {conv_forms.TAPS_CONTRACT_CHANNELS_FROM} channels on, "
+        "and the formulation column is the rule's. `batch_minor`: the per-channel loop "
         "in the batch-minor layout (`jaxbp.batch_minor`), at the rule's chunk and parts. `autodiff`: "
         "the jax.grad step. `pc/pr`: per_channel over products (> 1: the products faster); `best/bm`: "
         "the faster of those two over batch_minor (> 1: batch_minor faster). Compile: seconds, the "

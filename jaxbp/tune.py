@@ -131,11 +131,14 @@ def distinct(forms, batch: int, channels: int | None = None) -> list[Formulation
     """`forms` without repeats, each as it runs at `batch`: a chunk of at least the batch is the
     whole batch (None), conv_parts is 1 where dE/df is not XLA's conv, contract_channels None
     where the forward is not the taps or the layout batch-minor, and batch_minor False but for
-    the taps and the conv (nothing else reads them). Given the input `channels`, a taps
+    the taps and the conv on 2 or more examples (nothing else reads them). Given the input `channels`, a taps
     forward's contract_channels that None also means for them is None."""
 
+    def batch_minor(f):  # a batch of one runs channels last (`jaxbp.batched.value_and_grads`)
+        return f.batch_minor and f[:2] == ("taps", "conv") and batch > 1
+
     def contract(f):
-        if f.forward != "taps" or f.batch_minor:
+        if f.forward != "taps" or batch_minor(f):
             return None
         if channels is not None and f.contract_channels == contracts_channels_first(channels):
             return None
@@ -146,7 +149,7 @@ def distinct(forms, batch: int, channels: int | None = None) -> list[Formulation
             chunk=None if (f.chunk or batch) >= batch else f.chunk,
             conv_parts=f.conv_parts if f.filter_grad == "conv" else 1,
             contract_channels=contract(f),
-            batch_minor=f.batch_minor and f[:2] == ("taps", "conv"),
+            batch_minor=batch_minor(f),
         )
         for f in forms
     )

@@ -19,6 +19,7 @@ from strategies import specs
 
 import jaxbp
 from jaxbp import backward
+from jaxbp import batch_minor
 from jaxbp import batched
 from jaxbp import conv_forms
 from jaxbp import formulations
@@ -170,6 +171,7 @@ def test_value_is_the_loss():
 MANUAL_PATH = (
     ops,
     backward,
+    batch_minor,
     batched,
     conv_forms,
     formulations,
@@ -240,5 +242,11 @@ def test_manual_grads_runs_with_autodiff_disabled(monkeypatch):
     grads = jax.jit(jaxbp.manual_grads, static_argnums=3)(params, x, y, spec)
     eager = jaxbp.manual_grads(params, x, y, spec)
     chex.assert_trees_all_close(grads, eager, rtol=1e-12)
+    # The batch-minor layout's own path (`jaxbp.batch_minor`): two chunks in the loop and a
+    # remainder, against the rule's formulation.
+    params, x, y = problem(spec, 6, 5)
+    minor = formulations.Formulation("taps", "conv", 2, 2, batch_minor=True)
+    _, in_layout = batched.value_and_grads(params, x, y, spec, formulation=minor)
+    chex.assert_trees_all_close(in_layout, jaxbp.manual_grads(params, x, y, spec), rtol=1e-10, atol=1e-13)
     with pytest.raises(AssertionError, match="autodiff"):  # the patch is live: autodiff is blocked
         jaxbp.autodiff_grads(params, x, y, spec)

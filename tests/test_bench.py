@@ -906,19 +906,29 @@ def test_tap_products_bench_runs_end_to_end_and_times_both_forms(tmp_path):
     # threshold and one above it, each step timed as labelled (the products' one more matmul,
     # U), and the forms' updates (the batch-minor layout's too) within float32 rounding of each
     # other.
-    args = ["--channels", "2", "3", "--batches", "4", "--kernels", "3", "--size", "8"]
+    # Batch 130 runs in chunks of 128 and a remainder: the rule's batch-minor layout, against
+    # which the channels-last forms are set explicitly.
+    args = ["--channels", "2", "3", "--batches", "4", "130", "--kernels", "3", "--size", "8"]
     args += ["--repeats", "1", "--compile-repeats", "1", "--min-sample-s", "0.001", "--out", str(tmp_path)]
     bench_tap_products.main(args)
     payload = json.loads((tmp_path / "bench_tap_products.json").read_text())
     results = payload["results"]
-    assert [r["point"]["input"][2] for r in results] == [2, 3]
+    assert [(r["point"]["input"][2], r["point"]["batch"]) for r in results] == [
+        (2, 4),
+        (2, 130),
+        (3, 4),
+        (3, 130),
+    ]
+    assert [r["formulation"] for r in results][:2] == ["taps/conv*4/all", "taps(batch_minor)/conv*4/128"]
     for r in results:
-        assert r["formulation"].startswith("taps/")
-        assert r["matmuls"]["products"] == r["matmuls"]["per_channel"] + 1
+        assert r["formulation"].startswith("taps")
+        bodies = 2 if r["point"]["batch"] == 130 else 1  # chunks of 128 and a remainder of 2
+        assert r["matmuls"]["products"] == r["matmuls"]["per_channel"] + bodies
         assert set(r["times"]) == {"products", "per_channel", "batch_minor", "autodiff"}
         assert all(t["median_ms"] > 0 for t in r["times"].values())
         assert all(s > 0 for s in r["compile_s"].values())
         assert r["params_rel_diff"] < 1e-5  # float32: measured 9.0e-8 to 2.1e-7 in the committed run
     text = (tmp_path / "bench_tap_products.md").read_text()
     assert "| 4 | 8x8x3 | 3 | taps/" in text and "Products faster than per_channel at " in text
+    assert "| 130 | 8x8x3 | 3 | taps(batch_minor)/" in text
     assert payload["machine"]["warm_calls"] == 1 and "Each sample followed 1 untimed call(s)" in text

@@ -81,6 +81,9 @@ def test_candidates_given_are_taken_as_they_run_at_the_batch():
     assert tune.distinct([minor, minor._replace(contract_channels=False)], 20, 3) == [minor]
     assert tune.distinct([whole._replace(batch_minor=True)], 20) == [whole]
     assert minor.label() == "taps(batch_minor)/conv*3/8"
+    # A batch of one runs channels last, as asked: the layout dropped, the channels' side kept.
+    per_channel_one = taps._replace(chunk=None, contract_channels=False)
+    assert tune.distinct([minor._replace(contract_channels=False)], 1, 3) == [per_channel_one]
     assert [f.label() for f in (taps, products, per_channel)] == [
         "taps/conv*3/8",
         "taps(products)/conv*3/8",
