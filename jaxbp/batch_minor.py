@@ -33,7 +33,7 @@ formulation tables time it beside the rest):
   kept x's layout and moved the transpose back into the parts' slices. Carried as P flat rows,
   whose layout a reshape fixes, it is one kernel per chunk.
 * With the examples minor the taps' loop reads contiguous runs of q numbers: the forward of a
-  chunk took 2.2 against 5.0 ms per step at that point.
+  chunk took 2.2 against 4.8 ms per step at that point.
 """
 
 from __future__ import annotations
