@@ -448,14 +448,9 @@ def jax_methods(
         timed += [chosen._replace(chunk=c) for c in (None, *chunks) if c != chosen.chunk]
         if chosen.filter_grad == "conv" and batch > 1:
             timed += [chosen._replace(conv_parts=p) for p in FORMULATION_CONV_PARTS if p != chosen.conv_parts]
-        channels = spec.in_shape[2]
-        if chosen[:2] == ("taps", "conv") and batch > 1:  # the other layout (`jaxbp.batch_minor`)
-            timed.append(chosen._replace(batch_minor=not chosen.batch_minor))
-        if chosen.forward == "taps" and channels >= 2:  # channels last, contracted first or not
-            contract = not conv_forms.contracts_channels_first(channels)
-            timed.append(chosen._replace(batch_minor=False, contract_channels=contract))
+        timed += jaxbp.tune.taps_alternatives(chosen, batch, spec)  # the taps' layout and channels
         # A chunk of the batch or more is the whole batch; the channels' default is None.
-        for form in jaxbp.tune.distinct(timed, batch, channels):
+        for form in jaxbp.tune.distinct(timed, batch, spec.in_shape[2]):
 
             def vg(p, s, x, y, form=form):
                 E, g = batched.value_and_grads(p, x, y, spec, formulation=form)

@@ -256,7 +256,7 @@ def value_and_grads(
         form = check_formulation(formulation)
     chunk = n if form.chunk is None else min(form.chunk, n)
     if n == 1:  # one example (what vmap sees for per-example gradients): no sum to transpose
-        return chunk_sums(params, x, y, spec, form._replace(batch_minor=False), n, transposed=False)
+        return chunk_sums(params, x, y, spec, form, n, transposed=False)  # channels last
     if form.batch_minor:
         E, sums = batch_minor.value_and_grads(params, x, y, spec, chunk, form.conv_parts)
         return E, untranspose(sums, spec)

@@ -104,20 +104,24 @@ def candidate_formulations(
     rule = formulations.choose_formulation(spec, batch, backend, itemsize)
     parts = formulations.conv_filter_grad_parts(batch, backend)
     chunks = [c for c in CANDIDATE_CHUNKS if c < batch] + ([None] if batch <= WHOLE_BATCH_MAX else [])
-    out = [rule] + [rule._replace(chunk=c) for c in chunks]
-    channels = spec.in_shape[2]
-    if rule[:2] == ("taps", "conv") and batch > 1:
-        # The same pair in the other layout (`jaxbp.batch_minor`), at the rule's chunk.
-        out.append(rule._replace(batch_minor=not rule.batch_minor))
-    if rule.forward == "taps" and channels >= 2:
-        # Channels last, the channels contracted first or not as the rule would not: the rule's
-        # side was the slower by up to 1.5x on another CPU than the one it was measured on
-        # (`formulations`, TAPS_CONTRACT_CHANNELS_FROM). With one channel there is nothing to
-        # contract.
-        contract = not contracts_channels_first(channels)
-        out.append(rule._replace(batch_minor=False, contract_channels=contract))
+    out = [rule] + [rule._replace(chunk=c) for c in chunks] + taps_alternatives(rule, batch, spec)
     out += [Formulation(f, g, rule.chunk, parts) for f, g in CANDIDATE_PAIRS]
-    return distinct(out, batch, channels)
+    return distinct(out, batch, spec.in_shape[2])
+
+
+def taps_alternatives(form: Formulation, batch: int, spec: ConvNetSpec) -> list[Formulation]:
+    """`form` as the taps run otherwise, at its chunk: the taps and XLA's conv on 2 or more
+    examples in the other layout (`jaxbp.batch_minor`); the taps on 2 or more input channels
+    channels last, the channels contracted first or not as None would not. The rule's side was
+    the slower by up to 1.5x on another CPU than the one it was measured on (`formulations`,
+    TAPS_CONTRACT_CHANNELS_FROM). With one channel there is nothing to contract."""
+    out, channels = [], spec.in_shape[2]
+    if form[:2] == ("taps", "conv") and batch > 1:
+        out.append(form._replace(batch_minor=not form.batch_minor))
+    if form.forward == "taps" and channels >= 2:
+        contract = not contracts_channels_first(channels)
+        out.append(form._replace(batch_minor=False, contract_channels=contract))
+    return out
 
 
 def positive_int(value, name: str) -> int:
@@ -131,8 +135,8 @@ def distinct(forms, batch: int, channels: int | None = None) -> list[Formulation
     """`forms` without repeats, each as it runs at `batch`: a chunk of at least the batch is the
     whole batch (None), conv_parts is 1 where dE/df is not XLA's conv, contract_channels None
     where the forward is not the taps or the layout batch-minor, and batch_minor False but for
-    the taps and the conv on 2 or more examples (nothing else reads them). Given the input `channels`, a taps
-    forward's contract_channels that None also means for them is None."""
+    the taps and the conv on 2 or more examples (nothing else reads them). Given the input
+    `channels`, a taps forward's contract_channels that None also means for them is None."""
 
     def batch_minor(f):  # a batch of one runs channels last (`jaxbp.batched.value_and_grads`)
         return f.batch_minor and f[:2] == ("taps", "conv") and batch > 1
