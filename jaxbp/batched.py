@@ -37,6 +37,7 @@ chunks, is chosen by measurement (`jaxbp.formulations`). Nothing here calls an a
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -60,6 +61,7 @@ from jaxbp.formulations import Formulation
 from jaxbp.formulations import check_formulation
 from jaxbp.formulations import choose_formulation
 from jaxbp.formulations import per_example_formulation
+from jaxbp.formulations import w_delta2_as_terms
 from jaxbp.model import check_inputs
 from jaxbp.params import Params
 from jaxbp.spec import ConvNetSpec
@@ -76,10 +78,12 @@ def slide_terms(
     patches: jax.Array | None = None,
     rows: jax.Array | None = None,
     contract_channels: bool | None = None,
+    w_delta2_terms: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     r"""(H1, O, delta2, delta1) of m examples: the slides' forward and their per-example deltas,
     nothing contracted over the examples yet, delta2 carrying a mean's 1/n (n = 1: none).
-    ``patches``, ``rows`` and ``contract_channels`` are `jaxbp.conv_forms.conv_forward`'s.
+    ``patches``, ``rows`` and ``contract_channels`` are `jaxbp.conv_forms.conv_forward`'s;
+    ``w_delta2_terms`` writes delta2 W^T as n_out broadcast products instead of a matmul.
 
     .. math::
        \delta_2 = (O - Y) \odot O (1 - O) / n, \qquad
@@ -117,7 +121,17 @@ def slide_terms(
     # dot, and the batch-1 step with 32 filters took 1.15-1.45x as long at 3 of the 4 points
     # (28x28x1, 5x5: 0.337 ms against 0.232) and 0.94x at the fourth; from m = 32 on XLA
     # compiles both forms to the same program.
-    dE_dH1 = lax.dot_general(delta2, params.W, (((1,), (1,)), ((), ())), precision=spec.precision)
+    if w_delta2_terms:
+        # (delta2 W^T)[m, d] = sum_o delta2[m, o] W[d, o], n_out products of a column of delta2
+        # and a column of W: elementwise, so XLA fuses the sum into whatever reads delta1 (with
+        # dE/df as XLA's conv in parts, the copies that lay each part of delta1 out for its conv)
+        # instead of writing the (m, D) matmul and reading it back (`jaxbp.formulations`,
+        # W_DELTA2_TERMS_FILTER_GRADS). Not vectorized across o where delta1 is read in its own
+        # (m, D) order: after the patches dE/df that kernel ran 1.1-1.4x slower than the matmul.
+        products = (delta2[:, o, None] * params.W[None, :, o] for o in range(params.W.shape[1]))
+        dE_dH1 = functools.reduce(jnp.add, products)
+    else:
+        dE_dH1 = lax.dot_general(delta2, params.W, (((1,), (1,)), ((), ())), precision=spec.precision)
     delta1 = (dE_dH1 * (H1 * (1 - H1))).reshape(m, *spec.h1_shape)  # dE/dZ1, one fused pass
     return H1, O, delta2, delta1
 
@@ -152,6 +166,7 @@ def chunk_sums(
         patches=patches,
         rows=rows,
         contract_channels=form.contract_channels,
+        w_delta2_terms=w_delta2_as_terms(form, n if transposed else 1),
     )
     E = 0.5 * jnp.sum((O - y) ** 2) / n
     if transposed:

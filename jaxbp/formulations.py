@@ -54,6 +54,10 @@ class Formulation(NamedTuple):
       batch_minor: with the taps forward and XLA's conv for dE/df, every array of a chunk with
         its examples as the minor axis, x transposed once per chunk (`jaxbp.batch_minor`); the
         taps' loop then runs per channel.
+      w_delta2_terms: dE/dH1 = delta2 W^T as n_out broadcast products that XLA fuses into the
+        kernels reading delta1 (True) or as a matmul written out (False); None, the rule
+        (`w_delta2_as_terms`): the products where dE/df is XLA's conv after the patches or
+        Toeplitz forward, on the CPU, for 2 or more examples.
     """
 
     forward: ConvForm
@@ -62,19 +66,22 @@ class Formulation(NamedTuple):
     conv_parts: int = 1
     contract_channels: bool | None = None
     batch_minor: bool = False
+    w_delta2_terms: bool | None = None
 
     def label(self) -> str:
         """``forward/filter_grad/chunk`` (``all`` for the whole batch), the filter_grad ``conv*P``
         where XLA's conv is split in P parts, the forward ``taps(products)`` or
         ``taps(per_channel)`` where the taps' channels are set and ``taps(batch_minor)`` in the
-        batch-minor layout: how the benchmark's tables name it."""
+        batch-minor layout, and ``+terms`` or ``+dot`` where w_delta2_terms is set: how the
+        benchmark's tables name it."""
         parts = f"*{self.conv_parts}" if self.filter_grad == "conv" and self.conv_parts > 1 else ""
         forward = self.forward
         if forward == "taps" and self.batch_minor:
             forward += "(batch_minor)"
         elif forward == "taps" and self.contract_channels is not None:
             forward += "(products)" if self.contract_channels else "(per_channel)"
-        return f"{forward}/{self.filter_grad}{parts}/{self.chunk or 'all'}"
+        terms = {None: "", True: "+terms", False: "+dot"}[self.w_delta2_terms]
+        return f"{forward}/{self.filter_grad}{parts}/{self.chunk or 'all'}{terms}"
 
 
 # Measured on the 2-core CPU in float32, 3x3 and 5x5 kernels, batch 32/256/1024, 1/8/32
@@ -292,6 +299,7 @@ class Formulation(NamedTuple):
 # with 5x5 filters. A larger batch runs in chunks of about that size, so that P does not
 # outgrow the device's memory. That was not timed: kernels that large are far past launch
 # overhead. Other accelerators (TPU) are not measured and keep XLA's conv for both.
+W_DELTA2_TERMS_FILTER_GRADS = ("conv",)
 TAPS_BELOW_CHANNELS_X_FILTERS = 8
 TAPS_MAX_FILTERS = 1
 TOEPLITZ_BELOW_FILTERS = 8
@@ -401,8 +409,9 @@ def working_set_chunk(
 def check_formulation(formulation) -> Formulation:
     """Raise unless `formulation` is a Formulation of known forms, a positive int chunk (or None),
     a positive int conv_parts (which only the conv dE/df uses), contract_channels None, True
-    or False (which only the taps forward uses) and batch_minor a bool, True only for the taps
-    forward with the conv dE/df and the per-channel loop."""
+    or False (which only the taps forward uses), batch_minor a bool, True only for the taps
+    forward with the conv dE/df and the per-channel loop, and w_delta2_terms None, True or
+    False, not True in the batch-minor layout (whose W delta2 is its own batched matmul)."""
     if not isinstance(formulation, Formulation):
         raise TypeError(f"formulation must be a jaxbp.Formulation, got {formulation!r}")
     for name in ("forward", "filter_grad"):
@@ -425,7 +434,32 @@ def check_formulation(formulation) -> Formulation:
             "formulation.batch_minor needs forward 'taps', filter_grad 'conv' and contract_channels "
             f"None or False, got {formulation!r}"
         )
+    terms = formulation.w_delta2_terms
+    if not (terms is None or isinstance(terms, bool)):
+        raise ValueError(f"formulation.w_delta2_terms must be None, True or False, got {terms!r}")
+    if terms and formulation.batch_minor:
+        raise ValueError(
+            "formulation.w_delta2_terms cannot be True with batch_minor (the batch-minor layout "
+            f"computes W delta2 as its own batched matmul), got {formulation!r}"
+        )
     return formulation
+
+
+def w_delta2_as_terms(formulation: Formulation, batch: int, backend: str | None = None) -> bool:
+    """Whether the batch gradient of `batch` examples computes dE/dH1 = delta2 W^T as n_out
+    broadcast products (`jaxbp.batched.slide_terms`): `formulation.w_delta2_terms` where set,
+    else True for dE/df as XLA's conv after the patches or Toeplitz forward on the CPU with 2 or
+    more examples (W_DELTA2_TERMS_FILTER_GRADS, measured below), False otherwise."""
+    if formulation.w_delta2_terms is not None:
+        return formulation.w_delta2_terms
+    backend = backend or jax.default_backend()
+    return (
+        backend == "cpu"
+        and batch > 1
+        and not formulation.batch_minor
+        and formulation.forward in ("patches", "toeplitz")
+        and formulation.filter_grad in W_DELTA2_TERMS_FILTER_GRADS
+    )
 
 
 def per_example_formulation(spec: ConvNetSpec, batch: int, itemsize: int = 4) -> Formulation:

@@ -134,8 +134,9 @@ def positive_int(value, name: str) -> int:
 def distinct(forms, batch: int, channels: int | None = None) -> list[Formulation]:
     """`forms` without repeats, each as it runs at `batch`: a chunk of at least the batch is the
     whole batch (None), conv_parts is 1 where dE/df is not XLA's conv, contract_channels None
-    where the forward is not the taps or the layout batch-minor, and batch_minor False but for
-    the taps and the conv on 2 or more examples (nothing else reads them). Given the input
+    where the forward is not the taps or the layout batch-minor, batch_minor False but for
+    the taps and the conv on 2 or more examples (nothing else reads them), and w_delta2_terms
+    None where it is what None means (`jaxbp.formulations.w_delta2_as_terms`). Given the input
     `channels`, a taps forward's contract_channels that None also means for them is None."""
 
     def batch_minor(f):  # a batch of one runs channels last (`jaxbp.batched.value_and_grads`)
@@ -148,6 +149,10 @@ def distinct(forms, batch: int, channels: int | None = None) -> list[Formulation
             return None
         return f.contract_channels
 
+    def terms(f):  # f with the other fields as they run
+        rule = formulations.w_delta2_as_terms(f._replace(w_delta2_terms=None), batch)
+        return None if f.w_delta2_terms in (None, rule) else f.w_delta2_terms
+
     runs_as = (
         f._replace(
             chunk=None if (f.chunk or batch) >= batch else f.chunk,
@@ -157,7 +162,7 @@ def distinct(forms, batch: int, channels: int | None = None) -> list[Formulation
         )
         for f in forms
     )
-    return list(dict.fromkeys(runs_as))
+    return list(dict.fromkeys(f._replace(w_delta2_terms=terms(f)) for f in runs_as))
 
 
 def calibrate(call: Callable[[int], object], min_sample_s: float) -> int:
