@@ -1234,8 +1234,9 @@ def ratio_text(derived: dict, key: str) -> str:
 
 
 def cpu_text(info: dict) -> str:
-    """The "(caches; SIMD)" of `cpu_features` for the Machine line; nothing for older runs."""
-    parts = [info[k] for k in ("cpu_caches", "cpu_simd") if info.get(k)]
+    """The "(caches; SIMD; vendor, family and model)" of `cpu_features` for the Machine line;
+    what older runs did not record left out."""
+    parts = [info[k] for k in ("cpu_caches", "cpu_simd", "cpu_model") if info.get(k)]
     return f" ({'; '.join(parts)})" if parts else ""
 
 

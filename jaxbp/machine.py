@@ -29,10 +29,13 @@ def cpuinfo(root: str = "/") -> dict[str, str]:
 
 
 def cpu_features(root: str = "/") -> dict:
-    """The CPU's caches (cpu0's, as Linux reports them under `root`: e.g. "L2 512K") and its
-    SIMD extensions, on which the chunks' best working set and XLA's and oneDNN's kernels depend
+    """The CPU's caches (cpu0's, as Linux reports them under `root`: e.g. "L2 512K"), its SIMD
+    extensions, on which the chunks' best working set and XLA's and oneDNN's kernels depend
     (the formulation rules were measured on an Intel Xeon whose caches were not recorded; an AMD
-    EPYC with a 512K L2 had other best chunks). Empty strings where Linux does not say."""
+    EPYC with a 512K L2 had other best chunks), and its vendor, family and model numbers (e.g.
+    "AuthenticAMD family 23 model 49", a Zen 2): two CPUs that share a model name ("AMD EPYC"
+    under a hypervisor) differed in L3 and in which taps form was faster. Empty strings where
+    Linux does not say."""
     caches = []
     for index in sorted(Path(root, "sys/devices/system/cpu/cpu0/cache").glob("index*")):
         try:
@@ -41,9 +44,12 @@ def cpu_features(root: str = "/") -> dict:
             continue
         suffix = "" if kind in ("Unified", "") else kind[0].lower()  # L1d, L1i; L2, L3
         caches.append(f"L{level}{suffix} {size}")
-    flags = cpuinfo(root).get("flags", "").split()
+    info = cpuinfo(root)
+    flags = info.get("flags", "").split()
     simd = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
-    return {"cpu_caches": ", ".join(caches), "cpu_simd": " ".join(simd)}
+    vendor, family, model = (info.get(k, "") for k in ("vendor_id", "cpu family", "model"))
+    numbers = f"{vendor} family {family} model {model}" if family and model else ""
+    return {"cpu_caches": ", ".join(caches), "cpu_simd": " ".join(simd), "cpu_model": numbers.strip()}
 
 
 def usable_cores() -> int:

@@ -35,7 +35,10 @@ from jaxbp.formulations import Formulation
 # conv split over the examples (conv_parts) with more parts than a chunk has examples, parts of
 # unequal size, and a remainder chunk; the taps forward with its channels contracted first and
 # not, whatever their number; the taps and conv in the batch-minor layout, in chunks of 2 (2
-# parts; a remainder of one example, one part) and whole (3 parts where they divide the batch).
+# parts; a remainder of one example, one part) and whole (3 parts where they divide the batch);
+# W delta2 as n_out products where the rule would take the matmul (the taps; the patches, whole
+# and in chunks with a remainder of one example; a batch of one) and as the matmul where it
+# would take the products (the conv dE/df after the Toeplitz forward).
 PAIRS = [*itertools.product(("taps", "patches", "conv"), repeat=2)]
 PAIRS += [("toeplitz", "toeplitz"), ("toeplitz", "conv"), ("taps", "toeplitz")]
 CHUNKED = [Formulation(form, form, 2) for form in conv_forms.FORMS] + [
@@ -49,6 +52,10 @@ CHUNKED = [Formulation(form, form, 2) for form in conv_forms.FORMS] + [
     Formulation("taps", "toeplitz", None, 1, contract_channels=False),
     Formulation("taps", "conv", 2, 2, batch_minor=True),
     Formulation("taps", "conv", None, 3, batch_minor=True),
+    Formulation("patches", "patches", None, w_delta2_terms=True),
+    Formulation("taps", "conv", 2, 2, w_delta2_terms=True),
+    Formulation("patches", "conv", 2, 2, w_delta2_terms=True),
+    Formulation("toeplitz", "conv", 2, 2, w_delta2_terms=False),
 ]
 FORMULATIONS = [Formulation(*f) for f in PAIRS] + CHUNKED
 
@@ -555,6 +562,14 @@ def test_bad_formulation_and_unbatched_input_raise():
         with pytest.raises(ValueError, match="formulation.batch_minor"):
             batched.value_and_grads(params, x, y, spec, formulation=form)
     batched.value_and_grads(params, x, y, spec, formulation=minor._replace(contract_channels=False))
+    for terms in (1, 0, "yes", np.bool_(True)):
+        with pytest.raises(ValueError, match="formulation.w_delta2_terms"):
+            batched.value_and_grads(
+                params, x, y, spec, formulation=Formulation("patches", "conv", w_delta2_terms=terms)
+            )
+    with pytest.raises(ValueError, match="formulation.w_delta2_terms cannot be True with batch_minor"):
+        batched.value_and_grads(params, x, y, spec, formulation=minor._replace(w_delta2_terms=True))
+    batched.value_and_grads(params, x, y, spec, formulation=minor._replace(w_delta2_terms=False))
     with pytest.raises(ValueError, match="x must be a batch"):
         batched.value_and_grads(params, x[0], y[0], spec)
     with pytest.raises(ValueError, match="at least one example"):
@@ -575,6 +590,52 @@ def test_chunked_sums_in_float32_within_the_float32_error_model(seed):
     for formulation, g in zip(CHUNKED, chunked_grads_jit(params, x, y, spec), strict=True):
         chex.assert_trees_all_equal_dtypes(g, params)
         assert tree_relative_error(g, reference) < FLOAT32_PER_KAPPA * kappa, formulation
+
+
+def w_delta2_matmuls(fn, *args) -> int:
+    """The dot_generals of `fn`'s jaxpr (inner jaxprs included) of W (D, n_out) with an
+    (m, n_out) delta2, contracting n_out: dE/dH1 = delta2 W^T as a matmul."""
+
+    def w_delta2(e):
+        if e.primitive.name != "dot_general":
+            return False
+        (_, rhs_contract), _ = e.params["dimension_numbers"]
+        return e.invars[1].aval.shape == args[0].W.shape and tuple(rhs_contract) == (1,)
+
+    def count(jaxpr):
+        return sum(map(w_delta2, jaxpr.eqns)) + sum(map(count, subjaxprs(jaxpr)))
+
+    return count(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_the_formulation_says_whether_w_delta2_is_a_matmul_or_products(backend):
+    # None is the rule (`formulations.w_delta2_as_terms`): the products for dE/df as XLA's conv
+    # after the patches or Toeplitz forward, on the CPU, from 2 examples on; True and False
+    # override it, at a batch of one too. With chunks and a remainder, one W delta2 per body.
+    spec = jaxbp.ConvNetSpec(in_shape=(7, 6, 2), n_filters=3, kernel_size=(3, 2), n_out=4)
+    params, x, y = problem(spec, 3, 5)
+    for form, rule in (
+        (Formulation("patches", "conv", 2, 2), True),
+        (Formulation("toeplitz", "conv", None), True),
+        (Formulation("patches", "patches", 2), False),
+        (Formulation("taps", "conv", 2, 2), False),
+        (Formulation("conv", "conv", 2, 2), False),
+    ):
+        assert formulations.w_delta2_as_terms(form, 5, backend) == (rule and backend == "cpu")
+        assert not formulations.w_delta2_as_terms(form, 1, backend)
+        for terms in (True, False):
+            assert formulations.w_delta2_as_terms(form._replace(w_delta2_terms=terms), 1, backend) == terms
+        if backend != jax.default_backend():
+            continue
+        for terms in (None, True, False):
+            f = form._replace(w_delta2_terms=terms)
+            bodies = 1 if f.chunk is None else 2  # the loop's and the remainder's
+            uses = rule if terms is None else terms
+            step = lambda p, x, y, f=f: batched.value_and_grads(p, x, y, spec, formulation=f)  # noqa: E731
+            assert w_delta2_matmuls(step, params, x, y) == (0 if uses else bodies), f
+            one = lambda p, x, y, f=f: batched.value_and_grads(p, x[:1], y[:1], spec, formulation=f)  # noqa: E731
+            assert w_delta2_matmuls(one, params, x, y) == (0 if terms else 1), f
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA's CPU dot emitter; a GPU calls cuBLAS")

@@ -847,6 +847,8 @@ def test_machine_line_names_the_caches_and_simd_where_recorded():
     info = {"cpu_caches": "L1d 32K, L2 512K", "cpu_simd": "avx2 fma"}
     assert bench.cpu_text(info) == " (L1d 32K, L2 512K; avx2 fma)"
     assert bench.cpu_text({"cpu_caches": "", "cpu_simd": "avx2"}) == " (avx2)"
+    info["cpu_model"] = "AuthenticAMD family 23 model 49"
+    assert bench.cpu_text(info) == " (L1d 32K, L2 512K; avx2 fma; AuthenticAMD family 23 model 49)"
     assert bench.cpu_text({}) == ""  # a run recorded before them renders as it did
 
 
@@ -932,3 +934,43 @@ def test_tap_products_bench_runs_end_to_end_and_times_both_forms(tmp_path):
     assert "| 4 | 8x8x3 | 3 | taps/" in text and "Products faster than per_channel at " in text
     assert "| 130 | 8x8x3 | 3 | taps(batch_minor)/" in text
     assert payload["machine"]["warm_calls"] == 1 and "Each sample followed 1 untimed call(s)" in text
+
+
+bench_w_delta2 = load_experiment("bench_w_delta2")
+
+
+def test_w_delta2_bench_runs_end_to_end_and_times_both_sides(tmp_path):
+    # Small inputs, one sample and one compile each: the matmul and the products at a point whose
+    # dE/df is XLA's conv (32 filters; the rule's products) and one whose is not (8 filters), in
+    # chunks with a remainder (batch 130) and whole; each program as labelled (one W delta2
+    # matmul less per chunk body with the products) and the two updates within float32 rounding.
+    # One filter on 3 channels in chunks is the batch-minor layout, skipped.
+    args = ["--inputs", "8x8x3", "--filters", "1", "8", "32", "--batches", "4", "130", "--kernels", "3"]
+    args += ["--repeats", "1", "--compile-repeats", "1", "--min-sample-s", "0.001", "--out", str(tmp_path)]
+    bench_w_delta2.main(args)
+    payload = json.loads((tmp_path / "bench_w_delta2.json").read_text())
+    timed = [r for r in payload["results"] if "skipped" not in r]
+    skipped = [r for r in payload["results"] if "skipped" in r]
+    assert [(r["point"]["batch"], r["point"]["filters"]) for r in skipped] == [(130, 1)]
+    assert [(r["point"]["batch"], r["point"]["filters"]) for r in timed] == [
+        (4, 1),
+        (4, 8),
+        (4, 32),
+        (130, 8),
+        (130, 32),
+    ]
+    for r in timed:
+        forward, filter_grad = r["formulation"].split("/")[:2]
+        assert r["rule_terms"] == (filter_grad.startswith("conv") and forward in ("patches", "toeplitz"))
+        bodies = 2 if r["point"]["batch"] == 130 else 1
+        assert r["matmuls"]["terms"] == r["matmuls"]["dot"] - bodies
+        assert set(r["times"]) == {"terms", "dot"} and all(t["median_ms"] > 0 for t in r["times"].values())
+        assert all(s > 0 for s in r["compile_s"].values())
+        assert r["params_rel_diff"] < 1e-5  # float32 sums in another order
+    assert any(r["rule_terms"] for r in timed) and not all(r["rule_terms"] for r in timed)
+    text = (tmp_path / "bench_w_delta2.md").read_text()
+    assert "| 130 | 8x8x3 | 3 | 32 |" in text and "Skipped (the batch-minor layout" in text
+    with pytest.raises(SystemExit):
+        bench_w_delta2.main(["--batches", "1", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        bench_w_delta2.main(["--inputs", "8x8", "--out", str(tmp_path)])

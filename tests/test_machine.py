@@ -15,12 +15,18 @@ def test_cpu_features_read_linux_caches_and_flags(tmp_path):
             (cache / f"index{i}" / name).write_text(f"{value}\n")
     (cache / "index3").mkdir()  # a cache Linux does not describe is skipped
     (tmp_path / "proc").mkdir()
-    (tmp_path / "proc/cpuinfo").write_text("model name\t: X\nflags\t\t: fpu sse avx2 fma\nbugs\t: none\n")
+    info = "vendor_id\t: AuthenticAMD\ncpu family\t: 23\nmodel\t\t: 49\nmodel name\t: X\n"
+    (tmp_path / "proc/cpuinfo").write_text(info + "flags\t\t: fpu sse avx2 fma\nbugs\t: none\n")
     assert machine.cpu_features(str(tmp_path)) == {
         "cpu_caches": "L1d 32K, L1i 32K, L2 512K",
         "cpu_simd": "avx2 fma",
+        "cpu_model": "AuthenticAMD family 23 model 49",
     }
-    assert machine.cpu_features(str(tmp_path / "nothing")) == {"cpu_caches": "", "cpu_simd": ""}
+    # Without the family (not every architecture's cpuinfo has one): no numbers.
+    (tmp_path / "proc/cpuinfo").write_text("model name\t: X\nmodel\t\t: 49\n")
+    assert machine.cpu_features(str(tmp_path))["cpu_model"] == ""
+    empty = {"cpu_caches": "", "cpu_simd": "", "cpu_model": ""}
+    assert machine.cpu_features(str(tmp_path / "nothing")) == empty
 
 
 def test_usable_cores_are_the_affinity_mask_where_there_is_one():

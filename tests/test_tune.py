@@ -89,6 +89,19 @@ def test_candidates_given_are_taken_as_they_run_at_the_batch():
         "taps(products)/conv*3/8",
         "taps(per_channel)/conv*3/8",
     ]
+    # w_delta2_terms set to what None means at the batch is None (the products for the conv
+    # dE/df after a matmul forward from 2 examples on, on the CPU): so a batch of one keeps True.
+    terms, dot = (conv._replace(w_delta2_terms=t) for t in (True, False))
+    cpu = jax.default_backend() == "cpu"
+    assert tune.distinct([conv, terms, dot], 20) == [conv, dot if cpu else terms]
+    one = conv._replace(chunk=None)
+    assert tune.distinct([conv, terms, dot], 1) == [one, one._replace(w_delta2_terms=True)]
+    assert tune.distinct([minor._replace(w_delta2_terms=False)], 20, 3) == [minor]
+    assert [f.label() for f in (conv, terms, dot)] == [
+        "patches/conv*3/8",
+        "patches/conv*3/8+terms",
+        "patches/conv*3/8+dot",
+    ]
 
 
 def test_tuning_times_every_candidate_and_each_computes_the_rules_means():
