@@ -449,6 +449,7 @@ def jax_methods(
         if chosen.filter_grad == "conv" and batch > 1:
             timed += [chosen._replace(conv_parts=p) for p in FORMULATION_CONV_PARTS if p != chosen.conv_parts]
         timed += jaxbp.tune.taps_alternatives(chosen, batch, spec)  # the taps' layout and channels
+        timed += jaxbp.tune.w_delta2_alternatives(chosen, batch)  # W delta2 the other way
         # A chunk of the batch or more is the whole batch; the channels' default is None.
         for form in jaxbp.tune.distinct(timed, batch, spec.in_shape[2]):
 

@@ -39,13 +39,12 @@ formulation tables time it beside the rest):
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
+from jaxbp import carry
 from jaxbp import ops
 from jaxbp.params import Params
 from jaxbp.spec import ConvNetSpec
@@ -71,9 +70,9 @@ def transposed_chunk(x: jax.Array, spec: ConvNetSpec, parts: int) -> jax.Array:
 
 def chunk_sums(
     params: Params, xt: jax.Array, y: jax.Array, spec: ConvNetSpec, n: int
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """(E, dE/df as (K, kh kw C), (dE/dW)^T, dE/db) of one chunk from its `transposed_chunk`,
-    each a sum over the chunk's examples divided by n."""
+) -> tuple[jax.Array, Params]:
+    """(E, Params(dE/df as (K, kh kw C), (dE/dW)^T, dE/db)) of one chunk from its
+    `transposed_chunk`, each a sum over the chunk's examples divided by n."""
     kh, kw = spec.kernel_size
     (sh, sw), (dh, dw) = spec.stride, spec.dilation
     ho, wo, k = spec.h1_shape
@@ -124,7 +123,7 @@ def chunk_sums(
         for p in range(parts)
     ]
     dE_df = functools.reduce(jnp.add, convs)  # (C, kh, kw, K)
-    return E, dE_df.transpose(3, 1, 2, 0).reshape(k, -1), dW_t, db
+    return E, Params(f=dE_df.transpose(3, 1, 2, 0).reshape(k, -1), W=dW_t, b=db)
 
 
 def value_and_grads(
@@ -143,18 +142,7 @@ def value_and_grads(
     n = x.shape[0]
     whole = n // chunk
     p_whole = split_parts(chunk, parts)
-    nf = params.f.size
-    shapes = [(), (spec.n_filters, nf // spec.n_filters), params.b.shape]
-    offsets = np.cumsum([0, *(math.prod(shape) for shape in shapes)])
-
-    def add(total, sums):
-        E, dE_df, dW_t, db = sums
-        E_f_b, W_t = total
-        return E_f_b + jnp.concatenate([E[None], dE_df.ravel(), db]), W_t + dW_t
-
-    # The zeros typed like the sums, under `jax.shard_map` too (`jaxbp.batched.value_and_grads`).
-    zero = jnp.zeros_like(x, shape=()) + jnp.zeros_like(params.f, shape=())
-    total = (jnp.zeros(offsets[-1], x.dtype) + zero, jnp.zeros(params.W.T.shape, x.dtype) + zero)
+    total = carry.zeros(params, x)
     if whole > 0:
         x_rows = x[: whole * chunk].reshape(whole, -1)
         y_rows = y[: whole * chunk].reshape(whole, -1)
@@ -167,16 +155,14 @@ def value_and_grads(
         def transposed(i):
             return transposed_chunk(row(x_rows, i, (chunk, *x.shape[1:])), spec, p_whole)
 
-        def step(i, carry):
-            total, xt = carry
+        def step(i, state):
+            total, xt = state
             sums = chunk_sums(params, xt, row(y_rows, i, (chunk, y.shape[1])), spec, n)
-            return add(total, sums), transposed(jnp.minimum(i + 1, whole - 1))
+            return carry.add(total, *sums), transposed(jnp.minimum(i + 1, whole - 1))
 
         total, _ = lax.fori_loop(0, whole, step, (total, transposed(0)))
     if whole * chunk < n:
         rest, y_rest = x[whole * chunk :], y[whole * chunk :]
         xt = transposed_chunk(rest, spec, split_parts(rest.shape[0], parts))
-        total = add(total, chunk_sums(params, xt, y_rest, spec, n))
-    E_f_b, W_t = total
-    E, f, b = (E_f_b[a:z].reshape(shape) for a, z, shape in zip(offsets[:-1], offsets[1:], shapes))
-    return E, Params(f=f, W=W_t, b=b)
+        total = carry.add(total, *chunk_sums(params, xt, y_rest, spec, n))
+    return carry.unpack(total, params)

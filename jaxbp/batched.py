@@ -38,15 +38,14 @@ chunks, is chosen by measurement (`jaxbp.formulations`). Nothing here calls an a
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from jaxbp import batch_minor
+from jaxbp import carry
 from jaxbp import ops
 from jaxbp.conv_forms import ConvForm
 from jaxbp.conv_forms import conv_forward
@@ -279,32 +278,12 @@ def value_and_grads(
         E, sums = chunk_sums(params, x, y, spec, form, n)
         return E, untranspose(sums, spec)
 
-    # The loop carries two arrays: (dE/dW)^T, and E, dE/df and dE/db laid end to end in one
-    # vector. Each chunk adds into them with two fused kernels, started from two broadcasts of
-    # zeros, where a carry of four arrays took four adds and three broadcasts; in the update step
-    # reading the vector back costs one more kernel, E's slice (the others fuse into the update).
-    # Each kernel XLA generates costs compile time on the CPU (experiments/PERFORMANCE.md).
-    # dE/dW stays apart: in the one vector with the rest, the step ran 1.05-1.11x slower with
-    # 32 filters (batch 256, 32x32x3, 5x5: XLA's fused concatenation is slower than an add
-    # across the D n_out numbers); the rest is at most a few thousand numbers.
-    shapes = [(), (spec.n_filters, params.f.size // spec.n_filters), params.b.shape]
-    offsets = np.cumsum([0, *(math.prod(shape) for shape in shapes)])
-
+    # The loop carries two arrays (`jaxbp.carry`): (dE/dW)^T, and E, dE/df and dE/db end to end.
     def add_chunk(total, x_chunk, y_chunk):
-        E, part = chunk_sums(params, x_chunk, y_chunk, spec, form, n)
-        E_f_b, W = total
-        return E_f_b + jnp.concatenate([E[None], part.f.ravel(), part.b]), W + part.W
+        return carry.add(total, *chunk_sums(params, x_chunk, y_chunk, spec, form, n))
 
-    # The zeros are typed like the chunks' sums: zeros_like keeps an array's varying mesh axes,
-    # so under `jax.shard_map` (`jaxbp.parallel`) the zeros vary over the axes the shard of x and
-    # the params vary over, as the sums do (the loop requires equal carry types). That relies on
-    # JAX's automatic pcast (jax_auto_pcast, on by default in jax 0.10); tests/test_mesh.py runs
-    # shards over one chunk, and fails if it stops holding.
-    zero = jnp.zeros_like(x, shape=()) + jnp.zeros_like(params.f, shape=())
-    zeros = (jnp.zeros(offsets[-1], x.dtype) + zero, jnp.zeros(params.W.T.shape, x.dtype) + zero)
-    E_f_b, W = add_chunks(add_chunk, zeros, x, y, chunk)
-    E, f, b = (E_f_b[a:z].reshape(shape) for a, z, shape in zip(offsets[:-1], offsets[1:], shapes))
-    return E, untranspose(Params(f=f, W=W, b=b), spec)
+    E, sums = carry.unpack(add_chunks(add_chunk, carry.zeros(params, x), x, y, chunk), params)
+    return E, untranspose(sums, spec)
 
 
 def value_and_grads_example(

@@ -97,7 +97,9 @@ def candidate_formulations(
     each of `CANDIDATE_CHUNKS` below the batch (and the whole batch up to `WHOLE_BATCH_MAX`); where
     the pick is the taps and XLA's conv for a batch of 2 or more, the pick in the other layout
     (`jaxbp.batch_minor`); where the pick's forward is the taps on 2 or more input channels, the
-    pick channels last with the other ``contract_channels``; then each of `CANDIDATE_PAIRS` at
+    pick channels last with the other ``contract_channels``; where the pick's dE/df is XLA's conv
+    or the Toeplitz form after a matmul forward, the pick with W delta2 the other way
+    (`w_delta2_alternatives`); then each of `CANDIDATE_PAIRS` at
     the pick's chunk (XLA's conv for dE/df in the rule's parts for this batch and backend,
     `formulations.conv_filter_grad_parts`): 3-11 formulations, 4-10 on the benchmark's grid."""
     positive_int(batch, "batch")
@@ -105,6 +107,7 @@ def candidate_formulations(
     parts = formulations.conv_filter_grad_parts(batch, backend)
     chunks = [c for c in CANDIDATE_CHUNKS if c < batch] + ([None] if batch <= WHOLE_BATCH_MAX else [])
     out = [rule] + [rule._replace(chunk=c) for c in chunks] + taps_alternatives(rule, batch, spec)
+    out += w_delta2_alternatives(rule, batch, backend)
     out += [Formulation(f, g, rule.chunk, parts) for f, g in CANDIDATE_PAIRS]
     return distinct(out, batch, spec.in_shape[2])
 
@@ -122,6 +125,20 @@ def taps_alternatives(form: Formulation, batch: int, spec: ConvNetSpec) -> list[
         contract = not contracts_channels_first(channels)
         out.append(form._replace(batch_minor=False, contract_channels=contract))
     return out
+
+
+def w_delta2_alternatives(form: Formulation, batch: int, backend: str | None = None) -> list[Formulation]:
+    """`form` with dE/dH1 = delta2 W^T the other way (n_out products or a matmul,
+    `jaxbp.formulations.w_delta2_as_terms`) where both sides measured close or the rule's side
+    rests on one CPU: dE/df as XLA's conv or the Toeplitz form after the patches or Toeplitz
+    forward, for 2 or more examples (a batch of one takes the matmul unless set)."""
+    if (
+        batch < 2
+        or form.forward not in ("patches", "toeplitz")
+        or form.filter_grad not in ("conv", "toeplitz")
+    ):
+        return []
+    return [form._replace(w_delta2_terms=not formulations.w_delta2_as_terms(form, batch, backend))]
 
 
 def positive_int(value, name: str) -> int:

@@ -21,6 +21,7 @@ import jaxbp
 from jaxbp import backward
 from jaxbp import batch_minor
 from jaxbp import batched
+from jaxbp import carry
 from jaxbp import conv_forms
 from jaxbp import formulations
 from jaxbp import layers
@@ -173,6 +174,7 @@ MANUAL_PATH = (
     backward,
     batch_minor,
     batched,
+    carry,
     conv_forms,
     formulations,
     model,

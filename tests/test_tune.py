@@ -56,6 +56,11 @@ def test_candidates_are_the_rules_forms_at_other_chunks_and_other_pairs(batch, f
     assert rule.batch_minor == (taps_conv and rule.chunk is not None)
     at_the_rules = [f for f in candidates if f[:3] == rule[:3] and f.contract_channels is None]
     assert {f.batch_minor for f in at_the_rules} == ({False, True} if taps_conv else {False})
+    # W delta2 the other way where dE/df is the conv or the Toeplitz form after a matmul forward
+    # (here the patches and the conv with 32 filters), at a batch; nothing else sets it.
+    other = [f for f in candidates if f.w_delta2_terms is not None]
+    close = rule.forward == "patches" and rule.filter_grad == "conv" and batch > 1
+    assert other == ([rule._replace(w_delta2_terms=False)] if close else [])
     on_gpu = tune.candidate_formulations(spec, batch, "gpu")
     assert on_gpu[0] == formulations.choose_formulation(spec, batch, "gpu")
     assert {f.conv_parts for f in on_gpu} == {1}
