@@ -449,9 +449,9 @@ def jax_methods(
         if chosen.filter_grad == "conv" and batch > 1:
             timed += [chosen._replace(conv_parts=p) for p in FORMULATION_CONV_PARTS if p != chosen.conv_parts]
         timed += jaxbp.tune.taps_alternatives(chosen, batch, spec)  # the taps' layout and channels
-        timed += jaxbp.tune.w_delta2_alternatives(chosen, batch)  # W delta2 the other way
+        timed += jaxbp.tune.w_delta2_alternatives(chosen, batch, spec.n_out)  # W delta2 the other way
         # A chunk of the batch or more is the whole batch; the channels' default is None.
-        for form in jaxbp.tune.distinct(timed, batch, spec.in_shape[2]):
+        for form in jaxbp.tune.distinct(timed, batch, spec.in_shape[2], n_out=spec.n_out):
 
             def vg(p, s, x, y, form=form):
                 E, g = batched.value_and_grads(p, x, y, spec, formulation=form)
@@ -496,7 +496,8 @@ def batch_forward(params, x, y, spec):
     chunk = n if form.chunk is None else min(form.chunk, n)
 
     def add(total, x, y):  # the chunks read as `jaxbp.batched.value_and_grads` reads them
-        _, O, delta2, delta1 = batched.slide_terms(params, x, y, spec, form.forward, n)
+        terms = formulations.w_delta2_as_terms(form, n, spec.n_out)
+        _, O, delta2, delta1 = batched.slide_terms(params, x, y, spec, form.forward, n, w_delta2_terms=terms)
         part = jnp.stack([0.5 * jnp.sum((O - y) ** 2) / n, jnp.sum(delta1)]), jnp.sum(delta2, axis=0)
         return jax.tree.map(jnp.add, total, part)
 
@@ -1333,8 +1334,9 @@ def markdown(results, info, command) -> str:
     if any(k.startswith("manual[") for r in results for k in r["times"]):
         lines += [
             "",
-            "Formulations of the manual step (forward/filter-gradient/chunk), median ms; `/chosen`: time",
-            "over the time of the formulation `choose_formulation` picks (>1: the pick is faster).",
+            "Formulations of the manual step (forward/filter-gradient/chunk, `+terms` or `+dot` where W",
+            "delta2's side is set), median ms; `/chosen`: time over the time of the formulation",
+            "`choose_formulation` picks (>1: the pick is faster).",
             "",
             "| batch | input | k | K | chosen | fastest | formulations (median ms, /chosen) |",
             "|---|---|---|---|---|---|---|",

@@ -6,9 +6,10 @@ as n_out broadcast products (`Formulation.w_delta2_terms`, `jaxbp.batched.slide_
 elementwise, and XLA fuses it into the kernels that read delta1. This script times, interleaved
 round by round, the jitted update step (`make_update_step(grads="manual")`) at the rule's
 formulation with ``w_delta2_terms`` True and False, and each step's compile time (lower +
-compile, the fastest of --compile-repeats fresh jits) and generated kernels. The two updates are
-compared in float32 before timing, and each program is checked to be the one its label says:
-the products have one matmul less in each chunk body the program traces. Points whose rule is
+compile, the fastest of --compile-repeats fresh jits) and generated kernels. The two sides' batch
+gradients (`jaxbp.batched.value_and_grads`) are compared in float32 before timing (a run stops
+past GRAD_RTOL), and each program is checked to be the one its label says: the products have one
+matmul less in each chunk body the program traces. Points whose rule is
 the batch-minor layout (`jaxbp.batch_minor`, its own W delta2) are skipped. Writes
 experiments/results/<name>.json and .md.
 
@@ -27,6 +28,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import cpu_text  # noqa: E402
 from bench import generated_kernels  # noqa: E402
 from bench import machine_info  # noqa: E402
 from bench import script_command  # noqa: E402
@@ -35,10 +37,13 @@ from bench import warm_text  # noqa: E402
 from bench import write_results  # noqa: E402
 
 INPUTS = ((28, 28, 1), (32, 32, 3))
-FILTERS = (8, 32)
+FILTERS = (1, 8, 32)
 BATCHES = (32, 256, 1024)
 KERNELS = (3, 5)
 METHODS = ("terms", "dot")
+# The two sides' gradients differ by float32 rounding only (sums in another order): at most
+# 1.3e-6 of each leaf's largest in the committed run; a difference past this is a wrong program.
+GRAD_RTOL = 1e-4
 
 
 def parse_input(text: str) -> tuple[int, int, int]:
@@ -98,6 +103,7 @@ def main(argv=None) -> None:
     import jax
 
     import jaxbp
+    from jaxbp import batched
     from jaxbp import formulations
     from jaxbp.tune import interleaved_samples
     from jaxbp.tune import timed_calls
@@ -124,19 +130,29 @@ def main(argv=None) -> None:
         bodies = (batch >= chunk) + (batch % chunk > 0)
         if dots["terms"] != dots["dot"] - bodies:
             raise AssertionError(f"{point}: matmuls {dots}, not {bodies} fewer with the products")
-        outs = {name: fn(*fn_args) for name, (fn, fn_args) in compiled.items()}
+        params, _, x, y = compiled["dot"][1]
+        grads = {
+            name: jax.jit(batched.value_and_grads, static_argnums=3, static_argnames="formulation")(
+                params, x, y, spec, formulation=formulation
+            )[1]
+            for name, formulation in variants.items()
+        }
         rel_diff = max(
             float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / max(1e-30, np.max(np.abs(np.asarray(b)))))
-            for a, b in zip(jax.tree.leaves(outs["terms"][0]), jax.tree.leaves(outs["dot"][0]))
+            for a, b in zip(jax.tree.leaves(grads["terms"]), jax.tree.leaves(grads["dot"]))
         )
+        if rel_diff > GRAD_RTOL:
+            raise AssertionError(
+                f"{point}: the two sides' gradients differ by {rel_diff:.2e} (> {GRAD_RTOL})"
+            )
         calls = {name: timed_calls(fn, fn_args) for name, (fn, fn_args) in compiled.items()}
         samples = interleaved_samples(calls, args.repeats, args.min_sample_s, args.warm_calls)
         results.append(
             {
                 "point": point,
                 "formulation": form.label(),
-                "rule_terms": formulations.w_delta2_as_terms(form, batch),
-                "params_rel_diff": rel_diff,
+                "rule_terms": formulations.w_delta2_as_terms(form, batch, spec.n_out),
+                "grads_rel_diff": rel_diff,
                 "times": {name: summarize(s) for name, s in samples.items()},
                 "compile_s": compile_s,
                 "kernels": kernels,
@@ -162,17 +178,18 @@ def markdown(args, info: dict, command: str, results: list, skipped: list) -> st
             f"| {p['batch']} | {'x'.join(map(str, p['input']))} | {p['kernel']} | {p['filters']} "
             f"| {r['formulation']} | {'terms' if r['rule_terms'] else 'dot'} "
             f"| {t['terms']:.3g} | {t['dot']:.3g} | {t['terms'] / t['dot']:.2f} "
-            f"| {cs['terms']:.2f} | {cs['dot']:.2f} | {k['terms']}/{k['dot']} | {r['params_rel_diff']:.1e} |"
+            f"| {cs['terms']:.2f} | {cs['dot']:.2f} | {k['terms']}/{k['dot']} | {r['grads_rel_diff']:.1e} |"
         )
 
     def ratio(r):
         return r["times"]["terms"]["median_ms"] / r["times"]["dot"]["median_ms"]
 
-    by_form = {}
+    by_form = {}  # the forward and dE/df's forms, without the taps' layout and the conv's parts
     for r in results:
-        by_form.setdefault(r["formulation"].split("/")[1].split("*")[0], []).append(r)
+        forward, filter_grad = r["formulation"].split("/")[:2]
+        by_form.setdefault(f"{forward.split('(')[0]}/{filter_grad.split('*')[0]}", []).append(r)
     summary = [
-        f"- dE/df as `{g}`: the products faster at {sum(ratio(r) < 1 for r in rs)} of {len(rs)} points "
+        f"- `{g}`: the products faster at {sum(ratio(r) < 1 for r in rs)} of {len(rs)} points "
         f"(terms/dot {min(map(ratio, rs)):.2f}-{max(map(ratio, rs)):.2f}); compiled faster at "
         f"{sum(r['compile_s']['terms'] < r['compile_s']['dot'] for r in rs)}."
         for g, rs in sorted(by_form.items())
@@ -191,15 +208,15 @@ def markdown(args, info: dict, command: str, results: list, skipped: list) -> st
         "# dE/dH1 = delta2 W^T: n_out broadcast products (terms) or a matmul (dot)",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {info['cpu']}, {info['cores']} cores. jax {info['jax']}, jaxlib {info['jaxlib']}; "
-        f"git {info['git_commit']}; {info['date_utc']}.",
+        f"Machine: {info['cpu']}{cpu_text(info)}, {info['cores']} cores. jax {info['jax']}, "
+        f"jaxlib {info['jaxlib']}; git {info['git_commit']}; {info['date_utc']}.",
         "",
         f"Median ms per update step of {args.repeats} interleaved samples (quartiles in the JSON), 10 "
         "outputs, VALID, float32, at the rule's formulation with `w_delta2_terms` True (`terms`) and "
         "False (`dot`); `rule`: what None picks (`jaxbp.formulations.w_delta2_as_terms`). `t/d`: terms "
         "over dot (< 1: the products faster). Compile: seconds, the fastest of "
         f"{args.compile_repeats}; kernels: generated kernels, terms/dot. `diff`: the largest "
-        "difference of the updated params, relative to each leaf's largest. " + warm_text(info),
+        "difference of the two sides' batch gradients, relative to each leaf's largest. " + warm_text(info),
         "",
         "| batch | input | k | K | formulation | rule | terms | dot | t/d | compile terms | compile dot "
         "| kernels | diff |",

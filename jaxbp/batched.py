@@ -115,11 +115,6 @@ def slide_terms(
     H1 = ops.sigmoid(Z1)
     O = ops.sigmoid(jnp.dot(H1, params.W, precision=spec.precision) + params.b[None, :])
     delta2 = (O - y) * (O * (1 - O)) / n  # (m, n_out): dE/dZ2 (of the mean loss for n > 1)
-    # W delta2 as (m, D), contracting W's minor (n_out) axis as it is stored. Written with an
-    # explicit W.T, at m = 1 XLA's CPU made this dot a loop fusion over W instead of a library
-    # dot, and the batch-1 step with 32 filters took 1.15-1.45x as long at 3 of the 4 points
-    # (28x28x1, 5x5: 0.337 ms against 0.232) and 0.94x at the fourth; from m = 32 on XLA
-    # compiles both forms to the same program.
     if w_delta2_terms:
         # (delta2 W^T)[m, d] = sum_o delta2[m, o] W[d, o], n_out products of a column of delta2
         # and a column of W: elementwise, so XLA fuses the sum into whatever reads delta1 (with
@@ -130,6 +125,11 @@ def slide_terms(
         products = (delta2[:, o, None] * params.W[None, :, o] for o in range(params.W.shape[1]))
         dE_dH1 = functools.reduce(jnp.add, products)
     else:
+        # W delta2 as (m, D), contracting W's minor (n_out) axis as it is stored. Written with an
+        # explicit W.T, at m = 1 XLA's CPU made this dot a loop fusion over W instead of a library
+        # dot, and the batch-1 step with 32 filters took 1.15-1.45x as long at 3 of the 4 points
+        # (28x28x1, 5x5: 0.337 ms against 0.232) and 0.94x at the fourth; from m = 32 on XLA
+        # compiles both forms to the same program.
         dE_dH1 = lax.dot_general(delta2, params.W, (((1,), (1,)), ((), ())), precision=spec.precision)
     delta1 = (dE_dH1 * (H1 * (1 - H1))).reshape(m, *spec.h1_shape)  # dE/dZ1, one fused pass
     return H1, O, delta2, delta1
@@ -165,7 +165,7 @@ def chunk_sums(
         patches=patches,
         rows=rows,
         contract_channels=form.contract_channels,
-        w_delta2_terms=w_delta2_as_terms(form, n if transposed else 1),
+        w_delta2_terms=w_delta2_as_terms(form, n if transposed else 1, spec.n_out),
     )
     E = 0.5 * jnp.sum((O - y) ** 2) / n
     if transposed:

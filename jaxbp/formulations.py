@@ -57,7 +57,7 @@ class Formulation(NamedTuple):
       w_delta2_terms: dE/dH1 = delta2 W^T as n_out broadcast products that XLA fuses into the
         kernels reading delta1 (True) or as a matmul written out (False); None, the rule
         (`w_delta2_as_terms`): the products where dE/df is XLA's conv after the patches or
-        Toeplitz forward, on the CPU, for 2 or more examples.
+        Toeplitz forward, on the CPU, for 2 or more examples and at most 10 outputs.
     """
 
     forward: ConvForm
@@ -301,9 +301,11 @@ class Formulation(NamedTuple):
 #   the run time at all 6 points for 1.08-1.14x the compile time; after the patches dE/df
 #   1.10-1.37x the run time at all 6 (delta1 is then read in its (m, D) order by one kernel,
 #   which sums the products without vectorizing over n_out); after the taps 1.00-1.39x at all 8.
-#   So the products for the conv dE/df after a matmul forward only. Not used for one example
-#   (the vmapped per-example path and a batch of one, unmeasured) nor off the CPU (an
-#   accelerator's matmul writes (m, D) at its own speed; unmeasured).
+#   So the products for the conv dE/df after a matmul forward only. Measured with 10 outputs
+#   only, where each element of dE/dH1 sums 10 products: past W_DELTA2_TERMS_MAX_OUT = 10 the
+#   matmul (unmeasured either way). Not used for one example (the vmapped per-example path and
+#   a batch of one, unmeasured) nor off the CPU (an accelerator's matmul writes (m, D) at its
+#   own speed; unmeasured).
 # On a GPU (one NVIDIA H200, jax 0.11.2, full float32; experiments/results/
 # bench_formulations_gpu.md, batch 256, 28x28x1, 5x5, the only shape compared there) the step
 # is a few kernel launches long (the manual step 0.06-0.11 ms in the quick grid). The patches
@@ -318,7 +320,9 @@ class Formulation(NamedTuple):
 # with 5x5 filters. A larger batch runs in chunks of about that size, so that P does not
 # outgrow the device's memory. That was not timed: kernels that large are far past launch
 # overhead. Other accelerators (TPU) are not measured and keep XLA's conv for both.
+W_DELTA2_TERMS_FORWARDS = ("patches", "toeplitz")
 W_DELTA2_TERMS_FILTER_GRADS = ("conv",)
+W_DELTA2_TERMS_MAX_OUT = 10
 TAPS_BELOW_CHANNELS_X_FILTERS = 8
 TAPS_MAX_FILTERS = 1
 TOEPLITZ_BELOW_FILTERS = 8
@@ -464,19 +468,22 @@ def check_formulation(formulation) -> Formulation:
     return formulation
 
 
-def w_delta2_as_terms(formulation: Formulation, batch: int, backend: str | None = None) -> bool:
-    """Whether the batch gradient of `batch` examples computes dE/dH1 = delta2 W^T as n_out
-    broadcast products (`jaxbp.batched.slide_terms`): `formulation.w_delta2_terms` where set,
-    else True for dE/df as XLA's conv after the patches or Toeplitz forward on the CPU with 2 or
-    more examples (W_DELTA2_TERMS_FILTER_GRADS, measured below), False otherwise."""
+def w_delta2_as_terms(formulation: Formulation, batch: int, n_out: int, backend: str | None = None) -> bool:
+    """Whether the batch gradient of `batch` examples with `n_out` outputs computes dE/dH1 =
+    delta2 W^T as n_out broadcast products (`jaxbp.batched.slide_terms`):
+    `formulation.w_delta2_terms` where set, else True for dE/df as XLA's conv after the patches
+    or Toeplitz forward (W_DELTA2_TERMS_FORWARDS, W_DELTA2_TERMS_FILTER_GRADS) on the CPU, with 2
+    or more examples and at most W_DELTA2_TERMS_MAX_OUT outputs (measured below at 10; each
+    element of dE/dH1 sums n_out products), False otherwise."""
     if formulation.w_delta2_terms is not None:
         return formulation.w_delta2_terms
     backend = backend or jax.default_backend()
     return (
         backend == "cpu"
         and batch > 1
+        and n_out <= W_DELTA2_TERMS_MAX_OUT
         and not formulation.batch_minor
-        and formulation.forward in ("patches", "toeplitz")
+        and formulation.forward in W_DELTA2_TERMS_FORWARDS
         and formulation.filter_grad in W_DELTA2_TERMS_FILTER_GRADS
     )
 

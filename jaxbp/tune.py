@@ -107,9 +107,9 @@ def candidate_formulations(
     parts = formulations.conv_filter_grad_parts(batch, backend)
     chunks = [c for c in CANDIDATE_CHUNKS if c < batch] + ([None] if batch <= WHOLE_BATCH_MAX else [])
     out = [rule] + [rule._replace(chunk=c) for c in chunks] + taps_alternatives(rule, batch, spec)
-    out += w_delta2_alternatives(rule, batch, backend)
+    out += w_delta2_alternatives(rule, batch, spec.n_out, backend)
     out += [Formulation(f, g, rule.chunk, parts) for f, g in CANDIDATE_PAIRS]
-    return distinct(out, batch, spec.in_shape[2])
+    return distinct(out, batch, spec.in_shape[2], n_out=spec.n_out, backend=backend)
 
 
 def taps_alternatives(form: Formulation, batch: int, spec: ConvNetSpec) -> list[Formulation]:
@@ -127,18 +127,17 @@ def taps_alternatives(form: Formulation, batch: int, spec: ConvNetSpec) -> list[
     return out
 
 
-def w_delta2_alternatives(form: Formulation, batch: int, backend: str | None = None) -> list[Formulation]:
+def w_delta2_alternatives(
+    form: Formulation, batch: int, n_out: int, backend: str | None = None
+) -> list[Formulation]:
     """`form` with dE/dH1 = delta2 W^T the other way (n_out products or a matmul,
     `jaxbp.formulations.w_delta2_as_terms`) where both sides measured close or the rule's side
     rests on one CPU: dE/df as XLA's conv or the Toeplitz form after the patches or Toeplitz
     forward, for 2 or more examples (a batch of one takes the matmul unless set)."""
-    if (
-        batch < 2
-        or form.forward not in ("patches", "toeplitz")
-        or form.filter_grad not in ("conv", "toeplitz")
-    ):
+    matmul_forward = form.forward in formulations.W_DELTA2_TERMS_FORWARDS
+    if batch < 2 or not matmul_forward or form.filter_grad not in ("conv", "toeplitz"):
         return []
-    return [form._replace(w_delta2_terms=not formulations.w_delta2_as_terms(form, batch, backend))]
+    return [form._replace(w_delta2_terms=not formulations.w_delta2_as_terms(form, batch, n_out, backend))]
 
 
 def positive_int(value, name: str) -> int:
@@ -148,13 +147,16 @@ def positive_int(value, name: str) -> int:
     return value
 
 
-def distinct(forms, batch: int, channels: int | None = None) -> list[Formulation]:
+def distinct(
+    forms, batch: int, channels: int | None = None, *, n_out: int | None = None, backend: str | None = None
+) -> list[Formulation]:
     """`forms` without repeats, each as it runs at `batch`: a chunk of at least the batch is the
     whole batch (None), conv_parts is 1 where dE/df is not XLA's conv, contract_channels None
     where the forward is not the taps or the layout batch-minor, batch_minor False but for
-    the taps and the conv on 2 or more examples (nothing else reads them), and w_delta2_terms
-    None where it is what None means (`jaxbp.formulations.w_delta2_as_terms`). Given the input
-    `channels`, a taps forward's contract_channels that None also means for them is None."""
+    the taps and the conv on 2 or more examples (nothing else reads them). Given the input
+    `channels`, a taps forward's contract_channels that None also means for them is None; given
+    `n_out`, a w_delta2_terms that None also means on `backend` (None: the default one) is None
+    (`jaxbp.formulations.w_delta2_as_terms`)."""
 
     def batch_minor(f):  # a batch of one runs channels last (`jaxbp.batched.value_and_grads`)
         return f.batch_minor and f[:2] == ("taps", "conv") and batch > 1
@@ -167,7 +169,9 @@ def distinct(forms, batch: int, channels: int | None = None) -> list[Formulation
         return f.contract_channels
 
     def terms(f):  # f with the other fields as they run
-        rule = formulations.w_delta2_as_terms(f._replace(w_delta2_terms=None), batch)
+        if n_out is None:
+            return f.w_delta2_terms
+        rule = formulations.w_delta2_as_terms(f._replace(w_delta2_terms=None), batch, n_out, backend)
         return None if f.w_delta2_terms in (None, rule) else f.w_delta2_terms
 
     runs_as = (
@@ -342,7 +346,7 @@ def tune_formulation(
                 formulations.check_formulation(form)
             except (TypeError, ValueError) as err:
                 raise type(err)(f"candidates[{i}]: {err}") from None
-    candidates = distinct([rule, *candidates], batch, spec.in_shape[2])  # the rule always, first
+    candidates = distinct([rule, *candidates], batch, spec.in_shape[2], n_out=spec.n_out)  # the rule first
     options = default_compiler_options() if compiler_options is None else compiler_options
     say = progress or (lambda line: None)
     if cache is not None:

@@ -36,9 +36,9 @@ from jaxbp.formulations import Formulation
 # unequal size, and a remainder chunk; the taps forward with its channels contracted first and
 # not, whatever their number; the taps and conv in the batch-minor layout, in chunks of 2 (2
 # parts; a remainder of one example, one part) and whole (3 parts where they divide the batch);
-# W delta2 as n_out products where the rule would take the matmul (the taps; the patches, whole
-# and in chunks with a remainder of one example; a batch of one) and as the matmul where it
-# would take the products (the conv dE/df after the Toeplitz forward).
+# W delta2 set as n_out products (the patches for both, whole; the taps and the conv, and the
+# patches and the conv, in chunks with a remainder of one example, and each at a batch of one)
+# and as the matmul (the conv dE/df after the Toeplitz forward, where the rule takes the products).
 PAIRS = [*itertools.product(("taps", "patches", "conv"), repeat=2)]
 PAIRS += [("toeplitz", "toeplitz"), ("toeplitz", "conv"), ("taps", "toeplitz")]
 CHUNKED = [Formulation(form, form, 2) for form in conv_forms.FORMS] + [
@@ -622,10 +622,11 @@ def test_the_formulation_says_whether_w_delta2_is_a_matmul_or_products(backend):
         (Formulation("taps", "conv", 2, 2), False),
         (Formulation("conv", "conv", 2, 2), False),
     ):
-        assert formulations.w_delta2_as_terms(form, 5, backend) == (rule and backend == "cpu")
-        assert not formulations.w_delta2_as_terms(form, 1, backend)
+        assert formulations.w_delta2_as_terms(form, 5, 4, backend) == (rule and backend == "cpu")
+        assert not formulations.w_delta2_as_terms(form, 1, 4, backend)
+        assert not formulations.w_delta2_as_terms(form, 5, formulations.W_DELTA2_TERMS_MAX_OUT + 1, backend)
         for terms in (True, False):
-            assert formulations.w_delta2_as_terms(form._replace(w_delta2_terms=terms), 1, backend) == terms
+            assert formulations.w_delta2_as_terms(form._replace(w_delta2_terms=terms), 1, 4, backend) == terms
         if backend != jax.default_backend():
             continue
         for terms in (None, True, False):

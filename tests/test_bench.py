@@ -939,11 +939,11 @@ def test_tap_products_bench_runs_end_to_end_and_times_both_forms(tmp_path):
 bench_w_delta2 = load_experiment("bench_w_delta2")
 
 
-def test_w_delta2_bench_runs_end_to_end_and_times_both_sides(tmp_path):
+def test_w_delta2_bench_runs_end_to_end_and_times_both_sides(tmp_path, monkeypatch):
     # Small inputs, one sample and one compile each: the matmul and the products at a point whose
     # dE/df is XLA's conv (32 filters; the rule's products) and one whose is not (8 filters), in
     # chunks with a remainder (batch 130) and whole; each program as labelled (one W delta2
-    # matmul less per chunk body with the products) and the two updates within float32 rounding.
+    # matmul less per chunk body with the products) and the two gradients within float32 rounding.
     # One filter on 3 channels in chunks is the batch-minor layout, skipped.
     args = ["--inputs", "8x8x3", "--filters", "1", "8", "32", "--batches", "4", "130", "--kernels", "3"]
     args += ["--repeats", "1", "--compile-repeats", "1", "--min-sample-s", "0.001", "--out", str(tmp_path)]
@@ -966,10 +966,14 @@ def test_w_delta2_bench_runs_end_to_end_and_times_both_sides(tmp_path):
         assert r["matmuls"]["terms"] == r["matmuls"]["dot"] - bodies
         assert set(r["times"]) == {"terms", "dot"} and all(t["median_ms"] > 0 for t in r["times"].values())
         assert all(s > 0 for s in r["compile_s"].values())
-        assert r["params_rel_diff"] < 1e-5  # float32 sums in another order
+        assert 0 <= r["grads_rel_diff"] <= bench_w_delta2.GRAD_RTOL  # else the run would have stopped
     assert any(r["rule_terms"] for r in timed) and not all(r["rule_terms"] for r in timed)
     text = (tmp_path / "bench_w_delta2.md").read_text()
     assert "| 130 | 8x8x3 | 3 | 32 |" in text and "Skipped (the batch-minor layout" in text
+    # The gradients' check stops a run: with no difference allowed, float32's reordered sums fail it.
+    monkeypatch.setattr(bench_w_delta2, "GRAD_RTOL", -1.0)
+    with pytest.raises(AssertionError, match="gradients differ"):
+        bench_w_delta2.main([*args[:2], "--filters", "32", "--batches", "4", *args[9:]])
     with pytest.raises(SystemExit):
         bench_w_delta2.main(["--batches", "1", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):

@@ -61,6 +61,13 @@ def test_candidates_are_the_rules_forms_at_other_chunks_and_other_pairs(batch, f
     other = [f for f in candidates if f.w_delta2_terms is not None]
     close = rule.forward == "patches" and rule.filter_grad == "conv" and batch > 1
     assert other == ([rule._replace(w_delta2_terms=False)] if close else [])
+    # On a GPU the rule takes the patches for both: nothing to set (the products' rule is the
+    # CPU's, and after the patches dE/df they were slower there).
+    on_gpu_other = [
+        f for f in tune.candidate_formulations(spec, batch, "gpu") if f.w_delta2_terms is not None
+    ]
+    assert formulations.choose_formulation(spec, batch, "gpu")[:2] == ("patches", "patches")
+    assert on_gpu_other == []
     on_gpu = tune.candidate_formulations(spec, batch, "gpu")
     assert on_gpu[0] == formulations.choose_formulation(spec, batch, "gpu")
     assert {f.conv_parts for f in on_gpu} == {1}
@@ -97,11 +104,21 @@ def test_candidates_given_are_taken_as_they_run_at_the_batch():
     # w_delta2_terms set to what None means at the batch is None (the products for the conv
     # dE/df after a matmul forward from 2 examples on, on the CPU): so a batch of one keeps True.
     terms, dot = (conv._replace(w_delta2_terms=t) for t in (True, False))
-    cpu = jax.default_backend() == "cpu"
-    assert tune.distinct([conv, terms, dot], 20) == [conv, dot if cpu else terms]
-    one = conv._replace(chunk=None)
-    assert tune.distinct([conv, terms, dot], 1) == [one, one._replace(w_delta2_terms=True)]
-    assert tune.distinct([minor._replace(w_delta2_terms=False)], 20, 3) == [minor]
+    for backend in ("cpu", "gpu"):
+        cpu = backend == "cpu"
+        assert tune.distinct([conv, terms, dot], 20, n_out=10, backend=backend) == [
+            conv,
+            dot if cpu else terms,
+        ]
+        one = conv._replace(chunk=None)
+        assert tune.distinct([conv, terms, dot], 1, n_out=10, backend=backend) == [
+            one,
+            terms._replace(chunk=None),
+        ]
+        # Past W_DELTA2_TERMS_MAX_OUT outputs None is the matmul; without n_out nothing is resolved.
+        assert tune.distinct([conv, terms, dot], 20, n_out=11, backend=backend) == [conv, terms]
+    assert tune.distinct([conv, terms, dot], 20) == [conv, terms, dot]
+    assert tune.distinct([minor._replace(w_delta2_terms=False)], 20, 3, n_out=10) == [minor]
     assert [f.label() for f in (conv, terms, dot)] == [
         "patches/conv*3/8",
         "patches/conv*3/8+terms",
