@@ -121,7 +121,7 @@ def slide_terms(
         # dE/df as XLA's conv in parts, the copies that lay each part of delta1 out for its conv)
         # instead of writing the (m, D) matmul and reading it back (`jaxbp.formulations`,
         # W_DELTA2_TERMS_FILTER_GRADS). Where delta1 is read in its own (m, D) order by one kernel
-        # (the patches dE/df) the step ran 1.10-1.37x slower with the products than the matmul.
+        # (the patches dE/df) the step ran 1.12-1.37x slower with the products than the matmul.
         products = (delta2[:, o, None] * params.W[None, :, o] for o in range(params.W.shape[1]))
         dE_dH1 = functools.reduce(jnp.add, products)
     else:

@@ -289,18 +289,19 @@ class Formulation(NamedTuple):
 #   `Formulation.w_delta2_terms`), measured on the AMD EPYC with a 16 MB L3 only
 #   (experiments/results/bench_w_delta2.md: the update step at the rule's formulation both ways,
 #   the grid's points from batch 32 on with 1, 8 and 32 filters, 7 interleaved repeats; the 4
-#   batch-minor points have their own W delta2 and were skipped). Where dE/df is XLA's conv after
-#   the patches or Toeplitz forward (32 filters) the products were faster at all 12 points,
-#   0.87-0.93x the matmul's time (batch 256, 32x32x3, 3x3: 27.7 against 31.7 ms; batch 32,
-#   32x32x3, 5x5: 5.22 against 6.00), compiling in 0.99-1.36x its time (the same kernels; 0.65
-#   against 0.48 s at batch 256, 28x28x1, 3x3, else within 1.10x). There delta1 is read by the
-#   copies that lay each part out for its conv, and the sums fused into those copies replace
-#   writing the (m, D) product and reading it back (a jax.profiler trace at batch 32, 32x32x3,
-#   5x5, 32 filters, not committed: the four copies 0.20 ms each against 0.31-0.36, and the
-#   matmul's 0.14 ms gone). Elsewhere it is a trade or a loss: after the Toeplitz dE/df 0.90-0.99x
-#   the run time at all 6 points for 1.08-1.14x the compile time; after the patches dE/df
-#   1.10-1.37x the run time at all 6 (delta1 is then read in its (m, D) order by one kernel,
-#   which sums the products without vectorizing over n_out); after the taps 1.00-1.39x at all 8.
+#   batch-minor points have their own W delta2 and were skipped; git b3b4ffc). Where dE/df is
+#   XLA's conv after the patches or Toeplitz forward (32 filters) the products were faster at
+#   all 12 points, 0.84-0.94x the matmul's time (batch 256, 32x32x3, 3x3: 27.0 against 30.3 ms;
+#   batch 32, 32x32x3, 5x5: 5.41 against 6.43), compiling in 0.99-1.10x its time (the same
+#   kernels). There delta1 is read by the copies that lay each part out for its conv, and the
+#   sums fused into those copies replace writing the (m, D) product and reading it back (a
+#   jax.profiler trace at batch 32, 32x32x3, 5x5, 32 filters, not committed: the four copies
+#   0.20 ms each against 0.31-0.36, and the matmul's 0.14 ms gone). Elsewhere it is a trade or
+#   a loss: after the Toeplitz dE/df 0.92-1.01x the run time (faster at 5 of 6) for 1.05-1.13x
+#   the compile time; after the patches dE/df 1.12-1.37x the run time at all 6 (delta1 is then
+#   read in its (m, D) order by one kernel, which sums the products without vectorizing over
+#   n_out); after the taps 1.07-1.44x at all 8. A first run of the same points (git 6d928ab,
+#   replaced) had 0.87-0.93x, 0.90-0.99x, 1.10-1.37x and 1.00-1.39x.
 #   So the products for the conv dE/df after a matmul forward only. Measured with 10 outputs
 #   only, where each element of dE/dH1 sums 10 products: past W_DELTA2_TERMS_MAX_OUT = 10 the
 #   matmul (unmeasured either way). Not used for one example (the vmapped per-example path and
