@@ -136,9 +136,9 @@ def value_and_grads(
     (`transposed_chunk`) after using the one it was given; the last step transposes its own
     chunk again, unused (at batch 256 in chunks of 128, one transpose in three). Carries what
     `jaxbp.batched.value_and_grads`' loop does (`jaxbp.carry`): (dE/dW)^T, and E, dE/df and
-    dE/db in one vector. With one chunk XLA removes the one-step loop, and fuses the transpose into its
-    consumers again: whole, at batch 32, the layout took 0.92-1.32x the faster channels-last
-    side's time (`jaxbp.formulations`), and the rule takes it in chunks only."""
+    dE/db in one vector. With one chunk XLA removes the one-step loop, and fuses the transpose
+    into its consumers again: whole, at batch 32, the layout took 0.92-1.32x the faster
+    channels-last side's time (`jaxbp.formulations`), and the rule takes it in chunks only."""
     n = x.shape[0]
     whole = n // chunk
     p_whole = split_parts(chunk, parts)
