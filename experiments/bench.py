@@ -74,6 +74,7 @@ the matmul, the machine and library versions. Writes experiments/results/<name>.
     python experiments/bench.py --quick       # headline points, a couple of minutes
     python experiments/bench.py               # the whole grid (11-17 minutes on 2 cores)
     python experiments/bench.py --quick --precision float32 --name bench_quick_gpu   # on a GPU
+    python experiments/bench.py --cores 1 --name bench_one_core   # JAX and the peers on one core
 """
 
 from __future__ import annotations
@@ -645,6 +646,7 @@ def rel_error(a, b) -> float:
 def machine_info(jax, peer_versions) -> dict:
     from jaxbp.machine import cpu_features
     from jaxbp.machine import cpuinfo
+    from jaxbp.machine import usable_cores
 
     cpu = cpuinfo().get("model name", "unknown")
     try:
@@ -659,7 +661,8 @@ def machine_info(jax, peer_versions) -> dict:
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu,
         **cpu_features(),
-        "cores": os.cpu_count(),
+        "cores": usable_cores(),  # the process's affinity mask (taskset, --cores)
+        "machine_cores": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "jax": jax.__version__,
@@ -674,11 +677,21 @@ def machine_info(jax, peer_versions) -> dict:
     }
 
 
+def cores_text(info: dict) -> str:
+    """The cores a run used: "2 cores", or "1 of 2 cores (pinned)" where the process could run
+    on fewer than the machine has. Results written before `--cores` recorded the machine's count
+    as "cores" and nothing else."""
+    cores, machine = info["cores"], info.get("machine_cores")
+    if machine is not None and machine != cores:
+        return f"{cores} of {machine} cores (pinned)"
+    return f"{cores} cores"
+
+
 def machine_line(info: dict) -> str:
     """The results' machine line: CPU, cores, the load average at the end (``info["load_average"]``,
     set by the script when it is done), versions, commit and date."""
     return (
-        f"Machine: {info['cpu']}, {info['cores']} cores; load average {info['load_average']} at the "
+        f"Machine: {info['cpu']}, {cores_text(info)}; load average {info['load_average']} at the "
         f"end. jax {info['jax']}, jaxlib {info['jaxlib']}; git {info['git_commit']}; {info['date_utc']}."
     )
 
@@ -1282,7 +1295,7 @@ def markdown(results, info, command) -> str:
         f"# jaxbp benchmark ({info['dtype']})",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {info['cpu']}{cpu_text(info)}, {info['cores']} cores, {info['platform']}; load average "
+        f"Machine: {info['cpu']}{cpu_text(info)}, {cores_text(info)}, {info['platform']}; load average "
         f"{info['load_start']} at start, {info['load_end']} at end (other jobs shared the cores).  ",
         f"Versions: Python {info['python']}, jax {info['jax']}, jaxlib {info['jaxlib']}, numpy "
         f"{info['numpy']}, torch {info.get('torch')}; git {git_text(info)}; {info['date_utc']}.  ",
@@ -1546,6 +1559,12 @@ def parse_args(argv=None):
         help="the commit of the checked-out tree, recorded beside git's (for a copy whose .git is "
         "stale, as the device tool's was)",
     )
+    parser.add_argument(
+        "--cores",
+        type=int,
+        help="pin the benchmark (JAX and the peers alike) to this many of the usable cores "
+        "(default: all of them)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
         "--render", type=Path, metavar="JSON", help="only rewrite the .md beside a results JSON from its data"
@@ -1555,6 +1574,13 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.cores is not None and not args.render:
+        from jaxbp.machine import pin_cores
+
+        try:
+            pin_cores(args.cores)  # before JAX's CPU client sizes its thread pool; peers inherit it
+        except ValueError as err:
+            raise SystemExit(f"--{err}") from None
     import jax
 
     if args.render:

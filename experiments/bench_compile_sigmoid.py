@@ -21,6 +21,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import cores_text  # noqa: E402
 from bench import machine_info  # noqa: E402
 from bench import script_command  # noqa: E402
 from bench import write_results  # noqa: E402
@@ -119,7 +120,7 @@ def main(argv=None) -> None:
         "# Compile time of an elementwise sigmoid by the width of its minor axis (CPU)",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {info['cpu']}, {info['cores']} cores. jax {info['jax']}, jaxlib {info['jaxlib']}; "
+        f"Machine: {info['cpu']}, {cores_text(info)}. jax {info['jax']}, jaxlib {info['jaxlib']}; "
         f"git {info['git_commit']}; {info['date_utc']}.",
         "",
         f"Seconds to lower and compile, the fastest of {args.repeats}, for a float32 array of "

@@ -41,6 +41,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import cores_text  # noqa: E402
 from bench import machine_info  # noqa: E402
 from bench import summarize  # noqa: E402
 from bench import write_results  # noqa: E402
@@ -185,7 +186,7 @@ def markdown(results, info, command) -> str:
         "# dE/df in the Toeplitz step: one chunk, timed apart",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {info['cpu']}, {info['cores']} cores, {info['cores_used']} used; load average "
+        f"Machine: {info['cpu']}, {cores_text(info)}; load average "
         f"{info['load_average']} at the end. jax {info['jax']}, jaxlib {info['jaxlib']}; git "
         f"{info['git_commit']}; {info['date_utc']}.",
         "",
@@ -226,10 +227,12 @@ def main(argv=None) -> None:
     if args.repeats < 1 or args.calls < 1:
         parser.error("--repeats and --calls must be >= 1")
     if args.cores is not None:
-        available = sorted(os.sched_getaffinity(0))
-        if not 1 <= args.cores <= len(available):
-            parser.error(f"--cores must be between 1 and {len(available)}, got {args.cores}")
-        os.sched_setaffinity(0, available[: args.cores])  # before JAX starts its threads
+        from jaxbp.machine import pin_cores
+
+        try:
+            pin_cores(args.cores)  # before JAX starts its threads
+        except ValueError as err:
+            parser.error(f"--{err}")
     if args.quick:
         args.repeats = min(args.repeats, 3)
     import jax
@@ -242,7 +245,6 @@ def main(argv=None) -> None:
         results.append(run_point(jax, jaxbp, *point, args))
         print(f"done {point}", file=sys.stderr, flush=True)
     info = machine_info(jax, {})
-    info["cores_used"] = len(os.sched_getaffinity(0))
     info["load_average"] = [round(v, 2) for v in os.getloadavg()]
     command = "python experiments/bench_filter_grad.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip()
     write_results(args.out, args.name, info, command, results, markdown(results, info, command))

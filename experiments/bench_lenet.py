@@ -27,6 +27,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import calibrate  # noqa: E402
 from bench import compile_stats  # noqa: E402
+from bench import cores_text  # noqa: E402
 from bench import machine_info  # noqa: E402
 from bench import summarize  # noqa: E402
 from bench import write_results  # noqa: E402
@@ -91,7 +92,7 @@ def markdown(results, info, command) -> str:
     lines = [
         "# LeNet-5 update step: hand-written layer VJPs vs jax.grad",
         "",
-        f"`{command}` on {info['cpu']} ({info['cores']} cores), jax {info['jax']}, "
+        f"`{command}` on {info['cpu']} ({cores_text(info)}), jax {info['jax']}, "
         f"{info['date_utc']}, load average {info['load_average']}"
         + (f", tree {info['tree_commit']}" if info.get("tree_commit") else "")
         + ".",

@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import cores_text  # noqa: E402
 from bench import machine_info  # noqa: E402
 from bench import script_command  # noqa: E402
 from bench import summarize  # noqa: E402
@@ -168,7 +169,7 @@ def main(argv=None) -> None:
         "# The taps forward: input channels contracted first (products) or per channel",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {info['cpu']}, {info['cores']} cores. jax {info['jax']}, jaxlib {info['jaxlib']}; "
+        f"Machine: {info['cpu']}, {cores_text(info)}. jax {info['jax']}, jaxlib {info['jaxlib']}; "
         f"git {info['git_commit']}; {info['date_utc']}.",
         "",
         f"Median ms per update step of {args.repeats} interleaved samples (quartiles in the JSON), one "

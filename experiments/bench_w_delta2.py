@@ -28,6 +28,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import cores_text  # noqa: E402
 from bench import cpu_text  # noqa: E402
 from bench import generated_kernels  # noqa: E402
 from bench import machine_info  # noqa: E402
@@ -208,7 +209,7 @@ def markdown(args, info: dict, command: str, results: list, skipped: list) -> st
         "# dE/dH1 = delta2 W^T: n_out broadcast products (terms) or a matmul (dot)",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {info['cpu']}{cpu_text(info)}, {info['cores']} cores. jax {info['jax']}, "
+        f"Machine: {info['cpu']}{cpu_text(info)}, {cores_text(info)}. jax {info['jax']}, "
         f"jaxlib {info['jaxlib']}; git {info['git_commit']}; {info['date_utc']}.",
         "",
         f"Median ms per update step of {args.repeats} interleaved samples (quartiles in the JSON), 10 "

@@ -7,6 +7,8 @@ import multiprocessing
 import os
 import pathlib
 import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -978,3 +980,26 @@ def test_w_delta2_bench_runs_end_to_end_and_times_both_sides(tmp_path, monkeypat
         bench_w_delta2.main(["--batches", "1", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         bench_w_delta2.main(["--inputs", "8x8", "--out", str(tmp_path)])
+
+
+def test_cores_text_says_when_the_run_was_pinned_to_fewer_cores_than_the_machine_has():
+    assert bench.cores_text({"cores": 2, "machine_cores": 2}) == "2 cores"
+    assert bench.cores_text({"cores": 1, "machine_cores": 2}) == "1 of 2 cores (pinned)"
+    assert bench.cores_text({"cores": 2}) == "2 cores"  # a run recorded before --cores
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="pinning needs Linux")
+def test_cores_pins_the_benchmark_and_its_record_says_so(tmp_path):
+    # In a subprocess: pinning this test process would pin the rest of the run.
+    script = str(pathlib.Path(bench.__file__))
+    args = ["--batches", "2", "--filters", "1", "--inputs", "8x8x1", "--kernels", "3", "--repeats", "1"]
+    args += ["--min-sample-s", "0.001", "--no-peers", "--skip-vmap-steps", "--quiet", "--out", str(tmp_path)]
+    subprocess.run([sys.executable, script, *args, "--cores", "1"], check=True, capture_output=True)
+    machine = json.loads((tmp_path / "bench.json").read_text())["machine"]
+    assert machine["cores"] == 1 and machine["machine_cores"] == os.cpu_count()
+    assert bench.cores_text(machine) in (tmp_path / "bench.md").read_text()
+    usable = len(os.sched_getaffinity(0))
+    too_many = [sys.executable, script, *args, "--cores", str(usable + 1)]
+    bad = subprocess.run(too_many, capture_output=True, text=True)
+    assert bad.returncode != 0
+    assert f"--cores must be an int between 1 and {usable} (the usable cores), got {usable + 1}" in bad.stderr

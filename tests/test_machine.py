@@ -1,6 +1,10 @@
 """jaxbp.machine: the CPU's caches and SIMD extensions read from Linux's files (here a fake tree)."""
 
 import os
+import subprocess
+import sys
+
+import pytest
 
 from jaxbp import machine
 
@@ -34,3 +38,20 @@ def test_usable_cores_are_the_affinity_mask_where_there_is_one():
     assert 1 <= cores <= os.cpu_count()
     if hasattr(os, "sched_getaffinity"):
         assert cores == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="pinning needs Linux")
+def test_pin_cores_pins_the_first_n_usable_cores_and_names_the_argument_when_out_of_range():
+    # In a subprocess: the mask is inherited by nothing else of the test run.
+    code = (
+        "import os; from jaxbp.machine import pin_cores, usable_cores; "
+        "first = sorted(os.sched_getaffinity(0))[0]; "
+        "print(pin_cores(1) == [first], usable_cores(), sorted(os.sched_getaffinity(0)) == [first])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "1", "True"]
+    before = os.sched_getaffinity(0)
+    for bad in (0, len(before) + 1, 1.0):
+        with pytest.raises(ValueError, match=r"^cores must be an int between 1 and"):
+            machine.pin_cores(bad)
+    assert os.sched_getaffinity(0) == before  # a refused call pins nothing
