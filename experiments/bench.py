@@ -679,12 +679,16 @@ def machine_info(jax, peer_versions) -> dict:
 
 def cores_text(info: dict) -> str:
     """The cores a run used: "2 cores", or "1 of 2 cores (pinned)" where the process could run
-    on fewer than the machine has. Results written before `--cores` recorded the machine's count
-    as "cores" and nothing else."""
-    cores, machine = info["cores"], info.get("machine_cores")
+    on fewer than the machine has. Results written before git cf604df recorded the machine's
+    count as "cores" (and bench_filter_grad.py's the cores it used as "cores_used")."""
+    machine = info.get("machine_cores")
+    if machine is None and "cores_used" in info:  # bench_filter_grad.py before git cf604df
+        machine, cores = info["cores"], info["cores_used"]
+    else:
+        cores = info["cores"]
     if machine is not None and machine != cores:
         return f"{cores} of {machine} cores (pinned)"
-    return f"{cores} cores"
+    return f"{cores} core" + ("s" if cores != 1 else "")
 
 
 def machine_line(info: dict) -> str:
@@ -1574,7 +1578,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.cores is not None and not args.render:
+    if args.cores is not None and args.render:
+        raise SystemExit("--cores has no effect with --render (it only rewrites a table)")
+    if args.cores is not None:
         from jaxbp.machine import pin_cores
 
         try:

@@ -64,11 +64,13 @@ def usable_cores() -> int:
 def pin_cores(n: int) -> list[int]:
     """Pin this process to the first `n` of the cores it may run on, and return them. Call it
     before JAX starts its CPU client: XLA sizes its thread pool when the backend starts, and
-    processes started later (the benchmark's peers) inherit the mask. Linux only."""
+    processes started later (the benchmark's peers) inherit the mask. The first `n` in Linux's
+    numbering of logical CPUs: where a host numbers the two threads of a core next to each other,
+    2 of them can be one physical core. Linux only."""
     if not hasattr(os, "sched_setaffinity"):
         raise ValueError("cores: pinning needs os.sched_setaffinity (Linux)")
     available = sorted(os.sched_getaffinity(0))
-    if not isinstance(n, int) or not 1 <= n <= len(available):
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(available):
         raise ValueError(f"cores must be an int between 1 and {len(available)} (the usable cores), got {n!r}")
     os.sched_setaffinity(0, available[:n])
     return available[:n]

@@ -982,19 +982,34 @@ def test_w_delta2_bench_runs_end_to_end_and_times_both_sides(tmp_path, monkeypat
         bench_w_delta2.main(["--inputs", "8x8", "--out", str(tmp_path)])
 
 
+def test_cores_with_render_is_refused_before_anything_is_pinned(tmp_path):
+    before = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    with pytest.raises(SystemExit, match="--cores has no effect with --render"):
+        bench.main(["--cores", "1", "--render", str(tmp_path / "bench.json")])
+    if before is not None:
+        assert os.sched_getaffinity(0) == before
+
+
 def test_cores_text_says_when_the_run_was_pinned_to_fewer_cores_than_the_machine_has():
     assert bench.cores_text({"cores": 2, "machine_cores": 2}) == "2 cores"
     assert bench.cores_text({"cores": 1, "machine_cores": 2}) == "1 of 2 cores (pinned)"
     assert bench.cores_text({"cores": 2}) == "2 cores"  # a run recorded before --cores
+    assert bench.cores_text({"cores": 1, "machine_cores": 1}) == "1 core"
+    # bench_filter_grad.py's results before: the machine's count as "cores", the pinned as "cores_used"
+    assert bench.cores_text({"cores": 2, "cores_used": 1}) == "1 of 2 cores (pinned)"
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="pinning needs Linux")
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="pinning needs Linux, and 2 usable cores to show",
+)
 def test_cores_pins_the_benchmark_and_its_record_says_so(tmp_path):
     # In a subprocess: pinning this test process would pin the rest of the run.
     script = str(pathlib.Path(bench.__file__))
     args = ["--batches", "2", "--filters", "1", "--inputs", "8x8x1", "--kernels", "3", "--repeats", "1"]
     args += ["--min-sample-s", "0.001", "--no-peers", "--skip-vmap-steps", "--quiet", "--out", str(tmp_path)]
-    subprocess.run([sys.executable, script, *args, "--cores", "1"], check=True, capture_output=True)
+    run = subprocess.run([sys.executable, script, *args, "--cores", "1"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
     machine = json.loads((tmp_path / "bench.json").read_text())["machine"]
     assert machine["cores"] == 1 and machine["machine_cores"] == os.cpu_count()
     assert bench.cores_text(machine) in (tmp_path / "bench.md").read_text()

@@ -51,7 +51,7 @@ def test_pin_cores_pins_the_first_n_usable_cores_and_names_the_argument_when_out
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "1", "True"]
     before = os.sched_getaffinity(0)
-    for bad in (0, len(before) + 1, 1.0):
+    for bad in (0, len(before) + 1, 1.0, True):
         with pytest.raises(ValueError, match=r"^cores must be an int between 1 and"):
             machine.pin_cores(bad)
     assert os.sched_getaffinity(0) == before  # a refused call pins nothing
