@@ -8,19 +8,22 @@
 #   OUT=<dir> DEADLINE_S=575 TREE_COMMIT=<hash> bash experiments/device_bench.sh
 #
 # with the hash of HEAD written into the command where it is sent from (git in the device
-# tool's copy of the checkout reported an older commit).
+# tool's copy of the checkout reported an older commit). STAGES="smoke tests quick_float32", say,
+# runs only the stages it names (in the script's order); PEERS (default "torch torch_compile") the
+# quick float32 grid's peers.
 #
-# Stages: the torch.compile probe (its log only); the quick grid in full float32 against PyTorch
-# on CUDA, eager and under torch.compile with CUDA graphs (bench_quick_gpu); every
-# formulation of the manual step at batch 256 (bench_formulations_gpu: is the rule's pick on a
-# GPU, the patches for both, still within a few percent of the fastest?); the LeNet-5 step of
-# jaxbp.layers against jax.grad (bench_lenet_gpu); the quick grid at TF32 for both libraries
-# (bench_quick_gpu_tf32, JAX's default on this GPU); the float64 and float32 agreement tests on
-# the GPU. The second H200 run (2026-11-28, results in experiments/results/) took 35 s for the
-# smoke run, 131 s for the quick grid, 128 s for the formulations and 97 s for the TF32 grid;
-# the LeNet stage finished 5 of 8 points in its 100 s there (it ran again as a call of its own,
-# 117 s; it now writes its results after every point), and the tests had 70 s left and finished
-# 1 of 34.
+# Stages: the smoke run; the float64 and float32 agreement tests of the core issue on the GPU
+# (tests/test_backward.py, tests/test_train.py); the torch.compile probe (its log only); the
+# quick grid in full float32 against PyTorch on CUDA, eager and under torch.compile with CUDA
+# graphs (bench_quick_gpu); every formulation of the manual step at batch 256
+# (bench_formulations_gpu: is the rule's pick on a GPU, the patches for both, still within a few
+# percent of the fastest?); the LeNet-5 step of jaxbp.layers against jax.grad (bench_lenet_gpu);
+# the quick grid at TF32 for both libraries (bench_quick_gpu_tf32, JAX's default on this GPU).
+# The second H200 run (2026-11-28, results in experiments/results/) took 35 s for the smoke run,
+# 131 s for the quick grid, 128 s for the formulations and 97 s for the TF32 grid; the LeNet
+# stage finished 5 of 8 points in its 100 s there (it ran again as a call of its own, 117 s; it
+# now writes its results after every point). The tests ran last then, had 70 s left and finished
+# 1 of 34; they now run second (39 tests, 140 s on a 2-core CPU).
 set -u
 out=${OUT:-experiments/results}
 deadline=${DEADLINE_S:-575}
@@ -30,6 +33,10 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 stage() {  # stage NAME MAX_SECONDS COMMAND...: run COMMAND for at most MAX_SECONDS and what is left
     local name=$1 max=$2
     shift 2
+    if [[ -n ${STAGES:-} && " $STAGES " != *" $name "* ]]; then
+        echo "== $name: not in STAGES"
+        return 0
+    fi
     local t=$((deadline - SECONDS - 5))
     ((t > max)) && t=$max
     if ((t < 20)); then
@@ -52,18 +59,18 @@ print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices(), 'torc
 bench="$py experiments/bench.py --quiet --out $out ${TREE_COMMIT:+--tree-commit $TREE_COMMIT}"
 stage smoke 150 $bench --batches 32 --filters 1 --inputs 28x28x1 --kernels 5 --repeats 1 --peers torch \
     --precision float32 --out /tmp/smoke || exit 1
+# The tests' float32 tolerances were measured in full float32: TF32 off for them.
+JAX_DEFAULT_MATMUL_PRECISION=float32 stage tests 240 $py -m pytest -v --tb=short -p no:cacheprovider \
+    tests/test_backward.py tests/test_train.py
 # PyTorch under torch.compile with CUDA graphs has no GPU number yet (experiments/PERFORMANCE.md, "On a GPU"): first
 # the probe, which shows in the log whether its first steps survive, then the quick grid with
 # it as a peer (a peer that dies is reported and the grid goes on).
 stage probe_torch_compile 90 $py experiments/probe_torch_compile.py reduce-overhead float32 cuda
-stage quick_float32 300 $bench --quick --precision float32 --peers torch torch_compile --name bench_quick_gpu
+stage quick_float32 300 $bench --quick --precision float32 --peers ${PEERS:-torch torch_compile} --name bench_quick_gpu
 stage formulations 170 $bench --quick --batches 256 --formulations --no-peers --skip-vmap-steps \
     --precision float32 --name bench_formulations_gpu
 # LeNet-5 through jaxbp.layers, in full float32 (its check of manual against jax.grad is float32's).
 JAX_DEFAULT_MATMUL_PRECISION=float32 stage lenet 160 $py experiments/bench_lenet.py --sample-s 0.05 \
     --out $out --name bench_lenet_gpu ${TREE_COMMIT:+--tree-commit $TREE_COMMIT}
 stage quick_tf32 150 $bench --quick --precision tf32 --peers torch --name bench_quick_gpu_tf32
-# The tests' float32 tolerances were measured in full float32: TF32 off for them.
-JAX_DEFAULT_MATMUL_PRECISION=float32 stage tests 200 $py -m pytest -v --tb=short -p no:cacheprovider \
-    tests/test_backward.py tests/test_train.py
 echo "== done at ${SECONDS} s"
