@@ -1290,6 +1290,12 @@ def warm_text(info) -> str:
     return f"Each sample followed {warm} untimed call(s) of its own method (--warm-calls)."
 
 
+def round_trip_text(result: dict) -> str:
+    """The point's cores' round trips before/after it, in ns; "-" where none was timed."""
+    trips = result.get("core_round_trip_ns")
+    return "/".join(f"{t:.0f}" for t in trips) if trips else "-"
+
+
 def markdown(results, info, command) -> str:
     def ms(r, name):
         v = r["times"].get(name)
@@ -1319,13 +1325,16 @@ def markdown(results, info, command) -> str:
         "batch's forward and deltas plus `reused dW/b`'s write, a floor under `reused pe/b`; "
         "`%mm`: manual GFLOP/s over the matmul's in the same run; "
         "compile in seconds; kernels: the fusions XLA generates code for in each step; "
-        "mem: XLA's peak estimate for the manual step. " + warm_text(info),
+        "mem: XLA's peak estimate for the manual step; `rt ns`: the round trip of a value between two "
+        "cores before and after the point (`jaxbp.machine.CoreRoundTrip`: where the host moves the "
+        "cores apart it rises, about 1.5x on the AMD EPYC of experiments/PERFORMANCE.md, and the "
+        "multithreaded steps slow). " + warm_text(info),
         "",
         "| batch | input | k | K | manual | autodiff | manual_vmap | autodiff_vmap | torch | numpy "
         "| per-ex manual | per-ex autodiff | batch | ad/m | pt/m | pe/b | dW/b | nodf/b "
         "| reused pe/b | reused dW/b | reused ad/m | floor/b | GFLOP/s | %mm | compile m/ad | kernels m/ad "
-        "| mem MB |",
-        "|" + "---|" * 27,
+        "| mem MB | rt ns |",
+        "|" + "---|" * 28,
     ]
     for r in results:
         p, d, c = r["point"], r["derived"], r["compile"]
@@ -1344,7 +1353,7 @@ def markdown(results, info, command) -> str:
             f"| {100 * d['manual_fraction_of_matmul']:.0f}% "
             f"| {c['manual']['compile_s']:.2f}/{c['autodiff']['compile_s']:.2f} "
             f"| {c['manual'].get('kernels', '-')}/{c['autodiff'].get('kernels', '-')} "
-            f"| {'-' if mem is None else f'{mem / 2**20:.0f}'} |"
+            f"| {'-' if mem is None else f'{mem / 2**20:.0f}'} | {round_trip_text(r)} |"
         )
     lines += targets_summary(results)
     lines += torch_compile_table(results, info)
@@ -1671,11 +1680,20 @@ def main(argv=None) -> None:
     name = args.name or ("bench_quick" if args.quick else "bench") + (
         "_float64" if args.dtype == "float64" else ""
     )
+    trip = None  # the cores' round trip around each point, where there are two to time
+    if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2:
+        from jaxbp.machine import CoreRoundTrip
+
+        trip = CoreRoundTrip()
+        info["core_round_trip_cores"] = list(trip.cores)
     results = []
     progress = tqdm(points, disable=args.quiet, desc="grid")
     for point in progress:
         progress.set_postfix_str(str(point))
+        before = trip.measure() if trip else None
         results.append(run_point(point, args, jax, jaxbp, conns, matmul, progress))
+        if trip:
+            results[-1]["core_round_trip_ns"] = [before, trip.measure()]
         info["load_end"] = os.getloadavg()
         # The points so far, so that a run cut short (a time limit, a crash) keeps them.
         write_results(args.out, name, info, command, results, markdown(results, info, command), echo=False)
@@ -1685,6 +1703,8 @@ def main(argv=None) -> None:
         info[f"{peer}_process_max_rss_kb"] = reply if isinstance(reply, int) else None
     for worker in workers:
         worker.join(timeout=10)
+    if trip:
+        trip.close()
     info["max_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     write_results(args.out, name, info, command, results, markdown(results, info, command))
     plot_compile(Path(args.out) / name, results)

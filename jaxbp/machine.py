@@ -6,6 +6,7 @@ with every run and the tuning cache keys its entries by them.
 
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
 
@@ -74,3 +75,116 @@ def pin_cores(n: int) -> list[int]:
         raise ValueError(f"cores must be an int between 1 and {len(available)} (the usable cores), got {n!r}")
     os.sched_setaffinity(0, available[:n])
     return available[:n]
+
+
+# The helper's half of `CoreRoundTrip`: pinned to its core, it answers each odd value written into
+# the shared 8 bytes with the next even one, as many times as each line on stdin asks.
+_ANSWER = """
+import mmap, os, sys
+os.sched_setaffinity(0, {int(sys.argv[1])})
+with open(sys.argv[2], "r+b") as f:
+    ball = memoryview(mmap.mmap(f.fileno(), 8)).cast("q")
+for line in sys.stdin:
+    print("ready", flush=True)
+    for i in range(int(line)):
+        while ball[0] != 2 * i + 1:
+            pass
+        ball[0] = 2 * i + 2
+"""
+
+
+class CoreRoundTrip:
+    """How far apart two cores are: the time for a value written on one to be seen, and answered,
+    on the other, through 8 bytes of shared memory, by two Python processes spinning on it.
+
+    On a virtual machine the host may move the vCPUs between sharing a cache and not. On the 2-core
+    AMD EPYC of experiments/PERFORMANCE.md ("Why the two-core time has two levels") the round trip
+    flipped between two levels for stretches of seconds: about 60 and 470 ns timed in C, about 550
+    and 1000 ns timed here (Python's loop adds its own), and the multithreaded update step ran about
+    1.6x slower at the higher level while work on one core did not change. Recording it beside a
+    timing says which level the timing ran at.
+
+    A helper process, pinned to the second core, answers; the calling thread is pinned to the
+    first core while it times and then given its cores back. Linux only; two usable cores or more.
+
+        with CoreRoundTrip() as trip:
+            ns = trip.measure()
+    """
+
+    def __init__(self, cores: tuple[int, int] | None = None):
+        import subprocess
+        import sys
+        import tempfile
+
+        if not hasattr(os, "sched_setaffinity"):
+            raise ValueError("cores: timing a round trip between cores needs os.sched_setaffinity (Linux)")
+        usable = sorted(os.sched_getaffinity(0))
+        cores = tuple(usable[:2]) if cores is None else cores
+        if (
+            len(cores) != 2
+            or any(isinstance(c, bool) or not isinstance(c, int) or c not in usable for c in cores)
+            or cores[0] == cores[1]
+        ):
+            raise ValueError(f"cores must be two different usable cores among {usable}, got {cores!r}")
+        self.cores = cores
+        self._file = tempfile.NamedTemporaryFile(prefix="jaxbp_core_trip_")
+        self._file.write(bytes(8))
+        self._file.flush()
+        self._map = mmap.mmap(self._file.fileno(), 8)
+        self._ball = memoryview(self._map).cast("q")
+        self._helper = subprocess.Popen(
+            [sys.executable, "-c", _ANSWER, str(cores[1]), self._file.name],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def measure(self, trips: int = 2000, bursts: int = 5) -> float:
+        """The median over `bursts` bursts of each burst's mean round trip, in ns, over `trips`."""
+        import statistics
+        import time
+
+        if isinstance(trips, bool) or not isinstance(trips, int) or trips < 1:
+            raise ValueError(f"trips must be a positive int, got {trips!r}")
+        if isinstance(bursts, bool) or not isinstance(bursts, int) or bursts < 1:
+            raise ValueError(f"bursts must be a positive int, got {bursts!r}")
+        mask = os.sched_getaffinity(0)  # this thread's
+        os.sched_setaffinity(0, {self.cores[0]})
+        try:
+            times = [self._burst(trips, time.perf_counter) for _ in range(bursts)]
+        finally:
+            os.sched_setaffinity(0, mask)
+        return statistics.median(times)
+
+    def _burst(self, trips: int, clock) -> float:
+        ball = self._ball
+        ball[0] = 0
+        if self._helper.poll() is not None:
+            raise RuntimeError(f"the round-trip helper exited ({self._helper.returncode})")
+        self._helper.stdin.write(f"{trips}\n")
+        self._helper.stdin.flush()
+        if self._helper.stdout.readline() != "ready\n":
+            raise RuntimeError(f"the round-trip helper did not start ({self._helper.poll()})")
+        start = clock()
+        for i in range(trips):
+            ball[0] = 2 * i + 1
+            spins = 0
+            while ball[0] != 2 * i + 2:
+                spins += 1
+                if spins > 1 << 24 and self._helper.poll() is not None:  # seconds, and it is gone
+                    raise RuntimeError(f"the round-trip helper exited ({self._helper.returncode})")
+        return (clock() - start) / trips * 1e9
+
+    def close(self) -> None:
+        if self._helper.poll() is None:
+            self._helper.stdin.close()
+            self._helper.wait(timeout=10)
+        self._ball.release()
+        self._map.close()
+        self._file.close()
+
+    def __enter__(self) -> CoreRoundTrip:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -990,6 +990,26 @@ def test_cores_with_render_is_refused_before_anything_is_pinned(tmp_path):
         assert os.sched_getaffinity(0) == before
 
 
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="a round trip between cores needs Linux and 2 usable cores",
+)
+def test_each_point_records_the_cores_round_trip_before_and_after_it(tmp_path):
+    args = ["--batches", "2", "3", "--filters", "1", "--inputs", "8x8x1", "--kernels", "3", "--repeats", "1"]
+    bench.main(
+        args
+        + ["--min-sample-s", "0.001", "--no-peers", "--skip-vmap-steps", "--quiet", "--out", str(tmp_path)]
+    )
+    payload = json.loads((tmp_path / "bench.json").read_text())
+    assert payload["machine"]["core_round_trip_cores"] == sorted(os.sched_getaffinity(0))[:2]
+    table = (tmp_path / "bench.md").read_text()
+    for result in payload["results"]:
+        before, after = result["core_round_trip_ns"]
+        assert 10 < before < 1e6 and 10 < after < 1e6
+        assert table.count(f"| {before:.0f}/{after:.0f} |") == 1
+    assert bench.round_trip_text({}) == "-"  # a run recorded before, or on one core
+
+
 def test_cores_text_says_when_the_run_was_pinned_to_fewer_cores_than_the_machine_has():
     assert bench.cores_text({"cores": 2, "machine_cores": 2}) == "2 cores"
     assert bench.cores_text({"cores": 1, "machine_cores": 2}) == "1 of 2 cores (pinned)"
@@ -1013,8 +1033,53 @@ def test_cores_pins_the_benchmark_and_its_record_says_so(tmp_path):
     machine = json.loads((tmp_path / "bench.json").read_text())["machine"]
     assert machine["cores"] == 1 and machine["machine_cores"] == os.cpu_count()
     assert bench.cores_text(machine) in (tmp_path / "bench.md").read_text()
+    # One core: no round trip between cores to time, and the table says so.
+    (result,) = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert "core_round_trip_ns" not in result and "core_round_trip_cores" not in machine
+    (row,) = [
+        line for line in (tmp_path / "bench.md").read_text().splitlines() if line.startswith("| 2 | 8x8x1")
+    ]
+    assert row.endswith("| - |")
     usable = len(os.sched_getaffinity(0))
     too_many = [sys.executable, script, *args, "--cores", str(usable + 1)]
     bad = subprocess.run(too_many, capture_output=True, text=True)
     assert bad.returncode != 0
     assert f"--cores must be an int between 1 and {usable} (the usable cores), got {usable + 1}" in bad.stderr
+
+
+probe_core_phases = load_experiment("probe_core_phases")
+
+
+def test_core_phases_summary_splits_rounds_at_the_round_trips_midpoint():
+    # Two levels of round trip; the step twice as slow at the higher one, PyTorch not at all.
+    rounds = [
+        {"round_trip_ns": ns, "manual_ms": 2.0 if ns < 700 else 4.0, "torch_ms": 3.0 + 0.01 * (i % 2)}
+        for i, ns in enumerate([550, 560, 570, 540, 1000, 1010, 990, 1020, 555, 1005])
+    ]
+    s = probe_core_phases.summarize(rounds, ["manual", "torch"])
+    assert s["rounds"] == 10 and s["far_rounds"] == 5
+    assert 560 < s["cut_ns"] < 1000
+    assert s["near_round_trip_ns"] == 555 and s["far_round_trip_ns"] == 1005
+    assert s["manual"]["near_ms"] == 2.0 and s["manual"]["far_ms"] == 4.0
+    assert s["manual"]["far_over_near"] == 2.0
+    assert s["manual"]["corr_with_round_trip"] > 0.99
+    assert s["torch"]["far_over_near"] == pytest.approx(1.0, abs=0.01)
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="a round trip between cores needs Linux and 2 usable cores",
+)
+def test_core_phases_probe_runs_end_to_end(tmp_path):
+    probe_core_phases.main(["--point", "4:8x8x1:3:2", "--seconds", "1", "--no-torch", "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "probe_core_phases.json").read_text())
+    (r,) = payload["results"]
+    assert r["summary"]["rounds"] == len(r["rounds"]) >= 2
+    assert all(10 < row["round_trip_ns"] < 1e6 and row["manual_ms"] > 0 for row in r["rounds"])
+    assert "torch_ms" not in r["rounds"][0]
+    text = (tmp_path / "probe_core_phases.md").read_text()
+    assert "| manual (jaxbp) |" in text and "| jax.grad |" in text and "| PyTorch" not in text
+    assert (tmp_path / "probe_core_phases.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        probe_core_phases.main(["--seconds", "0", "--out", str(tmp_path / "refused")])
+    assert not (tmp_path / "refused").exists()

@@ -1,0 +1,236 @@
+"""Why the two-core update step's time has two levels: the cores' round trip, round by round.
+
+On the 2-core AMD EPYC of experiments/PERFORMANCE.md the manual step's time flipped between two
+levels for stretches of seconds within one process, and work pinned to one core did not change.
+Here each round times the round trip of a value between the two cores
+(`jaxbp.machine.CoreRoundTrip`) and, interleaved, the manual update step, jax.grad's and PyTorch's
+(in its own process, as `experiments/bench.py` runs it, checked against jaxbp in float64 first),
+for --seconds. Rounds are split at the midpoint of the round trip's 10th and 90th percentiles into
+"near" and "far" rounds; the table gives each step's median in each and the correlation of its
+time with the round trip, and the plot the series.
+
+    python experiments/probe_core_phases.py [--point 32:32x32x3:5:8] [--seconds 180] [--no-torch]
+
+Writes experiments/results/probe_core_phases.{json,md,png} (--name to rename).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import LEARNING_RATE  # noqa: E402
+from bench import PEER_RTOL  # noqa: E402
+from bench import calibrate  # noqa: E402
+from bench import machine_info  # noqa: E402
+from bench import machine_line  # noqa: E402
+from bench import peer_ask  # noqa: E402
+from bench import rel_error  # noqa: E402
+from bench import script_command  # noqa: E402
+from bench import start_peer  # noqa: E402
+from bench import write_results  # noqa: E402
+from probe_write_overlap import parse_point  # noqa: E402
+
+MIN_SAMPLE_S = 0.02  # each step's sample in a round: about the calibrated samples of bench.py
+
+
+def steps(point, use_torch: bool, progress):
+    """name -> call(inner) for the manual step, jax.grad's and (where it runs and agrees) PyTorch's,
+    and the peer's process (or None)."""
+    import jax
+
+    import jaxbp
+    from jaxbp.tune import timed_calls
+
+    batch, in_shape, kernel, filters = point
+    spec = jaxbp.ConvNetSpec(in_shape=in_shape, n_filters=filters, kernel_size=kernel, n_out=10)
+    rng = np.random.default_rng(0)
+    params = jaxbp.init_params(jax.random.key(0), spec)
+    x = rng.normal(size=(batch, *in_shape)).astype(np.float32)
+    y = rng.uniform(size=(batch, 10)).astype(np.float32)
+    opt = jaxbp.sgd(LEARNING_RATE)
+    args = (params, opt.init(params), jax.numpy.asarray(x), jax.numpy.asarray(y))
+    calls = {}
+    for name, grads in (("manual", "manual"), ("autodiff", "autodiff")):
+        step = jaxbp.make_update_step(spec, opt, grads=grads)
+        calls[name] = timed_calls(step, args)
+    if not use_torch:
+        return calls, None
+    conn, worker = start_peer("torch")
+    reply = peer_ask(conn, "versions", ("cpu", None))
+    if isinstance(reply, str) or not reply[0]:
+        progress(f"PyTorch is not timed: {reply if isinstance(reply, str) else 'not installed'}")
+        return calls, worker
+    jax.config.update("jax_enable_x64", True)
+    p64 = [np.asarray(a, np.float64) for a in params]
+    ref = jaxbp.manual_grads(
+        jaxbp.Params(*(jax.numpy.asarray(a) for a in p64)),
+        jax.numpy.asarray(x[:4].astype(np.float64)),
+        jax.numpy.asarray(y[:4].astype(np.float64)),
+        spec,
+    )
+    jax.config.update("jax_enable_x64", False)
+    grads = peer_ask(conn, "check", (*p64, x[:4].astype(np.float64), y[:4].astype(np.float64)))
+    err = None if isinstance(grads, str) else max(rel_error(g, r) for g, r in zip(grads, ref))
+    if err is None or err >= PEER_RTOL:
+        progress(
+            f"PyTorch is not timed: its float64 gradients {grads if err is None else f'rel error {err:.1e}'}"
+        )
+        return calls, worker
+    if peer_ask(conn, "setup", (*(np.asarray(a) for a in params), x, y)) is not True:
+        progress("PyTorch is not timed: its first step failed")
+        return calls, worker
+
+    def torch_call(inner):
+        reply = peer_ask(conn, "time", inner)
+        if isinstance(reply, str):
+            raise RuntimeError(f"PyTorch's process: {reply}")
+
+    calls["torch"] = torch_call
+    return calls, (worker, conn)
+
+
+def run(point, seconds: float, use_torch: bool, progress=print) -> dict:
+    from jaxbp.machine import CoreRoundTrip
+
+    calls, peer = steps(point, use_torch, progress)
+    inner = {name: calibrate(call, MIN_SAMPLE_S) for name, call in calls.items()}
+    rounds = []
+    order = list(calls)
+    start = time.perf_counter()
+    with CoreRoundTrip() as trip:
+        while time.perf_counter() - start < seconds:
+            row = {"t_s": time.perf_counter() - start, "round_trip_ns": trip.measure(trips=1000, bursts=3)}
+            shift = len(rounds) % len(order)  # each round starts one method later (bench.py)
+            for name in order[shift:] + order[:shift]:
+                calls[name](1)  # untimed, as bench.py's samples
+                t = time.perf_counter()
+                calls[name](inner[name])
+                row[name + "_ms"] = (time.perf_counter() - t) / inner[name] * 1e3
+            rounds.append(row)
+    if isinstance(peer, tuple):
+        worker, conn = peer
+        peer_ask(conn, "stop", None)
+        worker.join(timeout=10)
+    return {
+        "point": {"batch": point[0], "input": list(point[1]), "kernel": point[2], "filters": point[3]},
+        "calls_per_sample": inner,
+        "rounds": rounds,
+        "summary": summarize(rounds, list(calls)),
+    }
+
+
+def summarize(rounds: list, methods: list) -> dict:
+    trips = np.array([r["round_trip_ns"] for r in rounds])
+    cut = float(np.mean(np.percentile(trips, [10, 90])))
+    far = trips > cut
+    out = {"cut_ns": cut, "rounds": len(rounds), "far_rounds": int(far.sum())}
+    for side, sel in (("near", ~far), ("far", far)):
+        out[f"{side}_round_trip_ns"] = float(np.median(trips[sel])) if sel.any() else None
+    for name in methods:
+        t = np.array([r[name + "_ms"] for r in rounds])
+        near = float(np.median(t[~far])) if (~far).any() else None
+        far_ms = float(np.median(t[far])) if far.any() else None
+        out[name] = {
+            "near_ms": near,
+            "far_ms": far_ms,
+            "far_over_near": far_ms / near if near and far_ms else None,
+            "corr_with_round_trip": float(np.corrcoef(trips, t)[0, 1])
+            if len(t) > 2 and t.std() > 0
+            else None,
+        }
+    return out
+
+
+def markdown(result: dict, info: dict, command: str) -> str:
+    s, p = result["summary"], result["point"]
+
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    methods = [k for k in ("manual", "autodiff", "torch") if k in s]
+    lines = [
+        "# The cores' round trip and the update steps, round by round",
+        "",
+        f"Command: `{command}`  ",
+        machine_line(info),
+        "",
+        f"Point: batch {p['batch']}, {'x'.join(map(str, p['input']))}, {p['kernel']}x{p['kernel']}, "
+        f"{p['filters']} filters, 10 outputs. {s['rounds']} rounds; each times the round trip between "
+        f"the two cores (`jaxbp.machine.CoreRoundTrip`, median of 3 bursts of 1000) and one sample of "
+        f"each step (calls per sample: {result['calls_per_sample']}). Far rounds: round trip above "
+        f"{s['cut_ns']:.0f} ns (the midpoint of its 10th and 90th percentiles): {s['far_rounds']} of "
+        f"{s['rounds']}; median round trip {num(s['near_round_trip_ns'], '.0f')} ns near, "
+        f"{num(s['far_round_trip_ns'], '.0f')} ns far.",
+        "",
+        "| step | near ms | far ms | far / near | correlation with the round trip |",
+        "|---|---|---|---|---|",
+    ]
+    names = {"manual": "manual (jaxbp)", "autodiff": "jax.grad", "torch": "PyTorch (own process)"}
+    for name in methods:
+        m = s[name]
+        lines.append(
+            f"| {names[name]} | {num(m['near_ms'], '.3g')} | {num(m['far_ms'], '.3g')} "
+            f"| {num(m['far_over_near'], '.2f')} | {num(m['corr_with_round_trip'], '.2f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: pathlib.Path, result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = result["rounds"]
+    t = [r["t_s"] for r in rounds]
+    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(9, 5.5))
+    top.plot(t, [r["round_trip_ns"] for r in rounds], ".", ms=2, color="k")
+    top.axhline(result["summary"]["cut_ns"], color="grey", lw=0.8, ls="--")
+    top.set_ylabel("round trip between\nthe cores (ns)")
+    for name, label in (("manual", "manual (jaxbp)"), ("autodiff", "jax.grad"), ("torch", "PyTorch")):
+        if name + "_ms" in rounds[0]:
+            bottom.plot(t, [r[name + "_ms"] for r in rounds], ".", ms=2, label=label)
+    bottom.set_ylabel("update step (ms)")
+    bottom.set_xlabel("seconds")
+    bottom.legend(markerscale=5)
+    p = result["point"]
+    shape = "x".join(map(str, p["input"]))
+    top.set_title(f"batch {p['batch']}, {shape}, {p['kernel']}x{p['kernel']}, {p['filters']} filters")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--point", type=parse_point, default=parse_point("32:32x32x3:5:8"))
+    parser.add_argument("--seconds", type=float, default=180.0)
+    parser.add_argument("--no-torch", action="store_true", help="time the JAX steps only")
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
+    parser.add_argument("--name", default="probe_core_phases")
+    args = parser.parse_args(argv)
+    if not args.seconds > 0:
+        parser.error(f"--seconds must be positive, got {args.seconds}")
+    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+        parser.error("a round trip between cores needs Linux and 2 usable cores")
+    import jax
+
+    result = run(args.point, args.seconds, not args.no_torch, lambda m: print(m, file=sys.stderr))
+    info = machine_info(jax, {})
+    info["load_average"] = [round(v, 2) for v in os.getloadavg()]
+    command = script_command(__file__, argv)
+    write_results(args.out, args.name, info, command, [result], markdown(result, info, command))
+    plot(args.out / f"{args.name}.png", result)
+
+
+if __name__ == "__main__":
+    main()
