@@ -4,10 +4,11 @@ On the 2-core AMD EPYC of experiments/PERFORMANCE.md the manual step's time flip
 levels for stretches of seconds within one process, and work pinned to one core did not change.
 Here each round times the round trip of a value between the two cores
 (`jaxbp.machine.CoreRoundTrip`) and, interleaved, the manual update step, jax.grad's and PyTorch's
-(in its own process, as `experiments/bench.py` runs it, checked against jaxbp in float64 first),
-for --seconds. Rounds are split at the midpoint of the round trip's 10th and 90th percentiles into
-"near" and "far" rounds; the table gives each step's median in each and the correlation of its
-time with the round trip, and the plot the series.
+(in its own process, as `experiments/bench.py` runs it, checked against jaxbp in float64 first,
+last in each round and followed by bench.py's pause for its spinning threads), for --seconds.
+Rounds are split at the midpoint of the round trip's 10th and 90th percentiles into "near" and
+"far" rounds (meaningful where the round trip has two levels: the plot shows whether it has); the
+table gives each step's median in each and the correlation of its time with the round trip.
 
     python experiments/probe_core_phases.py [--point 32:32x32x3:5:8] [--seconds 180] [--no-torch]
 
@@ -27,6 +28,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import LEARNING_RATE  # noqa: E402
 from bench import PEER_RTOL  # noqa: E402
+from bench import SETTLE_S  # noqa: E402
 from bench import calibrate  # noqa: E402
 from bench import machine_info  # noqa: E402
 from bench import machine_line  # noqa: E402
@@ -103,16 +105,19 @@ def run(point, seconds: float, use_torch: bool, progress=print) -> dict:
     inner = {name: calibrate(call, MIN_SAMPLE_S) for name, call in calls.items()}
     rounds = []
     order = list(calls)
+    jax_order = ["manual", "autodiff"]  # then PyTorch, then a pause: the next round's trip is JAX's alone
     start = time.perf_counter()
     with CoreRoundTrip() as trip:
         while time.perf_counter() - start < seconds:
             row = {"t_s": time.perf_counter() - start, "round_trip_ns": trip.measure(trips=1000, bursts=3)}
-            shift = len(rounds) % len(order)  # each round starts one method later (bench.py)
-            for name in order[shift:] + order[:shift]:
+            shift = len(rounds) % len(jax_order)  # each round starts one JAX step later (bench.py)
+            for name in jax_order[shift:] + jax_order[:shift] + [n for n in order if n not in jax_order]:
                 calls[name](1)  # untimed, as bench.py's samples
                 t = time.perf_counter()
                 calls[name](inner[name])
                 row[name + "_ms"] = (time.perf_counter() - t) / inner[name] * 1e3
+            if "torch" in calls:  # its OpenMP threads spin for a while after its sample (bench.py)
+                time.sleep(SETTLE_S)
             rounds.append(row)
     if isinstance(peer, tuple):
         worker, conn = peer
