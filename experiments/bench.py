@@ -1326,9 +1326,10 @@ def markdown(results, info, command) -> str:
         "`%mm`: manual GFLOP/s over the matmul's in the same run; "
         "compile in seconds; kernels: the fusions XLA generates code for in each step; "
         "mem: XLA's peak estimate for the manual step; `rt ns`: the round trip of a value between two "
-        "cores before and after the point (`jaxbp.machine.CoreRoundTrip`: where the host moves the "
-        "cores apart it rises, about 1.5x on the AMD EPYC of experiments/PERFORMANCE.md, and the "
-        "multithreaded steps slow). " + warm_text(info),
+        "cores before and after the point (`jaxbp.machine.CoreRoundTrip`: on the AMD EPYC of "
+        "experiments/PERFORMANCE.md it had two levels, most likely the host running the two vCPUs on "
+        "cores that share a cache or not, 1.3-1.6x apart, and the multithreaded steps slowed at the "
+        "higher one). " + warm_text(info),
         "",
         "| batch | input | k | K | manual | autodiff | manual_vmap | autodiff_vmap | torch | numpy "
         "| per-ex manual | per-ex autodiff | batch | ad/m | pt/m | pe/b | dW/b | nodf/b "
@@ -1688,23 +1689,29 @@ def main(argv=None) -> None:
         info["core_round_trip_cores"] = list(trip.cores)
     results = []
     progress = tqdm(points, disable=args.quiet, desc="grid")
-    for point in progress:
-        progress.set_postfix_str(str(point))
-        before = trip.measure() if trip else None
-        results.append(run_point(point, args, jax, jaxbp, conns, matmul, progress))
+    try:
+        for point in progress:
+            progress.set_postfix_str(str(point))
+            before = trip.measure() if trip else None
+            results.append(run_point(point, args, jax, jaxbp, conns, matmul, progress))
+            if trip:
+                if conns:  # a peer's threads may still spin after its last sample (run_point's pause)
+                    time.sleep(SETTLE_S)
+                results[-1]["core_round_trip_ns"] = [before, trip.measure()]
+            info["load_end"] = os.getloadavg()
+            # The points so far, so that a run cut short (a time limit, a crash) keeps them.
+            write_results(
+                args.out, name, info, command, results, markdown(results, info, command), echo=False
+            )
+    finally:
         if trip:
-            results[-1]["core_round_trip_ns"] = [before, trip.measure()]
-        info["load_end"] = os.getloadavg()
-        # The points so far, so that a run cut short (a time limit, a crash) keeps them.
-        write_results(args.out, name, info, command, results, markdown(results, info, command), echo=False)
+            trip.close()
     info["load_end"] = os.getloadavg()
     for peer, conn in conns.items():
         reply = peer_ask(conn, "stop", None)  # its max RSS, or a str: the peer died
         info[f"{peer}_process_max_rss_kb"] = reply if isinstance(reply, int) else None
     for worker in workers:
         worker.join(timeout=10)
-    if trip:
-        trip.close()
     info["max_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     write_results(args.out, name, info, command, results, markdown(results, info, command))
     plot_compile(Path(args.out) / name, results)

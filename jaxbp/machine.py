@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import mmap
 import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 
@@ -78,17 +83,23 @@ def pin_cores(n: int) -> list[int]:
 
 
 # The helper's half of `CoreRoundTrip`: pinned to its core, it answers each odd value written into
-# the shared 8 bytes with the next even one, as many times as each line on stdin asks.
-_ANSWER = """
+# the shared 8 bytes with the next even one, as many times as each line on stdin asks. While it
+# spins it looks every 2^20 spins whether its parent is still there: a parent killed mid-burst
+# would otherwise leave it spinning on a core for good.
+_HELPER_SCRIPT = """
 import mmap, os, sys
 os.sched_setaffinity(0, {int(sys.argv[1])})
+parent = os.getppid()
 with open(sys.argv[2], "r+b") as f:
     ball = memoryview(mmap.mmap(f.fileno(), 8)).cast("q")
 for line in sys.stdin:
     print("ready", flush=True)
     for i in range(int(line)):
+        spins = 0
         while ball[0] != 2 * i + 1:
-            pass
+            spins += 1
+            if spins & 0xFFFFF == 0 and os.getppid() != parent:
+                sys.exit(1)
         ball[0] = 2 * i + 2
 """
 
@@ -97,12 +108,13 @@ class CoreRoundTrip:
     """How far apart two cores are: the time for a value written on one to be seen, and answered,
     on the other, through 8 bytes of shared memory, by two Python processes spinning on it.
 
-    On a virtual machine the host may move the vCPUs between sharing a cache and not. On the 2-core
-    AMD EPYC of experiments/PERFORMANCE.md ("Why the two-core time has two levels") the round trip
-    flipped between two levels for stretches of seconds: about 60 and 470 ns timed in C, about 550
-    and 1000 ns timed here (Python's loop adds its own), and the multithreaded update step ran about
-    1.6x slower at the higher level while work on one core did not change. Recording it beside a
-    timing says which level the timing ran at.
+    On a virtual machine the host may run the vCPUs on cores that share a cache at some times and
+    not at others. On the 2-core AMD EPYC of experiments/PERFORMANCE.md ("Why the two-core time has
+    two levels") a cache line's round trip timed in C was about 65 ns most of the time and about
+    470 ns at others; timed here (Python's loop adds its own cost) the medians were about 600-800
+    ns at the lower level and 800-1300 at the higher, and the multithreaded update step ran
+    1.3-1.5x slower at the higher level while work on one core did not change. Recording it beside
+    a timing says which level the timing ran at.
 
     A helper process, pinned to the second core, answers; the calling thread is pinned to the
     first core while it times and then given its cores back. Linux only; two usable cores or more.
@@ -112,28 +124,27 @@ class CoreRoundTrip:
     """
 
     def __init__(self, cores: tuple[int, int] | None = None):
-        import subprocess
-        import sys
-        import tempfile
-
         if not hasattr(os, "sched_setaffinity"):
             raise ValueError("cores: timing a round trip between cores needs os.sched_setaffinity (Linux)")
         usable = sorted(os.sched_getaffinity(0))
         cores = tuple(usable[:2]) if cores is None else cores
         if (
-            len(cores) != 2
+            not isinstance(cores, (tuple, list))
+            or len(cores) != 2
             or any(isinstance(c, bool) or not isinstance(c, int) or c not in usable for c in cores)
             or cores[0] == cores[1]
         ):
             raise ValueError(f"cores must be two different usable cores among {usable}, got {cores!r}")
-        self.cores = cores
-        self._file = tempfile.NamedTemporaryFile(prefix="jaxbp_core_trip_")
+        self.cores = tuple(cores)
+        # In memory where Linux has it: a page of a disk-backed file could be written back mid-burst.
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        self._file = tempfile.NamedTemporaryFile(prefix="jaxbp_core_trip_", dir=shm)
         self._file.write(bytes(8))
         self._file.flush()
         self._map = mmap.mmap(self._file.fileno(), 8)
         self._ball = memoryview(self._map).cast("q")
         self._helper = subprocess.Popen(
-            [sys.executable, "-c", _ANSWER, str(cores[1]), self._file.name],
+            [sys.executable, "-c", _HELPER_SCRIPT, str(self.cores[1]), self._file.name],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -141,9 +152,6 @@ class CoreRoundTrip:
 
     def measure(self, trips: int = 2000, bursts: int = 5) -> float:
         """The median over `bursts` bursts of each burst's mean round trip, in ns, over `trips`."""
-        import statistics
-        import time
-
         if isinstance(trips, bool) or not isinstance(trips, int) or trips < 1:
             raise ValueError(f"trips must be a positive int, got {trips!r}")
         if isinstance(bursts, bool) or not isinstance(bursts, int) or bursts < 1:
@@ -151,34 +159,43 @@ class CoreRoundTrip:
         mask = os.sched_getaffinity(0)  # this thread's
         os.sched_setaffinity(0, {self.cores[0]})
         try:
-            times = [self._burst(trips, time.perf_counter) for _ in range(bursts)]
+            return statistics.median(self._burst(trips) for _ in range(bursts))
         finally:
             os.sched_setaffinity(0, mask)
-        return statistics.median(times)
 
-    def _burst(self, trips: int, clock) -> float:
+    def _gone(self) -> RuntimeError:
+        return RuntimeError(f"the round-trip helper exited ({self._helper.poll()})")
+
+    def _burst(self, trips: int) -> float:
         ball = self._ball
-        ball[0] = 0
-        if self._helper.poll() is not None:
-            raise RuntimeError(f"the round-trip helper exited ({self._helper.returncode})")
-        self._helper.stdin.write(f"{trips}\n")
-        self._helper.stdin.flush()
+        ball[0] = 0  # even: the helper, blocked on stdin, waits for 1
+        try:
+            self._helper.stdin.write(f"{trips}\n")
+            self._helper.stdin.flush()
+        except OSError:  # a broken pipe: it died
+            raise self._gone() from None
         if self._helper.stdout.readline() != "ready\n":
-            raise RuntimeError(f"the round-trip helper did not start ({self._helper.poll()})")
-        start = clock()
+            raise self._gone()
+        start = time.perf_counter()
         for i in range(trips):
             ball[0] = 2 * i + 1
             spins = 0
             while ball[0] != 2 * i + 2:
                 spins += 1
-                if spins > 1 << 24 and self._helper.poll() is not None:  # seconds, and it is gone
-                    raise RuntimeError(f"the round-trip helper exited ({self._helper.returncode})")
-        return (clock() - start) / trips * 1e9
+                if spins & 0xFFFFF == 0 and self._helper.poll() is not None:
+                    raise self._gone()
+        return (time.perf_counter() - start) / trips * 1e9
 
     def close(self) -> None:
+        """End the helper (killed if it does not end on its own: stuck mid-burst) and free the memory."""
         if self._helper.poll() is None:
-            self._helper.stdin.close()
-            self._helper.wait(timeout=10)
+            try:
+                self._helper.stdin.close()
+                self._helper.wait(timeout=5)
+            except (OSError, subprocess.TimeoutExpired):
+                self._helper.kill()
+                self._helper.wait()
+        self._helper.stdout.close()
         self._ball.release()
         self._map.close()
         self._file.close()

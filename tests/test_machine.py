@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -91,9 +92,36 @@ def test_core_round_trip_names_the_cores_argument_when_they_are_not_two_usable_c
 
 
 @pytest.mark.skipif(not TWO_CORES, reason="a round trip between cores needs Linux and 2 usable cores")
-def test_core_round_trip_reports_a_helper_that_died_instead_of_spinning_forever():
+def test_core_round_trip_reports_a_helper_that_died_instead_of_spinning_forever(monkeypatch):
+    # Dead before a burst: refused at the burst's start.
     with machine.CoreRoundTrip() as trip:
         trip._helper.kill()
         trip._helper.wait()
         with pytest.raises(RuntimeError, match="the round-trip helper exited"):
             trip.measure(trips=10, bursts=1)
+    # Dead in the middle of one (it says it is ready, then never answers): the spin notices.
+    monkeypatch.setattr(
+        machine, "_HELPER_SCRIPT", "import sys; sys.stdin.readline(); print('ready', flush=True)"
+    )
+    with machine.CoreRoundTrip() as trip:
+        with pytest.raises(RuntimeError, match="the round-trip helper exited"):
+            trip.measure(trips=10, bursts=1)
+
+
+@pytest.mark.skipif(not TWO_CORES, reason="a round trip between cores needs Linux and 2 usable cores")
+def test_core_round_trip_helper_ends_when_its_parent_dies_mid_burst():
+    # A parent killed while its helper waits for the next value: the helper must not spin on.
+    code = (
+        "import os, sys; from jaxbp import machine; t = machine.CoreRoundTrip(); "
+        "print(t._helper.pid, flush=True); t._helper.stdin.write('1000000\\n'); t._helper.stdin.flush(); "
+        "t._helper.stdout.readline(); os._exit(0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    helper = int(out.stdout.split()[0])
+    for _ in range(100):  # it checks its parent every 2^20 spins: well under a second
+        if not os.path.exists(f"/proc/{helper}") or "zombie" in open(f"/proc/{helper}/status").read():
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(helper, 9)
+        pytest.fail("the helper kept spinning after its parent died")
