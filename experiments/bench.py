@@ -1681,11 +1681,10 @@ def main(argv=None) -> None:
     name = args.name or ("bench_quick" if args.quick else "bench") + (
         "_float64" if args.dtype == "float64" else ""
     )
-    trip = None  # the cores' round trip around each point, where there are two to time
-    if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2:
-        from jaxbp.machine import CoreRoundTrip
+    from jaxbp.machine import CoreRoundTrip
 
-        trip = CoreRoundTrip()
+    trip = CoreRoundTrip() if CoreRoundTrip.available() else None  # around each point
+    if trip:
         info["core_round_trip_cores"] = list(trip.cores)
     results = []
     progress = tqdm(points, disable=args.quiet, desc="grid")

@@ -169,7 +169,7 @@ def summarize(rounds: list, methods: list, cut_ns: float | None = None) -> dict:
             "far_ms": far_ms,
             "far_over_near": far_ms / near if near and far_ms else None,
             "corr_with_round_trip": float(np.corrcoef(trips, t)[0, 1])
-            if len(t) > 2 and t.std() > 0
+            if len(t) > 2 and t.std() > 0 and trips.std() > 0
             else None,
         }
     return out
@@ -257,7 +257,9 @@ def main(argv=None) -> None:
         parser.error(f"--seconds must be positive, got {args.seconds}")
     if args.cut_ns is not None and not args.cut_ns > 0:
         parser.error(f"--cut-ns must be positive, got {args.cut_ns}")
-    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+    from jaxbp.machine import CoreRoundTrip
+
+    if not CoreRoundTrip.available():
         parser.error("a round trip between cores needs Linux and 2 usable cores")
     import jax
 

@@ -123,6 +123,11 @@ class CoreRoundTrip:
             ns = trip.measure()
     """
 
+    @staticmethod
+    def available() -> bool:
+        """Whether a round trip can be timed here: Linux, and two usable cores or more."""
+        return hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2
+
     def __init__(self, cores: tuple[int, int] | None = None):
         if not hasattr(os, "sched_setaffinity"):
             raise ValueError("cores: timing a round trip between cores needs os.sched_setaffinity (Linux)")

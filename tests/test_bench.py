@@ -21,6 +21,7 @@ import jaxbp
 from jaxbp import batched
 from jaxbp import conv_forms
 from jaxbp import formulations
+from jaxbp.machine import CoreRoundTrip
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -991,8 +992,7 @@ def test_cores_with_render_is_refused_before_anything_is_pinned(tmp_path):
 
 
 @pytest.mark.skipif(
-    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
-    reason="a round trip between cores needs Linux and 2 usable cores",
+    not CoreRoundTrip.available(), reason="a round trip between cores needs Linux and 2 usable cores"
 )
 def test_each_point_records_the_cores_round_trip_before_and_after_it(tmp_path):
     args = ["--batches", "2", "3", "--filters", "1", "--inputs", "8x8x1", "--kernels", "3", "--repeats", "1"]
@@ -1071,8 +1071,7 @@ def test_core_phases_summary_splits_rounds_at_the_round_trips_midpoint():
 
 
 @pytest.mark.skipif(
-    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
-    reason="a round trip between cores needs Linux and 2 usable cores",
+    not CoreRoundTrip.available(), reason="a round trip between cores needs Linux and 2 usable cores"
 )
 def test_core_phases_probe_runs_end_to_end(tmp_path):
     probe_core_phases.main(["--point", "4:8x8x1:3:2", "--seconds", "1", "--no-torch", "--out", str(tmp_path)])

@@ -58,7 +58,7 @@ def test_pin_cores_pins_the_first_n_usable_cores_and_names_the_argument_when_out
     assert os.sched_getaffinity(0) == before  # a refused call pins nothing
 
 
-TWO_CORES = hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2
+TWO_CORES = machine.CoreRoundTrip.available()
 
 
 @pytest.mark.skipif(not TWO_CORES, reason="a round trip between cores needs Linux and 2 usable cores")
