@@ -1086,3 +1086,56 @@ def test_core_phases_probe_runs_end_to_end(tmp_path):
     with pytest.raises(SystemExit):
         probe_core_phases.main(["--seconds", "0", "--out", str(tmp_path / "refused")])
     assert not (tmp_path / "refused").exists()
+
+
+probe_kernel_compile = load_experiment("probe_kernel_compile")
+
+# Lines of XLA's CPU compile log in its format (jaxlib 0.10.2; the timers' cumulative tails cut), two
+# kernels on two threads.
+KERNEL_LOG = """\
+I1204 16:36:48.313989 53 cpu_compiler.cc:1269] Running HLO passes on [jit_step] for CPU time: 1.09 ms (1087 us)
+I1204 16:36:48.314053 53 cpu_compiler.cc:2091] Compiling: jit_step
+I1204 16:36:48.344678 58 fusion_compiler.cc:491] Compiling MLIR module: copy_fusion.1_kernel_module, with 28 ops
+I1204 16:36:48.345000 59 fusion_compiler.cc:491] Compiling MLIR module: __compute_module_wrapped_add, with 4 ops
+I1204 16:36:48.350176 58 fusion_compiler.cc:494] Compiled MLIR module: copy_fusion.1_kernel_module time: 5.46 ms (5462 us)
+I1204 16:36:48.354678 59 fusion_compiler.cc:494] Compiled MLIR module: __compute_module_wrapped_add time: 9.68 ms (9678 us)
+I1204 16:36:48.361097 53 cpu_compiler.cc:2154] Compilation finished
+I1204 16:36:48.361196 53 cpu_compiler.cc:2094] Compiling [jit_step] for CPU using JIT time: 47.2 ms (47207 us)
+"""  # noqa: E501
+
+
+def test_kernel_compile_log_is_read_kernel_by_kernel():
+    c = probe_kernel_compile.parse_compile(["some other line", *KERNEL_LOG.splitlines()])
+    assert c["kernels"] == {"copy_fusion.1": 5.462, "wrapped_add": 9.678}
+    assert c["hlo_passes_ms"] == 1.087 and c["xla_ms"] == 47.207
+    assert c["emit_span_ms"] == pytest.approx(354.678 - 344.678)  # first start to last end
+    assert c["after_emit_ms"] == pytest.approx(361.097 - 354.678)
+    with pytest.raises(RuntimeError, match="was it on"):
+        probe_kernel_compile.parse_compile(KERNEL_LOG.splitlines()[:-1])
+    mark = probe_kernel_compile.MARK
+    log = f"noise\n{mark} begin manual 0\n{KERNEL_LOG}{mark} end manual 0\nI1204 unrelated\n"
+    compiles = probe_kernel_compile.parse_log(log)
+    assert len(compiles["manual"]) == 1 and compiles["autodiff"] == []
+    s = probe_kernel_compile.summarize(
+        {"manual": compiles["manual"] * 2}, {"manual": {"copy_fusion.1": "f32[4]", "other": "f32[]"}}
+    )["manual"]
+    assert [k["name"] for k in s["kernels"]] == ["wrapped_add", "copy_fusion.1"]  # by ms
+    assert s["kernel_sum_ms"] == pytest.approx(15.14) and s["compiles"] == 2
+    assert s["in_log_not_hlo"] == ["wrapped_add"] and s["in_hlo_not_log"] == ["other"]
+
+
+def test_kernel_compile_probe_finds_every_generated_kernel_in_xlas_log(tmp_path):
+    probe_kernel_compile.main(["--point", "4:8x8x1:3:2", "--repeats", "1", "--out", str(tmp_path)])
+    (r,) = json.loads((tmp_path / "probe_kernel_compile.json").read_text())["results"]
+    for grads in ("manual", "autodiff"):
+        s = r["steps"][grads]
+        # The log names each fusion of the optimized HLO, and nothing else.
+        assert s["in_log_not_hlo"] == [] and s["in_hlo_not_log"] == []
+        assert s["kernels"] and all(k["ms"] > 0 and k["shape"] for k in s["kernels"])
+        assert 0 < s["emit_span_ms"] < s["xla_ms"] and 0 < s["hlo_passes_ms"] < s["xla_ms"]
+    text = (tmp_path / "probe_kernel_compile.md").read_text()
+    assert "| manual |" in text and "| jax.grad |" in text
+    assert (tmp_path / "probe_kernel_compile.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        probe_kernel_compile.main(["--repeats", "0", "--out", str(tmp_path / "refused")])
+    assert not (tmp_path / "refused").exists()
