@@ -1,0 +1,151 @@
+"""dE/df's conv in 2 parts or the rule's 4: the update step's run time and its compile time.
+
+Where dE/df is XLA's conv with the batch as its contracted axis (one filter after the taps, and
+32 filters), `choose_formulation` splits it into `CONV_FILTER_GRAD_PARTS` convs over slices of the
+examples, so that XLA's CPU runtime runs them on both cores. Each part reads its own slice of x
+and of delta1, and channels-last each slice is a transpose: a generated kernel per part and
+operand, and XLA's CPU compile time grows with its kernels (experiments/probe_kernel_compile.py).
+With 2 cores, 2 parts might do. This times the rule's formulation with 4 parts and with 2, as
+the whole jitted update step, interleaved (`jaxbp.tune.interleaved_samples`), and compiles each
+--compiles times, alternating, at the grid's points with batch 32 and more where dE/df is the conv.
+
+    python experiments/bench_conv_parts.py [--repeats 15] [--compiles 3] [--batches 32 256 1024]
+
+Writes experiments/results/bench_conv_parts.{json,md} (--name to rename).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import LEARNING_RATE  # noqa: E402
+from bench import machine_info  # noqa: E402
+from bench import machine_line  # noqa: E402
+from bench import script_command  # noqa: E402
+from bench import write_results  # noqa: E402
+
+PARTS = (4, 2)
+INPUTS = ((28, 28, 1), (32, 32, 3))
+
+
+def run_point(batch, in_shape, kernel, filters, repeats, compiles) -> dict | None:
+    import jax
+    import numpy as np
+
+    import jaxbp
+    from jaxbp.formulations import choose_formulation
+    from jaxbp.tune import interleaved_samples
+    from jaxbp.tune import timed_calls
+
+    spec = jaxbp.ConvNetSpec(in_shape=in_shape, n_filters=filters, kernel_size=kernel, n_out=10)
+    rule = choose_formulation(spec, batch)
+    if rule.filter_grad != "conv":
+        return None
+    rng = np.random.default_rng(0)
+    params = jaxbp.init_params(jax.random.key(0), spec)
+    opt = jaxbp.sgd(LEARNING_RATE)
+    x = jax.numpy.asarray(rng.normal(size=(batch, *in_shape)).astype(np.float32))
+    y = jax.numpy.asarray(rng.uniform(size=(batch, 10)).astype(np.float32))
+    args = (params, opt.init(params), x, y)
+    compile_s = {p: [] for p in PARTS}
+    calls, updates = {}, {}
+    for _, parts in itertools.product(range(compiles), PARTS):
+        step = jaxbp.make_update_step(spec, opt, formulation=rule._replace(conv_parts=parts))
+        start = time.perf_counter()
+        compiled = step.lower(*args).compile()
+        compile_s[parts].append(time.perf_counter() - start)
+        calls[parts] = timed_calls(compiled, args)
+        updates[parts] = [np.asarray(new) - np.asarray(old) for new, old in zip(compiled(*args)[0], params)]
+    # The same sums in another order: the two updates (new params - params) agree to float32 rounding.
+    err = max(
+        float(np.max(np.abs(a - b)) / max(1e-30, np.max(np.abs(b)))) for a, b in zip(updates[2], updates[4])
+    )
+    samples = interleaved_samples(calls, repeats, 0.02)
+    ms = {p: 1e3 * statistics.median(samples[p]) for p in PARTS}
+    quartiles = {p: [1e3 * q for q in statistics.quantiles(samples[p], n=4)[::2]] for p in PARTS}
+    return {
+        "point": {"batch": batch, "input": list(in_shape), "kernel": kernel, "filters": filters},
+        "rule": rule.label(),
+        "median_ms": ms,
+        "quartiles_ms": quartiles,
+        "compile_s": {p: statistics.median(v) for p, v in compile_s.items()},
+        "update_rel_diff": err,
+    }
+
+
+def markdown(results: list, info: dict, command: str) -> str:
+    lines = [
+        "# dE/df's conv in 2 parts against the rule's 4",
+        "",
+        f"Command: `{command}`  ",
+        machine_line(info),
+        "",
+        "The rule's formulation with dE/df's conv in 4 parts and in 2: the whole update step's median "
+        "ms [quartiles], interleaved, and its compile time (median s); `2/4`: 2 parts over 4 (<1: 2 "
+        "parts faster).",
+        "",
+        "| batch | input | k | K | rule | 4 parts ms | 2 parts ms | 2/4 | compile 4 s | compile 2 s | 2/4 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        p, m, q, c = r["point"], r["median_ms"], r["quartiles_ms"], r["compile_s"]
+        shape = "x".join(map(str, p["input"]))
+        lines.append(
+            f"| {p['batch']} | {shape} | {p['kernel']} | {p['filters']} | {r['rule']} "
+            f"| {m[4]:.3g} [{q[4][0]:.3g}-{q[4][1]:.3g}] | {m[2]:.3g} [{q[2][0]:.3g}-{q[2][1]:.3g}] "
+            f"| {m[2] / m[4]:.2f} | {c[4]:.3f} | {c[2]:.3f} | {c[2] / c[4]:.2f} |"
+        )
+    if results:
+        run = [r["median_ms"][2] / r["median_ms"][4] for r in results]
+        comp = [r["compile_s"][2] / r["compile_s"][4] for r in results]
+        lines += [
+            "",
+            f"2 parts over 4: run time {min(run):.2f}-{max(run):.2f} (median {statistics.median(run):.2f}; "
+            f"faster at {sum(v < 1 for v in run)} of {len(run)}), "
+            f"compile time {min(comp):.2f}-{max(comp):.2f} "
+            f"(median {statistics.median(comp):.2f}). The two updates differ by at most "
+            f"{max(r['update_rel_diff'] for r in results):.1e} relative (the same sums in another order).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeats", type=int, default=15, help="timed samples of each (default 15)")
+    parser.add_argument("--compiles", type=int, default=3, help="compiles of each (default 3)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[32, 256, 1024])
+    parser.add_argument("--filters", type=int, nargs="+", default=[32, 1])
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
+    parser.add_argument("--name", default="bench_conv_parts")
+    args = parser.parse_args(argv)
+    for name in ("repeats", "compiles"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be a positive int, got {getattr(args, name)}")
+    if min(args.batches) < 1 or min(args.filters) < 1:
+        parser.error(f"--batches and --filters must be positive ints, got {args.batches} and {args.filters}")
+    import jax
+
+    results = []
+    for filters, batch, in_shape, kernel in itertools.product(args.filters, args.batches, INPUTS, (3, 5)):
+        r = run_point(batch, in_shape, (kernel, kernel), filters, args.repeats, args.compiles)
+        if r is not None:
+            r["point"]["kernel"] = kernel
+            results.append(r)
+            print(f"done {r['point']}: 2/4 {r['median_ms'][2] / r['median_ms'][4]:.2f}", file=sys.stderr)
+    info = machine_info(jax, {})
+    info["load_average"] = [round(v, 2) for v in os.getloadavg()]
+    command = script_command(__file__, argv)
+    write_results(args.out, args.name, info, command, results, markdown(results, info, command))
+
+
+if __name__ == "__main__":
+    main()
