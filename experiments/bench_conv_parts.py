@@ -127,9 +127,10 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
     parser.add_argument("--name", default="bench_conv_parts")
     args = parser.parse_args(argv)
-    for name in ("repeats", "compiles"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be a positive int, got {getattr(args, name)}")
+    if args.repeats < 2:
+        parser.error(f"--repeats must be at least 2 (for the quartiles), got {args.repeats}")
+    if args.compiles < 1:
+        parser.error(f"--compiles must be a positive int, got {args.compiles}")
     if min(args.batches) < 1 or min(args.filters) < 1:
         parser.error(f"--batches and --filters must be positive ints, got {args.batches} and {args.filters}")
     import jax

@@ -1139,3 +1139,25 @@ def test_kernel_compile_probe_finds_every_generated_kernel_in_xlas_log(tmp_path)
     with pytest.raises(SystemExit):
         probe_kernel_compile.main(["--repeats", "0", "--out", str(tmp_path / "refused")])
     assert not (tmp_path / "refused").exists()
+
+
+bench_conv_parts = load_experiment("bench_conv_parts")
+
+
+def test_conv_parts_bench_times_both_splits_of_the_rules_conv(tmp_path):
+    bench_conv_parts.main(
+        ["--batches", "8", "--filters", "1", "--repeats", "2", "--compiles", "1", "--out", str(tmp_path)]
+    )
+    results = json.loads((tmp_path / "bench_conv_parts.json").read_text())["results"]
+    # One filter from batch 2 on: the taps with dE/df as XLA's conv in parts (4 from batch 4 on).
+    assert len(results) == 4 and all(r["rule"].startswith("taps/conv*4") for r in results)
+    for r in results:
+        assert set(r["median_ms"]) == set(r["compile_s"]) == {"4", "2"}
+        assert all(v > 0 for v in (*r["median_ms"].values(), *r["compile_s"].values()))
+        # The same sums in another order, in float32: at most 3.2e-6 with one
+        # filter at batch 256 and 1024 in experiments/results/bench_conv_parts.md.
+        assert r["update_rel_diff"] < 1e-5
+    assert "| 8 | 32x32x3 | 5 | 1 | taps/conv*4/all |" in (tmp_path / "bench_conv_parts.md").read_text()
+    with pytest.raises(SystemExit):
+        bench_conv_parts.main(["--repeats", "1", "--out", str(tmp_path / "refused")])
+    assert not (tmp_path / "refused").exists()
