@@ -692,11 +692,13 @@ def cores_text(info: dict) -> str:
 
 
 def machine_line(info: dict) -> str:
-    """The results' machine line: CPU, cores, the load average at the end (``info["load_average"]``,
-    set by the script when it is done), versions, commit and date."""
+    """The results' machine line: CPU (with its caches, SIMD extensions and model where recorded:
+    several CPUs share a name), cores, the load average at the end (``info["load_average"]``, set
+    by the script when it is done), versions, commit and date."""
     return (
-        f"Machine: {info['cpu']}, {cores_text(info)}; load average {info['load_average']} at the "
-        f"end. jax {info['jax']}, jaxlib {info['jaxlib']}; git {info['git_commit']}; {info['date_utc']}."
+        f"Machine: {info['cpu']}{cpu_text(info)}, {cores_text(info)}; load average "
+        f"{info['load_average']} at the end. jax {info['jax']}, jaxlib {info['jaxlib']}; "
+        f"git {info['git_commit']}; {info['date_utc']}."
     )
 
 

@@ -853,6 +853,14 @@ def test_machine_line_names_the_caches_and_simd_where_recorded():
     info["cpu_model"] = "AuthenticAMD family 23 model 49"
     assert bench.cpu_text(info) == " (L1d 32K, L2 512K; avx2 fma; AuthenticAMD family 23 model 49)"
     assert bench.cpu_text({}) == ""  # a run recorded before them renders as it did
+    # The small scripts' Machine line names them too: four CPUs here have been "AMD EPYC".
+    line = bench.machine_line(
+        {**info, "cpu": "AMD EPYC", "load_average": [0.5], "jax": "0", "jaxlib": "0"}
+        | {"git_commit": "abc", "date_utc": "today", "cores": 2}
+    )
+    assert line.startswith(
+        "Machine: AMD EPYC (L1d 32K, L2 512K; avx2 fma; AuthenticAMD family 23 model 49), "
+    )
 
 
 def test_tune_times_the_tuned_pick_beside_the_rules_step(tmp_path):
