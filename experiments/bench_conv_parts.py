@@ -55,27 +55,33 @@ def run_point(batch, in_shape, kernel, filters, repeats, compiles) -> dict | Non
     y = jax.numpy.asarray(rng.uniform(size=(batch, 10)).astype(np.float32))
     args = (params, opt.init(params), x, y)
     compile_s = {p: [] for p in PARTS}
-    calls, updates = {}, {}
-    for _, parts in itertools.product(range(compiles), PARTS):
-        step = jaxbp.make_update_step(spec, opt, formulation=rule._replace(conv_parts=parts))
-        start = time.perf_counter()
-        compiled = step.lower(*args).compile()
-        compile_s[parts].append(time.perf_counter() - start)
-        calls[parts] = timed_calls(compiled, args)
-        updates[parts] = [np.asarray(new) - np.asarray(old) for new, old in zip(compiled(*args)[0], params)]
+    calls, updates, convolutions = {}, {}, {}
+    for i in range(compiles):
+        for parts in PARTS[i % 2 :] + PARTS[: i % 2]:  # each first in turn
+            step = jaxbp.make_update_step(spec, opt, formulation=rule._replace(conv_parts=parts))
+            start = time.perf_counter()
+            compiled = step.lower(*args).compile()
+            compile_s[parts].append(time.perf_counter() - start)
+            calls[parts] = timed_calls(compiled, args)
+            updates[parts] = [
+                np.asarray(new) - np.asarray(old) for new, old in zip(compiled(*args)[0], params)
+            ]
+            # The parts as they run: each is a convolution of the optimized program.
+            convolutions[parts] = compiled.as_text().count(" convolution(")
     # The same sums in another order: the two updates (new params - params) agree to float32 rounding.
     err = max(
         float(np.max(np.abs(a - b)) / max(1e-30, np.max(np.abs(b)))) for a, b in zip(updates[2], updates[4])
     )
     samples = interleaved_samples(calls, repeats, 0.02)
     ms = {p: 1e3 * statistics.median(samples[p]) for p in PARTS}
-    quartiles = {p: [1e3 * q for q in statistics.quantiles(samples[p], n=4)[::2]] for p in PARTS}
+    quartiles = {p: [1e3 * q for q in np.percentile(samples[p], [25, 75])] for p in PARTS}  # as bench.py's
     return {
         "point": {"batch": batch, "input": list(in_shape), "kernel": kernel, "filters": filters},
         "rule": rule.label(),
         "median_ms": ms,
         "quartiles_ms": quartiles,
         "compile_s": {p: statistics.median(v) for p, v in compile_s.items()},
+        "convolutions": convolutions,
         "update_rel_diff": err,
     }
 
@@ -88,17 +94,19 @@ def markdown(results: list, info: dict, command: str) -> str:
         machine_line(info),
         "",
         "The rule's formulation with dE/df's conv in 4 parts and in 2: the whole update step's median "
-        "ms [quartiles], interleaved, and its compile time (median s); `2/4`: 2 parts over 4 (<1: 2 "
-        "parts faster).",
+        "ms [quartiles], interleaved, and its compile time (median s); `convs`: the convolutions in "
+        "each optimized program; `2/4`: 2 parts over 4 (<1: 2 parts faster).",
         "",
-        "| batch | input | k | K | rule | 4 parts ms | 2 parts ms | 2/4 | compile 4 s | compile 2 s | 2/4 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| batch | input | k | K | rule | convs 4/2 | 4 parts ms | 2 parts ms | 2/4 | compile 4 s "
+        "| compile 2 s | 2/4 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         p, m, q, c = r["point"], r["median_ms"], r["quartiles_ms"], r["compile_s"]
+        convs = "/".join(str(r["convolutions"][k]) for k in PARTS) if "convolutions" in r else "-"
         shape = "x".join(map(str, p["input"]))
         lines.append(
-            f"| {p['batch']} | {shape} | {p['kernel']} | {p['filters']} | {r['rule']} "
+            f"| {p['batch']} | {shape} | {p['kernel']} | {p['filters']} | {r['rule']} | {convs} "
             f"| {m[4]:.3g} [{q[4][0]:.3g}-{q[4][1]:.3g}] | {m[2]:.3g} [{q[2][0]:.3g}-{q[2][1]:.3g}] "
             f"| {m[2] / m[4]:.2f} | {c[4]:.3f} | {c[2]:.3f} | {c[2] / c[4]:.2f} |"
         )
@@ -131,8 +139,11 @@ def main(argv=None) -> None:
         parser.error(f"--repeats must be at least 2 (for the quartiles), got {args.repeats}")
     if args.compiles < 1:
         parser.error(f"--compiles must be a positive int, got {args.compiles}")
-    if min(args.batches) < 1 or min(args.filters) < 1:
-        parser.error(f"--batches and --filters must be positive ints, got {args.batches} and {args.filters}")
+    if min(args.batches) < max(PARTS) or min(args.filters) < 1:
+        parser.error(
+            f"--batches must be at least {max(PARTS)} (a conv in {max(PARTS)} parts over the examples) and "
+            f"--filters positive, got {args.batches} and {args.filters}"
+        )
     import jax
 
     results = []

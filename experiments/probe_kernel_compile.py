@@ -90,28 +90,33 @@ def kernel_name(module: str) -> str:
 
 def parse_compile(lines: list[str]) -> dict:
     """One compile's log lines (between the marks) -> its phases (ms) and kernels (name -> ms)."""
-    out = {"kernels": {}, "starts": [], "ends": []}
-    finished = None
+    out = {"kernels": {}}
+    starts, ends, finished, whole = [], [], None, []
     for line in lines:
         m = GLOG.match(line)
         if not m:
             continue
         t_ms = (int(m.group(1)) * 3600 + int(m.group(2)) * 60 + float(m.group(3))) * 1e3
+        if starts and t_ms < starts[0]:  # past midnight
+            t_ms += 24 * 3600e3
         msg = m.group(4)
         if k := re.match(r"Compiled MLIR module: (\S+) " + US, msg):
             out["kernels"][kernel_name(k.group(1))] = int(k.group(2)) / 1e3
-            out["ends"].append(t_ms)
+            ends.append(t_ms)
         elif msg.startswith("Compiling MLIR module:"):
-            out["starts"].append(t_ms)
+            starts.append(t_ms)
         elif k := re.match(r"Running HLO passes on \[.*?\] for CPU " + US, msg):
             out["hlo_passes_ms"] = int(k.group(1)) / 1e3
         elif k := re.match(r"Compiling \[.*?\] for CPU using JIT " + US, msg):
-            out["xla_ms"] = int(k.group(1)) / 1e3
+            whole.append(int(k.group(1)) / 1e3)
         elif msg.startswith("Compilation finished"):
             finished = t_ms
-    starts, ends = out.pop("starts"), out.pop("ends")
-    if "xla_ms" not in out:
-        raise RuntimeError("XLA's log has no 'Compiling [...] for CPU using JIT time' line: was it on?")
+    if len(whole) != 1:
+        raise RuntimeError(
+            f"expected one 'Compiling [...] for CPU using JIT time' line between the marks, found "
+            f"{len(whole)}: {'was the log on?' if not whole else 'another program compiled there'}"
+        )
+    out["xla_ms"] = whole[0]
     out["emit_span_ms"] = max(ends) - min(starts) if starts and ends else 0.0
     out["after_emit_ms"] = finished - max(ends) if finished is not None and ends else None
     return out
@@ -157,8 +162,9 @@ def summarize(compiles: dict, shapes: dict) -> dict:
                 {"name": n, "ms": kernels[n], "shape": shapes[grads].get(n)}
                 for n in sorted(names, key=kernels.get, reverse=True)
             ],
-            "in_log_not_hlo": sorted(set(names) - set(shapes[grads])),
-            "in_hlo_not_log": sorted(set(shapes[grads]) - set(names)),
+            # Each compile's kernels against the (deterministic) optimized HLO's fusions.
+            "in_log_not_hlo": sorted({n for r in runs for n in set(r["kernels"]) - set(shapes[grads])}),
+            "in_hlo_not_log": sorted({n for r in runs for n in set(shapes[grads]) - set(r["kernels"])}),
         }
     return out
 
@@ -170,11 +176,19 @@ def run(point, repeats: int) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"the compiling process failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     shapes = json.loads(proc.stdout.strip().splitlines()[-1])
+    steps = summarize(parse_log(proc.stderr), shapes)
+    for grads, s in steps.items():
+        if s["in_log_not_hlo"] or s["in_hlo_not_log"]:
+            print(
+                f"warning: {grads}'s kernels in XLA's log and its optimized HLO differ (in the log only: "
+                f"{s['in_log_not_hlo']}; in the HLO only: {s['in_hlo_not_log']})",
+                file=sys.stderr,
+            )
     batch, in_shape, kernel, filters = point
     return {
         "point": {"batch": batch, "input": list(in_shape), "kernel": kernel, "filters": filters},
         "repeats": repeats,
-        "steps": summarize(parse_log(proc.stderr), shapes),
+        "steps": steps,
     }
 
 

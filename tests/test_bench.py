@@ -1118,17 +1118,31 @@ def test_kernel_compile_log_is_read_kernel_by_kernel():
     assert c["hlo_passes_ms"] == 1.087 and c["xla_ms"] == 47.207
     assert c["emit_span_ms"] == pytest.approx(354.678 - 344.678)  # first start to last end
     assert c["after_emit_ms"] == pytest.approx(361.097 - 354.678)
-    with pytest.raises(RuntimeError, match="was it on"):
+    with pytest.raises(RuntimeError, match="was the log on"):
         probe_kernel_compile.parse_compile(KERNEL_LOG.splitlines()[:-1])
+    with pytest.raises(RuntimeError, match="another program compiled there"):
+        probe_kernel_compile.parse_compile(KERNEL_LOG.splitlines() * 2)
+    # A line as XLA writes it, with the timer's cumulative tail.
+    whole = (
+        "I1204 16:36:48.361196    5853 cpu_compiler.cc:2094] Compiling [jit_step] for CPU using JIT time: "
+        "47.2 ms (47207 us) (cumulative: 30.6 ms, max: 24.2 ms, #called: 2)"
+    )
+    assert probe_kernel_compile.parse_compile([*KERNEL_LOG.splitlines()[:-1], whole])["xla_ms"] == 47.207
+    # A compile across midnight: times after it count from the day before.
+    late = [line.replace("I1204 16:36:48", "I1204 23:59:59") for line in KERNEL_LOG.splitlines()]
+    late[5] = late[5].replace("23:59:59.354678", "00:00:00.004678")
+    assert probe_kernel_compile.parse_compile(late)["emit_span_ms"] == pytest.approx(1004.678 - 344.678)
     mark = probe_kernel_compile.MARK
     log = f"noise\n{mark} begin manual 0\n{KERNEL_LOG}{mark} end manual 0\nI1204 unrelated\n"
     compiles = probe_kernel_compile.parse_log(log)
     assert len(compiles["manual"]) == 1 and compiles["autodiff"] == []
+    second = {**compiles["manual"][0], "kernels": {"copy_fusion.1": 5.0}}  # a repeat without wrapped_add
     s = probe_kernel_compile.summarize(
-        {"manual": compiles["manual"] * 2}, {"manual": {"copy_fusion.1": "f32[4]", "other": "f32[]"}}
+        {"manual": [compiles["manual"][0], second]}, {"manual": {"copy_fusion.1": "f32[4]", "other": "f32[]"}}
     )["manual"]
-    assert [k["name"] for k in s["kernels"]] == ["wrapped_add", "copy_fusion.1"]  # by ms
-    assert s["kernel_sum_ms"] == pytest.approx(15.14) and s["compiles"] == 2
+    assert [k["name"] for k in s["kernels"]] == ["wrapped_add", "copy_fusion.1"]  # by median ms
+    assert s["kernels"][1]["ms"] == pytest.approx((5.462 + 5.0) / 2)
+    assert s["kernel_sum_ms"] == pytest.approx((15.14 + 5.0) / 2) and s["compiles"] == 2
     assert s["in_log_not_hlo"] == ["wrapped_add"] and s["in_hlo_not_log"] == ["other"]
 
 
@@ -1161,6 +1175,8 @@ def test_conv_parts_bench_times_both_splits_of_the_rules_conv(tmp_path):
     assert len(results) == 4 and all(r["rule"].startswith("taps/conv*4") for r in results)
     for r in results:
         assert set(r["median_ms"]) == set(r["compile_s"]) == {"4", "2"}
+        # Two programs: dE/df's conv in 4 and in 2 convolutions (the taps forward has none).
+        assert r["convolutions"] == {"4": 4, "2": 2}
         assert all(v > 0 for v in (*r["median_ms"].values(), *r["compile_s"].values()))
         # The same sums in another order, in float32: at most 3.2e-6 with one
         # filter at batch 256 and 1024 in experiments/results/bench_conv_parts.md.
@@ -1168,4 +1184,6 @@ def test_conv_parts_bench_times_both_splits_of_the_rules_conv(tmp_path):
     assert "| 8 | 32x32x3 | 5 | 1 | taps/conv*4/all |" in (tmp_path / "bench_conv_parts.md").read_text()
     with pytest.raises(SystemExit):
         bench_conv_parts.main(["--repeats", "1", "--out", str(tmp_path / "refused")])
+    with pytest.raises(SystemExit):  # 4 parts of 2 examples would be 2
+        bench_conv_parts.main(["--batches", "2", "--out", str(tmp_path / "refused")])
     assert not (tmp_path / "refused").exists()
