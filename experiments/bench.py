@@ -140,6 +140,22 @@ VARIANT_OPTIONS = {
 # ----------------------------------------------------------------------------------------------
 
 
+def step_inputs(spec, batch: int):
+    """A point's update-step inputs as the small scripts make them: params from key 0, SGD at
+    `LEARNING_RATE`, x ~ N(0, 1) and y ~ U(0, 1) from NumPy's seed 0, float32. Returns (the
+    optimizer, (params, its state, x, y))."""
+    import jax
+
+    import jaxbp
+
+    rng = np.random.default_rng(0)
+    params = jaxbp.init_params(jax.random.key(0), spec)
+    opt = jaxbp.sgd(LEARNING_RATE)
+    x = jax.numpy.asarray(rng.normal(size=(batch, *spec.in_shape)).astype(np.float32))
+    y = jax.numpy.asarray(rng.uniform(size=(batch, spec.n_out)).astype(np.float32))
+    return opt, (params, opt.init(params), x, y)
+
+
 def step_flops(batch: int, in_shape, filters: int, kernel: int) -> int:
     """Multiply-adds x 2 of one step: forward conv and dE/df, dense forward, dE/dW and dE/dH1."""
     h, w, c = in_shape

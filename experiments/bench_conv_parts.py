@@ -25,10 +25,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import LEARNING_RATE  # noqa: E402
 from bench import machine_info  # noqa: E402
 from bench import machine_line  # noqa: E402
 from bench import script_command  # noqa: E402
+from bench import step_inputs  # noqa: E402
 from bench import write_results  # noqa: E402
 
 PARTS = (4, 2)
@@ -36,7 +36,6 @@ INPUTS = ((28, 28, 1), (32, 32, 3))
 
 
 def run_point(batch, in_shape, kernel, filters, repeats, compiles) -> dict | None:
-    import jax
     import numpy as np
 
     import jaxbp
@@ -48,12 +47,8 @@ def run_point(batch, in_shape, kernel, filters, repeats, compiles) -> dict | Non
     rule = choose_formulation(spec, batch)
     if rule.filter_grad != "conv":
         return None
-    rng = np.random.default_rng(0)
-    params = jaxbp.init_params(jax.random.key(0), spec)
-    opt = jaxbp.sgd(LEARNING_RATE)
-    x = jax.numpy.asarray(rng.normal(size=(batch, *in_shape)).astype(np.float32))
-    y = jax.numpy.asarray(rng.uniform(size=(batch, 10)).astype(np.float32))
-    args = (params, opt.init(params), x, y)
+    opt, args = step_inputs(spec, batch)
+    params = args[0]
     compile_s = {p: [] for p in PARTS}
     calls, updates, convolutions = {}, {}, {}
     for i in range(compiles):

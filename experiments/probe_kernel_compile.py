@@ -35,10 +35,10 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import LEARNING_RATE  # noqa: E402
 from bench import machine_info  # noqa: E402
 from bench import machine_line  # noqa: E402
 from bench import script_command  # noqa: E402
+from bench import step_inputs  # noqa: E402
 from bench import write_results  # noqa: E402
 from probe_write_overlap import parse_point  # noqa: E402
 
@@ -54,19 +54,12 @@ FUSION = re.compile(r"%(\S+) = (\([^)]*\)|\S+) fusion\(")
 def child(point, repeats: int) -> None:
     """Compile both steps `repeats` times, alternating, each compile between two marks on
     stderr; print each step's generated kernels (HLO fusion name -> shape) as JSON on stdout."""
-    import jax
-    import numpy as np
 
     import jaxbp
 
     batch, in_shape, kernel, filters = point
     spec = jaxbp.ConvNetSpec(in_shape=in_shape, n_filters=filters, kernel_size=kernel, n_out=10)
-    rng = np.random.default_rng(0)
-    params = jaxbp.init_params(jax.random.key(0), spec)
-    opt = jaxbp.sgd(LEARNING_RATE)
-    x = jax.numpy.asarray(rng.normal(size=(batch, *in_shape)).astype(np.float32))
-    y = jax.numpy.asarray(rng.uniform(size=(batch, 10)).astype(np.float32))
-    args = (params, opt.init(params), x, y)
+    opt, args = step_inputs(spec, batch)
     jaxbp.compiler_options()  # its one-time check compiles a function of its own: not inside a mark
     shapes = {}
     for rep in range(repeats):
