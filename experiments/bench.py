@@ -1344,8 +1344,8 @@ def markdown(results, info, command) -> str:
         "`%mm`: manual GFLOP/s over the matmul's in the same run; "
         "compile in seconds; kernels: the fusions XLA generates code for in each step; "
         "mem: XLA's peak estimate for the manual step; `rt ns`: the round trip of a value between two "
-        "cores before and after the point (`jaxbp.machine.CoreRoundTrip`: on the AMD EPYC of "
-        "experiments/PERFORMANCE.md it had two levels, most likely the host running the two vCPUs on "
+        "cores before and after the point (`jaxbp.machine.CoreRoundTrip`: on the AMD EPYC with a 16 MB L3 "
+        "of experiments/PERFORMANCE.md it had two levels, most likely the host running the two vCPUs on "
         "cores that share a cache or not, 1.3-1.6x apart, and the multithreaded steps slowed at the "
         "higher one). " + warm_text(info),
         "",

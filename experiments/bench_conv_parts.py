@@ -43,26 +43,26 @@ def run_point(batch, in_shape, kernel, filters, repeats, compiles) -> dict | Non
     from jaxbp.tune import interleaved_samples
     from jaxbp.tune import timed_calls
 
-    spec = jaxbp.ConvNetSpec(in_shape=in_shape, n_filters=filters, kernel_size=kernel, n_out=10)
+    spec = jaxbp.ConvNetSpec(in_shape=in_shape, n_filters=filters, kernel_size=(kernel, kernel), n_out=10)
     rule = choose_formulation(spec, batch)
     if rule.filter_grad != "conv":
         return None
     opt, args = step_inputs(spec, batch)
-    params = args[0]
     compile_s = {p: [] for p in PARTS}
-    calls, updates, convolutions = {}, {}, {}
+    compiled = {}
     for i in range(compiles):
         for parts in PARTS[i % 2 :] + PARTS[: i % 2]:  # each first in turn
             step = jaxbp.make_update_step(spec, opt, formulation=rule._replace(conv_parts=parts))
             start = time.perf_counter()
-            compiled = step.lower(*args).compile()
+            compiled[parts] = step.lower(*args).compile()
             compile_s[parts].append(time.perf_counter() - start)
-            calls[parts] = timed_calls(compiled, args)
-            updates[parts] = [
-                np.asarray(new) - np.asarray(old) for new, old in zip(compiled(*args)[0], params)
-            ]
-            # The parts as they run: each is a convolution of the optimized program.
-            convolutions[parts] = compiled.as_text().count(" convolution(")
+    calls = {p: timed_calls(c, args) for p, c in compiled.items()}
+    updates = {
+        p: [np.asarray(new) - np.asarray(old) for new, old in zip(c(*args)[0], args[0])]
+        for p, c in compiled.items()
+    }
+    # The parts as they run: each is a convolution of the optimized program.
+    convolutions = {p: c.as_text().count(" convolution(") for p, c in compiled.items()}
     # The same sums in another order: the two updates (new params - params) agree to float32 rounding.
     err = max(
         float(np.max(np.abs(a - b)) / max(1e-30, np.max(np.abs(b)))) for a, b in zip(updates[2], updates[4])
@@ -143,9 +143,8 @@ def main(argv=None) -> None:
 
     results = []
     for filters, batch, in_shape, kernel in itertools.product(args.filters, args.batches, INPUTS, (3, 5)):
-        r = run_point(batch, in_shape, (kernel, kernel), filters, args.repeats, args.compiles)
+        r = run_point(batch, in_shape, kernel, filters, args.repeats, args.compiles)
         if r is not None:
-            r["point"]["kernel"] = kernel
             results.append(r)
             print(f"done {r['point']}: 2/4 {r['median_ms'][2] / r['median_ms'][4]:.2f}", file=sys.stderr)
     info = machine_info(jax, {})

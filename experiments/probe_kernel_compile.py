@@ -68,11 +68,12 @@ def child(point, repeats: int) -> None:
             print(f"{MARK} begin {grads} {rep}", file=sys.stderr, flush=True)
             compiled = lowered.compile()
             print(f"{MARK} end {grads} {rep}", file=sys.stderr, flush=True)
-            shapes[grads] = {
-                m.group(1): m.group(2)
-                for line in compiled.as_text().splitlines()
-                if (m := FUSION.search(line)) and "kind=kCustom" not in line
-            }
+            if grads not in shapes:  # the same program each repeat: its fusions read once
+                shapes[grads] = {
+                    m.group(1): m.group(2)
+                    for line in compiled.as_text().splitlines()
+                    if (m := FUSION.search(line)) and "kind=kCustom" not in line
+                }
     print(json.dumps(shapes))
 
 
