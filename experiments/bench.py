@@ -1701,7 +1701,9 @@ def main(argv=None) -> None:
     )
     from jaxbp.machine import CoreRoundTrip
 
-    trip = CoreRoundTrip() if CoreRoundTrip.available() else None  # around each point
+    # Around each point, where the steps run on the CPU's cores: on a GPU they do not, and the
+    # device machine's sandbox may not honour a pinned core.
+    trip = CoreRoundTrip() if backend == "cpu" and CoreRoundTrip.available() else None
     if trip:
         info["core_round_trip_cores"] = list(trip.cores)
     results = []

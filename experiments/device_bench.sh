@@ -60,7 +60,10 @@ bench="$py experiments/bench.py --quiet --out $out ${TREE_COMMIT:+--tree-commit 
 stage smoke 150 $bench --batches 32 --filters 1 --inputs 28x28x1 --kernels 5 --repeats 1 --peers torch \
     --precision float32 --out /tmp/smoke || exit 1
 # The tests' float32 tolerances were measured in full float32: TF32 off for them.
+# In TEST_WORKERS processes (pytest-xdist, default 8 of the machine's 16 cores: the tests' time is
+# mostly compiling, on the CPU; tests/conftest.py has each allocate GPU memory as it goes).
 JAX_DEFAULT_MATMUL_PRECISION=float32 stage tests 240 $py -m pytest -v --tb=short -p no:cacheprovider \
+    -n "${TEST_WORKERS:-8}" --durations=10 \
     tests/test_backward.py tests/test_train.py
 # PyTorch under torch.compile with CUDA graphs has no GPU number yet (experiments/PERFORMANCE.md, "On a GPU"): first
 # the probe, which shows in the log whether its first steps survive, then the quick grid with
