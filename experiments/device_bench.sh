@@ -19,11 +19,12 @@
 # (bench_formulations_gpu: is the rule's pick on a GPU, the patches for both, still within a few
 # percent of the fastest?); the LeNet-5 step of jaxbp.layers against jax.grad (bench_lenet_gpu);
 # the quick grid at TF32 for both libraries (bench_quick_gpu_tf32, JAX's default on this GPU).
-# The second H200 run (2026-11-28, results in experiments/results/) took 35 s for the smoke run,
-# 131 s for the quick grid, 128 s for the formulations and 97 s for the TF32 grid; the LeNet
-# stage finished 5 of 8 points in its 100 s there (it ran again as a call of its own, 117 s; it
-# now writes its results after every point). The tests ran last then, had 70 s left and finished
-# 1 of 34; they now run second (39 tests, 140 s on a 2-core CPU).
+# The third H200 run (2026-12-04, tree f5b1ac9, results in experiments/results/) ran
+# STAGES="smoke tests quick_float32 formulations" PEERS=torch with DEADLINE_S=560: 43 s for the
+# smoke run, 101 s for the tests (39 passed, in 8 workers), 153 s for the quick grid, 149 s for
+# the formulations; then, while the machine was warm, STAGES="lenet quick_tf32" with
+# DEADLINE_S=300: 128 s for LeNet, 123 s for the TF32 grid. The probe and the compiled peer have
+# not run since the probe's fix (experiments/PERFORMANCE.md, "On a GPU").
 set -u
 out=${OUT:-experiments/results}
 deadline=${DEADLINE_S:-575}

@@ -309,13 +309,15 @@ class Formulation(NamedTuple):
 #   own speed; unmeasured).
 # On a GPU (one NVIDIA H200, jax 0.11.2, full float32; experiments/results/
 # bench_formulations_gpu.md, batch 256, 28x28x1, 5x5, the only shape compared there) the step
-# is a few kernel launches long (the manual step 0.06-0.11 ms in the quick grid). The patches
-# for both were the fastest pair at 1 and 32 filters (0.065 and 0.109 ms); at 8 taps/Toeplitz
-# was 7% faster (0.060 against 0.064 ms). XLA's cuDNN conv for both took 1.43-2.04x the
-# patches' time, and chunks of 8-128 examples 1.41-10.9x the whole batch's. In the quick grid
-# the patches made the manual step 1.48-2.14x faster than jax.grad at all 6 points
-# (bench_quick_gpu.md; the first session's runs, with the calls per sample mis-estimated, are
-# in git at 77c2a18).
+# is a few kernel launches long (the manual step 0.07-0.12 ms in the quick grid). The patches
+# for both were the fastest pair at 32 filters (0.109 ms) in both runs; at 1 and 8 filters
+# another pair was up to 10% faster, and which one changed between the runs: patches/Toeplitz
+# and taps/patches in the latest (tree f5b1ac9, the quartiles overlapping the patches'), the
+# patches themselves and taps/Toeplitz (7%, quartiles apart) in the one before (tree cd706e5,
+# in git at 2e2ee61). XLA's cuDNN conv for both took
+# 1.43-2.04x the patches' time in the two runs, and chunks of 8-128 examples 1.39-10.9x the
+# whole batch's. In the quick grid the patches made the manual step 1.63-2.51x faster than
+# jax.grad at all 6 points (bench_quick_gpu.md; 1.48-2.14x in the run before).
 # So on a GPU the patches for both, the whole batch at once while its temporaries stay under
 # GPU_WORKING_SET_BYTES. P holds N Ho Wo kh kw C numbers: 240 MB at batch 1024 of 32x32x3
 # with 5x5 filters. A larger batch runs in chunks of about that size, so that P does not
