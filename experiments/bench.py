@@ -725,6 +725,14 @@ def script_command(file: str, argv=None) -> str:
     return shlex.join(["python", f"experiments/{os.path.basename(file)}", *args])
 
 
+def script_record(jax, file: str, argv=None) -> tuple[dict, str]:
+    """What a small script's results record beside its numbers: `machine_info` with the load
+    average at the end of the run, and `script_command`. `file` is the script's ``__file__``."""
+    info = machine_info(jax, {})
+    info["load_average"] = [round(v, 2) for v in os.getloadavg()]
+    return info, script_command(file, argv)
+
+
 def write_results(
     out, name: str, info: dict, command: str, results: list, table: str, echo: bool = True
 ) -> None:

@@ -25,9 +25,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import machine_info  # noqa: E402
 from bench import machine_line  # noqa: E402
-from bench import script_command  # noqa: E402
+from bench import script_record  # noqa: E402
 from bench import step_inputs  # noqa: E402
 from bench import write_results  # noqa: E402
 
@@ -147,9 +146,7 @@ def main(argv=None) -> None:
         if r is not None:
             results.append(r)
             print(f"done {r['point']}: 2/4 {r['median_ms'][2] / r['median_ms'][4]:.2f}", file=sys.stderr)
-    info = machine_info(jax, {})
-    info["load_average"] = [round(v, 2) for v in os.getloadavg()]
-    command = script_command(__file__, argv)
+    info, command = script_record(jax, __file__, argv)
     write_results(args.out, args.name, info, command, results, markdown(results, info, command))
 
 

@@ -21,9 +21,8 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import machine_info  # noqa: E402
 from bench import machine_line  # noqa: E402
-from bench import script_command  # noqa: E402
+from bench import script_record  # noqa: E402
 from bench import write_results  # noqa: E402
 
 # (examples, M, p, q): p the patches' or slabs' columns, q delta1's (K, or jb K for the slabs),
@@ -93,9 +92,7 @@ def main(argv=None) -> None:
     import jax
 
     results = [run_shape(*shape, args.repeats) for shape in SHAPES[: args.shapes]]
-    info = machine_info(jax, {})
-    info["load_average"] = [round(v, 2) for v in os.getloadavg()]
-    command = script_command(__file__, argv)
+    info, command = script_record(jax, __file__, argv)
     write_results(args.out, "bench_dot_rows", info, command, results, markdown(results, info, command, args))
 
 

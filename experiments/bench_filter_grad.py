@@ -42,7 +42,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import cores_text  # noqa: E402
-from bench import machine_info  # noqa: E402
+from bench import script_record  # noqa: E402
 from bench import summarize  # noqa: E402
 from bench import write_results  # noqa: E402
 
@@ -244,9 +244,7 @@ def main(argv=None) -> None:
     for point in points:
         results.append(run_point(jax, jaxbp, *point, args))
         print(f"done {point}", file=sys.stderr, flush=True)
-    info = machine_info(jax, {})
-    info["load_average"] = [round(v, 2) for v in os.getloadavg()]
-    command = "python experiments/bench_filter_grad.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip()
+    info, command = script_record(jax, __file__, argv)
     write_results(args.out, args.name, info, command, results, markdown(results, info, command))
 
 

@@ -44,9 +44,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import machine_info  # noqa: E402
 from bench import machine_line  # noqa: E402
-from bench import script_command  # noqa: E402
+from bench import script_record  # noqa: E402
 from bench import summarize  # noqa: E402
 from bench import warm_text  # noqa: E402
 from bench import write_results  # noqa: E402
@@ -232,11 +231,9 @@ def main(argv=None) -> None:
     for in_shape, kernel, filters, batch in points:
         results.append(run_point(jax, jaxbp, in_shape, kernel, filters, batch, args))
         print(f"done {in_shape} {kernel} {filters} {batch}", file=sys.stderr, flush=True)
-    info = machine_info(jax, {})
-    info["load_average"] = [round(v, 2) for v in os.getloadavg()]
+    info, command = script_record(jax, __file__, argv)
     info["max_terms"] = jaxbp.conv_forms.PER_EXAMPLE_UNROLLED_MAX_TERMS
     info["warm_calls"] = args.warm_calls
-    command = script_command(__file__, argv)
     write_results(args.out, args.name, info, command, results, markdown(results, info, command))
 
 

@@ -36,11 +36,10 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import machine_info  # noqa: E402
 from bench import machine_line  # noqa: E402
 from bench import per_example_dW_write  # noqa: E402
 from bench import rel_error  # noqa: E402
-from bench import script_command  # noqa: E402
+from bench import script_record  # noqa: E402
 from bench import summarize  # noqa: E402
 from bench import write_results  # noqa: E402
 from bench_per_example import grid_arguments  # noqa: E402
@@ -191,10 +190,8 @@ def main(argv=None) -> None:
             file=sys.stderr,
             flush=True,
         )
-    info = machine_info(jax, {})
-    info["load_average"] = [round(v, 2) for v in os.getloadavg()]
+    info, command = script_record(jax, __file__, argv)
     info["warm_calls"] = args.warm_calls
-    command = script_command(__file__, argv)
     write_results(args.out, args.name, info, command, results, markdown(results, info, command))
 
 

@@ -32,11 +32,10 @@ from bench import LEARNING_RATE  # noqa: E402
 from bench import PEER_RTOL  # noqa: E402
 from bench import SETTLE_S  # noqa: E402
 from bench import calibrate  # noqa: E402
-from bench import machine_info  # noqa: E402
 from bench import machine_line  # noqa: E402
 from bench import peer_ask  # noqa: E402
 from bench import rel_error  # noqa: E402
-from bench import script_command  # noqa: E402
+from bench import script_record  # noqa: E402
 from bench import start_peer  # noqa: E402
 from bench import write_results  # noqa: E402
 from probe_write_overlap import parse_point  # noqa: E402
@@ -266,9 +265,7 @@ def main(argv=None) -> None:
     result = run(
         args.point, args.seconds, not args.no_torch, lambda m: print(m, file=sys.stderr), args.cut_ns
     )
-    info = machine_info(jax, {})
-    info["load_average"] = [round(v, 2) for v in os.getloadavg()]
-    command = script_command(__file__, argv)
+    info, command = script_record(jax, __file__, argv)
     write_results(args.out, args.name, info, command, [result], markdown(result, info, command))
     plot(args.out / f"{args.name}.png", result)
 

@@ -46,10 +46,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import batch_forward  # noqa: E402
-from bench import machine_info  # noqa: E402
 from bench import machine_line  # noqa: E402
 from bench import per_example_dW_write  # noqa: E402
-from bench import script_command  # noqa: E402
+from bench import script_record  # noqa: E402
 from bench import write_results  # noqa: E402
 from probe_write_overlap import parse_point  # noqa: E402
 
@@ -356,9 +355,7 @@ def main(argv=None) -> None:
             file=sys.stderr,
             flush=True,
         )
-    info = machine_info(jax, {})
-    info["load_average"] = [round(v, 2) for v in os.getloadavg()]
-    command = script_command(__file__, argv)
+    info, command = script_record(jax, __file__, argv)
     write_results(args.out, args.name, info, command, results, markdown(results, info, command, args))
 
 

@@ -35,9 +35,8 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import machine_info  # noqa: E402
 from bench import machine_line  # noqa: E402
-from bench import script_command  # noqa: E402
+from bench import script_record  # noqa: E402
 from bench import step_inputs  # noqa: E402
 from bench import write_results  # noqa: E402
 from probe_write_overlap import parse_point  # noqa: E402
@@ -279,9 +278,7 @@ def main(argv=None) -> None:
     if jax.default_backend() != "cpu":
         parser.error(f"the log read here is XLA's CPU compiler's; JAX runs on {jax.default_backend()}")
     result = run(args.point, args.repeats)
-    info = machine_info(jax, {})
-    info["load_average"] = [round(v, 2) for v in os.getloadavg()]
-    command = script_command(__file__, argv)
+    info, command = script_record(jax, __file__, argv)
     write_results(args.out, args.name, info, command, [result], markdown(result, info, command))
     plot(args.out / f"{args.name}.png", result)
 

@@ -27,9 +27,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import machine_info  # noqa: E402
 from bench import machine_line  # noqa: E402
-from bench import script_command  # noqa: E402
+from bench import script_record  # noqa: E402
 from bench import write_results  # noqa: E402
 
 POINTS = ("256:32x32x3:3:8", "256:28x28x1:3:32", "1024:32x32x3:5:8", "256:32x32x3:5:32")
@@ -117,9 +116,7 @@ def main(argv=None) -> None:
     for point in args.points:
         results.append(run_point(*point, args.rounds))
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-    info = machine_info(jax, {})
-    info["load_average"] = [round(v, 2) for v in os.getloadavg()]
-    command = script_command(__file__, argv)
+    info, command = script_record(jax, __file__, argv)
     write_results(
         args.out, "probe_write_overlap", info, command, results, markdown(results, info, command, args)
     )
