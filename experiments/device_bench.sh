@@ -13,7 +13,8 @@
 # quick float32 grid's peers.
 #
 # Stages: the smoke run; the float64 and float32 agreement tests of the core issue on the GPU
-# (tests/test_backward.py, tests/test_train.py); the torch.compile probe (its log only); the
+# (tests/test_backward.py, tests/test_train.py); every formulation's float64 agreement
+# (tests/test_batched.py); the torch.compile probe (its log only); the
 # quick grid in full float32 against PyTorch on CUDA, eager and under torch.compile with CUDA
 # graphs (bench_quick_gpu); every formulation of the manual step at batch 256
 # (bench_formulations_gpu: is the rule's pick on a GPU, the patches for both, still within a few
@@ -24,7 +25,8 @@
 # smoke run, 101 s for the tests (39 passed, in 8 workers), 153 s for the quick grid, 149 s for
 # the formulations; then, while the machine was warm, STAGES="lenet quick_tf32" with
 # DEADLINE_S=300: 128 s for LeNet, 123 s for the TF32 grid. The probe and the compiled peer have
-# not run since the probe's fix (experiments/PERFORMANCE.md, "On a GPU").
+# not run since the probe's fix (experiments/PERFORMANCE.md, "On a GPU"), nor tests_batched:
+# STAGES="smoke tests_batched probe_torch_compile quick_float32" is what a next call should run.
 set -u
 out=${OUT:-experiments/results}
 deadline=${DEADLINE_S:-575}
@@ -66,6 +68,13 @@ stage smoke 150 $bench --batches 32 --filters 1 --inputs 28x28x1 --kernels 5 --r
 JAX_DEFAULT_MATMUL_PRECISION=float32 stage tests 240 $py -m pytest -v --tb=short -p no:cacheprovider \
     -n "${TEST_WORKERS:-8}" --durations=10 \
     tests/test_backward.py tests/test_train.py
+# Every formulation of the batch gradient, and the per-example gradients, against jax.grad and
+# the slides in float64 and float32 (tests/test_batched.py's agreement tests; its others check
+# the CPU's programs): on a GPU the rule picks the patches for both, so the tests above check
+# that one alone. Not yet run on a GPU; its longest test took 160 s on a 2-core CPU.
+JAX_DEFAULT_MATMUL_PRECISION=float32 stage tests_batched 240 $py -m pytest -v --tb=short \
+    -p no:cacheprovider -n "${TEST_WORKERS:-8}" --durations=10 -k "float64 or float32" \
+    tests/test_batched.py
 # PyTorch under torch.compile with CUDA graphs has no GPU number yet (experiments/PERFORMANCE.md, "On a GPU"): first
 # the probe, which shows in the log whether its first steps survive, then the quick grid with
 # it as a peer (a peer that dies is reported and the grid goes on).

@@ -310,11 +310,11 @@ class Formulation(NamedTuple):
 # On a GPU (one NVIDIA H200, jax 0.11.2, full float32; experiments/results/
 # bench_formulations_gpu.md, batch 256, 28x28x1, 5x5, the only shape compared there) the step
 # is a few kernel launches long (the manual step 0.07-0.12 ms in the quick grid). The patches
-# for both were the fastest pair at 32 filters (0.109 ms) in both runs; at 1 and 8 filters
-# another pair was up to 10% faster, and which one changed between the runs: patches/Toeplitz
-# and taps/patches in the latest (tree f5b1ac9, the quartiles overlapping the patches'), the
-# patches themselves and taps/Toeplitz (7%, quartiles apart) in the one before (tree cd706e5,
-# in git at 2e2ee61). XLA's cuDNN conv for both took
+# for both were the fastest pair at 32 filters (0.109 ms) in both runs; at 1 and 8 filters the
+# fastest pair changed between the runs: patches/Toeplitz and taps/patches (10% faster, the
+# quartiles overlapping the patches') in the latest (tree f5b1ac9); the patches themselves at 1
+# and taps/Toeplitz at 8 (7% faster, the quartiles apart) in the one before (tree cd706e5, in
+# git at 2e2ee61). XLA's cuDNN conv for both took
 # 1.43-2.04x the patches' time in the two runs, and chunks of 8-128 examples 1.39-10.9x the
 # whole batch's. In the quick grid the patches made the manual step 1.63-2.51x faster than
 # jax.grad at all 6 points (bench_quick_gpu.md; 1.48-2.14x in the run before).
