@@ -48,6 +48,10 @@ With --variants, also steps that were measured and not adopted:
                                    (the dots and convs are Eigen's either way): compiles faster
                      (experimental options; one that this jaxlib does not know is reported and
                      skipped)
+                   on a GPU instead (GPU_VARIANT_OPTIONS):
+                     no_autotune   xla_gpu_autotune_level=0: XLA's GPU compiler takes its
+                                   default kernels for matmuls and convs instead of timing
+                                   candidates on the device (is that the compile time?)
   manual_unrolled    the manual step with its chunks as a Python loop instead of lax.fori_loop: no
                      loop, one copy of the chunk's program per chunk
 
@@ -133,6 +137,16 @@ VARIANT_OPTIONS = {
     "no_emitters": {"xla_cpu_use_fusion_emitters": False},
     "llvm_o1": {"xla_backend_optimization_level": 1},
 }
+# --variants where JAX runs on a GPU: the XLA CPU options above do not apply there. On the H200
+# the manual step compiled in 1.09-2.53x jax.grad's time with about as many kernels, growing
+# with the batch (experiments/PERFORMANCE.md, "On a GPU"); this asks whether the autotuning
+# does that, and what its kernels are worth at run time.
+GPU_VARIANT_OPTIONS = {"no_autotune": {"xla_gpu_autotune_level": 0}}
+
+
+def variant_options(backend: str) -> dict:
+    """The --variants' XLA options on `backend`: GPU_VARIANT_OPTIONS on a GPU, else VARIANT_OPTIONS."""
+    return GPU_VARIANT_OPTIONS if backend == "gpu" else VARIANT_OPTIONS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -556,7 +570,7 @@ def variant_methods(jax, jaxbp, spec, batch, opt):
     from jaxbp import batched
 
     methods = {}
-    for option, added in VARIANT_OPTIONS.items():
+    for option, added in variant_options(jax.default_backend()).items():
         # Each option is added to the steps' own (jaxbp.compiler_options()); {} means XLA's defaults.
         options = {**jaxbp.compiler_options(), **added} if added else {}
         for grads in ("manual", "autodiff"):
@@ -580,8 +594,10 @@ def variant_methods(jax, jaxbp, spec, batch, opt):
 
 
 def variant_names(compiled) -> list[str]:
-    """The --variants among `compiled`'s names, in VARIANT_OPTIONS' order."""
-    names = [f"{g}_{o}" for o in VARIANT_OPTIONS for g in ("manual", "autodiff")] + ["manual_unrolled"]
+    """The --variants among `compiled`'s names, in VARIANT_OPTIONS' (then GPU_VARIANT_OPTIONS')
+    order."""
+    options = [*VARIANT_OPTIONS, *GPU_VARIANT_OPTIONS]
+    names = [f"{g}_{o}" for o in options for g in ("manual", "autodiff")] + ["manual_unrolled"]
     return [n for n in names if n in compiled]
 
 
@@ -1460,10 +1476,11 @@ def variants_table(results: list) -> list[str]:
     lines = [
         "",
         "Variants (--variants, measured and not adopted), median ms and compile s. Each variant",
-        "compiles the manual step, and jax.grad's, with XLA options (`VARIANT_OPTIONS`) or unrolls",
-        "the chunks; `m/var`, `ad/var`: the default step's time over the variant's (>1: the variant",
-        "is faster); `ad var/m`: jax.grad's step with the option over the manual step without it",
-        "(>1: the manual step as shipped is faster than that jax.grad step).",
+        "compiles the manual step, and jax.grad's, with XLA options (`VARIANT_OPTIONS`; on a GPU",
+        "`GPU_VARIANT_OPTIONS`) or unrolls the chunks; `m/var`, `ad/var`: the default step's time",
+        "over the variant's (>1: the variant is faster); `ad var/m`: jax.grad's step with the option",
+        "over the manual step without it (>1: the manual step as shipped is faster than that",
+        "jax.grad step).",
         "",
         "| batch | input | k | K | variant | manual | manual var | m/var | autodiff | autodiff var "
         "| ad/var | ad var/m | compile m/var/ad/ad var |",

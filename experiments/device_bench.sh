@@ -14,19 +14,22 @@
 #
 # Stages: the smoke run; the float64 and float32 agreement tests of the core issue on the GPU
 # (tests/test_backward.py, tests/test_train.py); every formulation's float64 agreement
-# (tests/test_batched.py); the torch.compile probe (its log only); the
-# quick grid in full float32 against PyTorch on CUDA, eager and under torch.compile with CUDA
-# graphs (bench_quick_gpu); every formulation of the manual step at batch 256
-# (bench_formulations_gpu: is the rule's pick on a GPU, the patches for both, still within a few
-# percent of the fastest?); the LeNet-5 step of jaxbp.layers against jax.grad (bench_lenet_gpu);
-# the quick grid at TF32 for both libraries (bench_quick_gpu_tf32, JAX's default on this GPU).
+# (tests/test_batched.py); the torch.compile probe (its log only); the quick grid in full
+# float32 against PyTorch on CUDA, eager and under torch.compile with CUDA graphs
+# (bench_quick_gpu); both steps with XLA's GPU autotuning off (bench_variants_gpu); every
+# formulation of the manual step at batch 256 (bench_formulations_gpu: is the rule's pick on a
+# GPU, the patches for both, still within a few percent of the fastest?); the LeNet-5 step of
+# jaxbp.layers against jax.grad (bench_lenet_gpu); the quick grid at TF32 for both libraries
+# (bench_quick_gpu_tf32, JAX's default on this GPU).
 # The third H200 run (2026-12-04, tree f5b1ac9, results in experiments/results/) ran
 # STAGES="smoke tests quick_float32 formulations" PEERS=torch with DEADLINE_S=560: 43 s for the
 # smoke run, 101 s for the tests (39 passed, in 8 workers), 153 s for the quick grid, 149 s for
 # the formulations; then, while the machine was warm, STAGES="lenet quick_tf32" with
 # DEADLINE_S=300: 128 s for LeNet, 123 s for the TF32 grid. The probe and the compiled peer have
-# not run since the probe's fix (experiments/PERFORMANCE.md, "On a GPU"), nor tests_batched:
-# STAGES="smoke tests_batched probe_torch_compile quick_float32" is what a next call should run.
+# not run since the probe's fix (experiments/PERFORMANCE.md, "On a GPU"), nor have tests_batched
+# and the variants stage (XLA's GPU autotuning off). A next session should run
+# STAGES="smoke tests_batched probe_torch_compile quick_float32" with DEADLINE_S=560, then,
+# while the machine is warm, STAGES=variants with DEADLINE_S=220 (about 820 of its 900 s).
 set -u
 out=${OUT:-experiments/results}
 deadline=${DEADLINE_S:-575}
@@ -80,6 +83,10 @@ JAX_DEFAULT_MATMUL_PRECISION=float32 stage tests_batched 240 $py -m pytest -v --
 # it as a peer (a peer that dies is reported and the grid goes on).
 stage probe_torch_compile 90 $py experiments/probe_torch_compile.py reduce-overhead float32 cuda
 stage quick_float32 300 $bench --quick --precision float32 --peers ${PEERS:-torch torch_compile} --name bench_quick_gpu
+# XLA's GPU autotuning off for both steps (GPU_VARIANT_OPTIONS): is it the compile time, and
+# what are its kernels worth at run time? Not yet run on a GPU.
+stage variants 200 $bench --quick --variants --no-peers --skip-vmap-steps --precision float32 \
+    --name bench_variants_gpu
 stage formulations 170 $bench --quick --batches 256 --formulations --no-peers --skip-vmap-steps \
     --precision float32 --name bench_formulations_gpu
 # LeNet-5 through jaxbp.layers, in full float32 (its check of manual against jax.grad is float32's).

@@ -94,6 +94,21 @@ def test_variants_table_ratios_and_compile_times():
     assert not bench.variants_table([result])[-1].startswith("| 1024")
 
 
+def test_variant_options_on_a_gpu_are_xla_options_this_jaxlib_knows():
+    # On a GPU --variants compiles with GPU_VARIANT_OPTIONS instead of the CPU's; XLA rejects an
+    # option name it does not know (what compile_options.accepts tests), so a misspelled GPU
+    # option would fail here on the CPU rather than in a GPU session's few minutes.
+    from jaxbp.compile_options import accepts
+
+    assert bench.variant_options("cpu") is bench.VARIANT_OPTIONS
+    assert bench.variant_options("gpu") is bench.GPU_VARIANT_OPTIONS
+    for option in bench.GPU_VARIANT_OPTIONS.values():
+        assert accepts(tuple(option.items()), "cpu"), option
+    assert not accepts((("xla_gpu_autotune_levl", 0),), "cpu")  # the check can fail
+    names = bench.variant_names({"manual_no_autotune": 1, "autodiff_no_autotune": 1, "manual": 1})
+    assert names == ["manual_no_autotune", "autodiff_no_autotune"]
+
+
 class Quiet:
     def __init__(self):
         self.lines = []
