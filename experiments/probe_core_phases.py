@@ -28,7 +28,6 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import LEARNING_RATE  # noqa: E402
 from bench import PEER_RTOL  # noqa: E402
 from bench import SETTLE_S  # noqa: E402
 from bench import calibrate  # noqa: E402
@@ -37,6 +36,7 @@ from bench import peer_ask  # noqa: E402
 from bench import rel_error  # noqa: E402
 from bench import script_record  # noqa: E402
 from bench import start_peer  # noqa: E402
+from bench import step_inputs  # noqa: E402
 from bench import write_results  # noqa: E402
 from probe_write_overlap import parse_point  # noqa: E402
 
@@ -53,12 +53,9 @@ def steps(point, use_torch: bool, progress):
 
     batch, in_shape, kernel, filters = point
     spec = jaxbp.ConvNetSpec(in_shape=in_shape, n_filters=filters, kernel_size=kernel, n_out=10)
-    rng = np.random.default_rng(0)
-    params = jaxbp.init_params(jax.random.key(0), spec)
-    x = rng.normal(size=(batch, *in_shape)).astype(np.float32)
-    y = rng.uniform(size=(batch, 10)).astype(np.float32)
-    opt = jaxbp.sgd(LEARNING_RATE)
-    args = (params, opt.init(params), jax.numpy.asarray(x), jax.numpy.asarray(y))
+    opt, args = step_inputs(spec, batch)
+    params, _, x, y = args
+    x, y = np.asarray(x), np.asarray(y)  # what the PyTorch peer is sent
     calls = {}
     for name, grads in (("manual", "manual"), ("autodiff", "autodiff")):
         calls[name] = seconds_per_call(timed_calls(jaxbp.make_update_step(spec, opt, grads=grads), args))

@@ -314,10 +314,10 @@ class Formulation(NamedTuple):
 # fastest pair changed between the runs: patches/Toeplitz and taps/patches (10% faster, the
 # quartiles overlapping the patches') in the latest (tree f5b1ac9); the patches themselves at 1
 # and taps/Toeplitz at 8 (7% faster, the quartiles apart) in the one before (tree cd706e5, in
-# git at 2e2ee61). XLA's cuDNN conv for both took
-# 1.43-2.04x the patches' time in the two runs, and chunks of 8-128 examples 1.39-10.9x the
-# whole batch's. In the quick grid the patches made the manual step 1.63-2.51x faster than
-# jax.grad at all 6 points (bench_quick_gpu.md; 1.48-2.14x in the run before).
+# git at 2e2ee61). XLA's cuDNN conv for both took 1.43-2.04x the patches' time in the two runs,
+# and chunks of 8-128 examples 1.39-10.9x the whole batch's. In the quick grid the patches
+# made the manual step 1.63-2.51x faster than jax.grad at all 6 points (bench_quick_gpu.md;
+# 1.48-2.14x in the run before).
 # So on a GPU the patches for both, the whole batch at once while its temporaries stay under
 # GPU_WORKING_SET_BYTES. P holds N Ho Wo kh kw C numbers: 240 MB at batch 1024 of 32x32x3
 # with 5x5 filters. A larger batch runs in chunks of about that size, so that P does not
