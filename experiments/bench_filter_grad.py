@@ -88,8 +88,8 @@ def filter_grad_from_transposed(rows_t, delta1, spec):
     jb, nb, span = conv_forms.toeplitz_blocks(spec)
     d1 = jnp.pad(delta1, ((0, 0), (0, 0), (0, nb * jb - wo), (0, 0))).reshape(-1, jb * k)
     Gt = jnp.dot(rows_t, d1, precision=spec.precision).reshape(kh, span, -1, jb, k)
-    S = conv_forms.toeplitz_selection(spec, Gt.dtype)
-    return jnp.einsum("bwj,awcjk->kabc", S, Gt, precision=spec.precision).reshape(k, -1)
+    df = conv_forms.fold_band(Gt, spec, j_axis=3, w_axis=1)  # (kh, kw, C, K)
+    return jnp.transpose(df, (3, 0, 1, 2)).reshape(k, -1)
 
 
 def methods(jax, jaxbp, spec):

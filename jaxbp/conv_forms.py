@@ -306,13 +306,54 @@ def toeplitz_blocks(spec: ConvNetSpec) -> tuple[int, int, int]:
     return jb, -(-wo // jb), (jb - 1) * sw + (kw - 1) * dw + 1
 
 
-def toeplitz_selection(spec: ConvNetSpec, dtype) -> jax.Array:
-    """S[b, w, j] = 1 where input column w of a block meets filter column b at output column j
-    (w = j s_w + b d_w), else 0: a constant that places f in, and folds dE/df out of, the band."""
-    (_, kw), (_, sw), (_, dw) = spec.kernel_size, spec.stride, spec.dilation
+def toeplitz_band(f: jax.Array, spec: ConvNetSpec) -> jax.Array:
+    r"""T, the banded (doubly blocked) Toeplitz matrix of the filters, (kh span C, jb K).
+
+    .. math::
+       T[(a, w, c), (j, k)] = f[a, b, c, k] \text{ where } w = j s_w + b d_w,\ \text{else } 0
+
+    Column block j is f with its kw columns spread d_w apart and shifted down the span by j s_w:
+    jb zero-padded copies of f, which XLA fuses into one loop. Written as a contraction of f with
+    a 0/1 selection constant, S[b, w, j] = [w = j s_w + b d_w], T took a dot and two layout
+    copies, inside the chunks' loop; with the fold below the same way the step had 1-2 fewer
+    kernels and ran in 0.84-0.97x the time at 10 of 11 grid points with the Toeplitz form, the
+    same to the bit (`python experiments/bench_toeplitz_band.py`,
+    experiments/results/bench_toeplitz_band.md).
+    """
+    kh, kw, c, k = f.shape
     jb, _, span = toeplitz_blocks(spec)
-    b, w, j = np.ogrid[:kw, :span, :jb]
-    return jnp.asarray(w == j * sw + b * dw, dtype)
+    (_, sw), (_, dw) = spec.stride, spec.dilation
+    # f's kw columns d_w apart ((kw - 1) d_w + 1 wide), j s_w zeros above and (jb - 1 - j) s_w
+    # below: span = (jb - 1) s_w + (kw - 1) d_w + 1 rows of the band's column block j
+    zero = jnp.zeros((), f.dtype)
+    shifted = [
+        lax.pad(f, zero, ((0, 0, 0), (j * sw, (jb - 1 - j) * sw, dw - 1), (0, 0, 0), (0, 0, 0)))
+        for j in range(jb)
+    ]
+    return jnp.stack(shifted, axis=3).reshape(kh * span * c, jb * k)
+
+
+def fold_band(G: jax.Array, spec: ConvNetSpec, j_axis: int, w_axis: int) -> jax.Array:
+    r"""dE/df from dE/dT: each filter entry sums the jb band entries it was copied to.
+
+    Since T[(a, w, c), (j, k)] = f[a, b, c, k] at w = j s_w + b d_w (`toeplitz_band`),
+
+    .. math:: \frac{dE}{df}[a, b, c, k] = \sum_j \frac{dE}{dT}[(a, j s_w + b d_w, c), (j, k)]
+
+    jb strided slices of G added, one fused loop. `G` holds dE/dT with the block's output column
+    j on `j_axis` and the span's input column w on `w_axis`; the result drops `j_axis` and has
+    the filter column b (kw of them) where w was.
+    """
+    jb, _, _ = toeplitz_blocks(spec)
+    (_, kw), (_, sw), (_, dw) = spec.kernel_size, spec.stride, spec.dilation
+    w_axis -= w_axis > j_axis  # once the j axis is indexed away
+    terms = [
+        lax.slice_in_dim(
+            lax.index_in_dim(G, j, j_axis, keepdims=False), j * sw, j * sw + (kw - 1) * dw + 1, dw, w_axis
+        )
+        for j in range(jb)
+    ]
+    return functools.reduce(jnp.add, terms)
 
 
 def toeplitz_column_groups(x: jax.Array, spec: ConvNetSpec) -> jax.Array:
@@ -371,12 +412,11 @@ def toeplitz_rows(x: jax.Array, spec: ConvNetSpec) -> jax.Array:
 def conv_forward_toeplitz(rows: jax.Array, f: jax.Array, spec: ConvNetSpec) -> jax.Array:
     r"""Z1 = conv(X, f) = R @ T(f), T the banded (doubly blocked) Toeplitz matrix of the filters.
 
-    .. math::
-       T[(a, w, c), (j, k)] = \sum_b S[b, w, j]\, f[a, b, c, k] = f[a, (w - j s_w) / d_w, c, k]
-       \text{ on the band, else } 0
+    .. math:: T[(a, w, c), (j, k)] = f[a, (w - j s_w) / d_w, c, k] \text{ on the band, else } 0
 
-    so (R T)[(n, i, s), (j, k)] = sum_{a,b,c} X_pad[n, a d_h + i s_h, (s j_b + j) s_w + b d_w, c]
-    f[a, b, c, k] = Z1[n, i, s j_b + j, k]: the forward formula, plus exact zeros off the band.
+    (`toeplitz_band`), so (R T)[(n, i, s), (j, k)] =
+    sum_{a,b,c} X_pad[n, a d_h + i s_h, (s j_b + j) s_w + b d_w, c] f[a, b, c, k] =
+    Z1[n, i, s j_b + j, k]: the forward formula, plus exact zeros off the band.
     One matmul of (N Ho nb, kh span C) x (kh span C, jb K) with jb K columns; the patches' is
     (N Ho Wo, kh kw C) x (kh kw C, K). It does span / kw times the multiplies (1.6x for 5x5,
     jb = 4) and writes 10 instead of 25 numbers per output position and input channel for 5x5:
@@ -386,11 +426,9 @@ def conv_forward_toeplitz(rows: jax.Array, f: jax.Array, spec: ConvNetSpec) -> j
     Returns:
       (N, Ho, Wo, K) Z1.
     """
-    kh, kw, c, k = f.shape
-    jb, nb, span = toeplitz_blocks(spec)
-    S = toeplitz_selection(spec, f.dtype)
-    T = jnp.einsum("bwj,abck->awcjk", S, f, precision=spec.precision).reshape(kh * span * c, jb * k)
-    z = jnp.dot(rows, T, precision=spec.precision)
+    k = f.shape[-1]
+    jb, nb, _ = toeplitz_blocks(spec)
+    z = jnp.dot(rows, toeplitz_band(f, spec), precision=spec.precision)
     ho, wo, _ = spec.h1_shape
     return z.reshape(-1, ho, nb * jb, k)[:, :, :wo]
 
@@ -401,15 +439,15 @@ def filter_grad_toeplitz(
     r"""dE/df from R: G = delta1^T R, the gradient of the band T, folded back onto f.
 
     Since Z1 = R T and T is linear in f, dE/dT = R^T delta1 and dE/df[a, b, c, k] =
-    sum_{w, j} S[b, w, j] dE/dT[(a, w, c), (j, k)]: the sum over a block's jb output columns of
-    the slabs' column j s_w + b d_w times delta1. G is computed filters first, (jb K, kh span C),
-    as `filter_grad_patches` does. Untransposed (one example: what vmap sees for per-example
-    gradients), where the slabs have fewer columns than jb K, G^T = R^T delta1 is computed
-    instead, the product with fewer output rows, and folded with the indices read the other way
-    (XLA lays G out for the fold's dot with a copy, either way). Vmapped, that order alone ran
-    in 0.25-0.93x the time of the other with 18-120 slab columns against jb K = 128 (32
-    filters; two runs), 0.59-0.68x with 18 against 32 (experiments/results/bench_dot_rows.md);
-    with 8 filters and 40-120 slab columns delta1 stays first (its order: 0.82-1.05x the other's).
+    sum_j dE/dT[(a, j s_w + b d_w, c), (j, k)] (`fold_band`): the sum over a block's jb output
+    columns of the slabs' column j s_w + b d_w times delta1. G is computed filters first,
+    (jb K, kh span C), as `filter_grad_patches` does. Untransposed (one example: what vmap sees
+    for per-example gradients), where the slabs have fewer columns than jb K, G^T = R^T delta1 is
+    computed instead, the product with fewer output rows, and folded with the indices read the
+    other way. Vmapped, that order alone ran in 0.25-0.93x the time of the other with 18-120 slab
+    columns against jb K = 128 (32 filters; two runs), 0.59-0.68x with 18 against 32
+    (experiments/results/bench_dot_rows.md); with 8 filters and 40-120 slab columns delta1 stays
+    first (its order: 0.82-1.05x the other's).
     delta1 is padded with zeros to nb jb columns, so the output columns of a padded last block
     (s jb + j >= Wo) contribute nothing.
 
@@ -420,16 +458,13 @@ def filter_grad_toeplitz(
     ho, wo, k = spec.h1_shape
     jb, nb, span = toeplitz_blocks(spec)
     d1 = jnp.pad(delta1, ((0, 0), (0, 0), (0, nb * jb - wo), (0, 0))).reshape(-1, jb * k)
-    S = toeplitz_selection(spec, d1.dtype)
     if transposed or jb * k <= rows.shape[1]:
         G = jnp.dot(d1.T, rows, precision=spec.precision).reshape(jb, k, kh, span, -1)
-        fold = "bwj,jkawc->"
-    else:  # one example, fewer slab columns than jb K: G^T, fewer output rows
-        G = jnp.dot(rows.T, d1, precision=spec.precision).reshape(kh, span, -1, jb, k)
-        fold = "bwj,awcjk->"
-    if transposed:
-        return jnp.einsum(fold + "kabc", S, G, precision=spec.precision).reshape(k, -1)
-    return jnp.einsum(fold + "abck", S, G, precision=spec.precision)
+        df = fold_band(G, spec, j_axis=0, w_axis=3)  # (K, kh, kw, C)
+        return df.reshape(k, -1) if transposed else jnp.transpose(df, (1, 2, 3, 0))
+    # one example, fewer slab columns than jb K: G^T, fewer output rows
+    G = jnp.dot(rows.T, d1, precision=spec.precision).reshape(kh, span, -1, jb, k)
+    return fold_band(G, spec, j_axis=3, w_axis=1)  # (kh, kw, C, K)
 
 
 def filter_grad_conv(x: jax.Array, delta1: jax.Array, spec: ConvNetSpec, parts: int = 1) -> jax.Array:

@@ -1178,6 +1178,61 @@ def test_kernel_compile_probe_finds_every_generated_kernel_in_xlas_log(tmp_path)
     assert not (tmp_path / "refused").exists()
 
 
+bench_toeplitz_band = load_experiment("bench_toeplitz_band")
+
+
+def test_toeplitz_band_bench_times_the_band_against_the_selection_it_replaced(tmp_path):
+    spec = jaxbp.ConvNetSpec(
+        in_shape=(6, 9, 2), n_filters=3, kernel_size=(2, 3), stride=(1, 2), dilation=(1, 2)
+    )
+    f = jax.random.normal(jax.random.key(0), spec.filter_shape)
+    # The baseline is the band it replaced: the same T, and the same fold of either layout of dE/dT.
+    np.testing.assert_array_equal(
+        bench_toeplitz_band.band_by_selection(f, spec), conv_forms.toeplitz_band(f, spec)
+    )
+    jb, _, span = conv_forms.toeplitz_blocks(spec)
+    for shape, axes in (((jb, 3, 2, span, 2), (0, 3)), ((2, span, 2, jb, 3), (3, 1))):
+        G = jax.random.normal(jax.random.key(1), shape)
+        np.testing.assert_allclose(
+            bench_toeplitz_band.fold_by_selection(G, spec, *axes),
+            conv_forms.fold_band(G, spec, *axes),
+            rtol=1e-6,
+        )
+    bench_toeplitz_band.main(
+        ["--batches", "1", "16", "--filters", "1", "8", "--kernels", "5", "--repeats", "2", "--compiles", "1"]
+        + ["--per-example", "--out", str(tmp_path)]
+    )
+    results = json.loads((tmp_path / "bench_toeplitz_band.json").read_text())["results"]
+    # The Toeplitz form at batch 1 for one filter on 3 channels (dE/df after the taps) and from
+    # batch 16 on for 8 filters with 5x5 (both convolutions); the per-example gradients only there.
+    labels = {
+        (r["point"]["batch"], tuple(r["point"]["input"]), r["point"]["filters"]): r["rule"] for r in results
+    }
+    assert labels == {
+        (1, (32, 32, 3), 1): "taps/toeplitz/all",
+        (16, (28, 28, 1), 8): "toeplitz/toeplitz/all",
+        (16, (32, 32, 3), 8): "toeplitz/toeplitz/all",
+    }
+    for r in results:
+        timed = {"selection", "band"} | (
+            {"per_ex_selection", "per_ex_band"} if r["point"]["batch"] > 1 else set()
+        )
+        assert set(r["median_ms"]) == timed and all(v > 0 for v in r["median_ms"].values())
+        assert (r["per_example_form"] is None) == (r["point"]["batch"] == 1)
+        # T and the fold as pads and slices: fewer kernels than the selection's dots and copies.
+        assert r["kernels"]["band"] < r["kernels"]["selection"]
+        # The same multiplies and adds: the updates, and the per-example gradients, to the bit
+        # (0 at every point of experiments/results/bench_toeplitz_band.md).
+        assert r["update_rel_diff"] == 0 and r["per_example_rel_diff"] in (None, 0)
+    assert (
+        "| 16 | 32x32x3 | 5 | 8 | toeplitz/toeplitz/all |"
+        in (tmp_path / "bench_toeplitz_band.md").read_text()
+    )
+    with pytest.raises(SystemExit):
+        bench_toeplitz_band.main(["--repeats", "1", "--out", str(tmp_path / "refused")])
+    assert not (tmp_path / "refused").exists()
+
+
 bench_conv_parts = load_experiment("bench_conv_parts")
 
 
