@@ -314,16 +314,17 @@ def toeplitz_band(f: jax.Array, spec: ConvNetSpec) -> jax.Array:
 
     Column block j is f with its kw columns spread d_w apart and shifted down the span by j s_w:
     jb zero-padded copies of f, which XLA fuses into one loop. Written as a contraction of f with
-    a 0/1 selection constant, S[b, w, j] = [w = j s_w + b d_w], T took a dot and two layout
-    copies, inside the chunks' loop. With the fold below written the same way (`fold_band`), at
-    the 14 grid points with the Toeplitz form the step had 1-2 fewer kernels, compiled in
+    a 0/1 selection constant, S[b, w, j] = [w = j s_w + b d_w], T was a dot whose operands XLA
+    laid out with copies; with the fold below written the same way (`fold_band`), on the Zen 4
+    AMD EPYC of experiments/PERFORMANCE.md, each cost one kernel more. At the 14 grid points with
+    the Toeplitz form the step now had 1-2 fewer kernels, compiled in
     0.88-1.03x the time (median 0.96x) and ran in 0.93-1.13x (median 0.99x, within the noise),
     its update the same to the bit; the per-example gradients ran in 0.84-1.02x (median 0.96x)
     (`python experiments/bench_toeplitz_band.py --per-example`,
     experiments/results/bench_toeplitz_band.md). XLA's CPU compile time grows with the kernels it
     generates, each a few ms to tens of ms (experiments/PERFORMANCE.md).
     """
-    kh, kw, c, k = f.shape
+    kh, _, c, k = f.shape
     jb, _, span = toeplitz_blocks(spec)
     (_, sw), (_, dw) = spec.stride, spec.dilation
     # f's kw columns d_w apart ((kw - 1) d_w + 1 wide), j s_w zeros above and (jb - 1 - j) s_w
@@ -349,7 +350,7 @@ def fold_band(G: jax.Array, spec: ConvNetSpec, j_axis: int, w_axis: int) -> jax.
     """
     jb, _, _ = toeplitz_blocks(spec)
     (_, kw), (_, sw), (_, dw) = spec.kernel_size, spec.stride, spec.dilation
-    w_axis -= w_axis > j_axis  # once the j axis is indexed away
+    w_axis -= int(w_axis > j_axis)  # once the j axis is indexed away
     terms = [
         lax.slice_in_dim(
             lax.index_in_dim(G, j, j_axis, keepdims=False), j * sw, j * sw + (kw - 1) * dw + 1, dw, w_axis

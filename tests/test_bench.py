@@ -1197,6 +1197,7 @@ def test_toeplitz_band_bench_times_the_band_against_the_selection_it_replaced(tm
             bench_toeplitz_band.fold_by_selection(G, spec, *axes),
             conv_forms.fold_band(G, spec, *axes),
             rtol=1e-6,
+            atol=1e-6,  # float32 sums of jb = 3 numbers of about 1, in another order
         )
     bench_toeplitz_band.main(
         ["--batches", "1", "16", "--filters", "1", "8", "--kernels", "5", "--repeats", "2", "--compiles", "1"]
@@ -1221,9 +1222,12 @@ def test_toeplitz_band_bench_times_the_band_against_the_selection_it_replaced(tm
         assert (r["per_example_form"] is None) == (r["point"]["batch"] == 1)
         # T and the fold as pads and slices: fewer kernels than the selection's dots and copies.
         assert r["kernels"]["band"] < r["kernels"]["selection"]
-        # The same multiplies and adds: the updates, and the per-example gradients, to the bit
-        # (0 at every point of experiments/results/bench_toeplitz_band.md).
-        assert r["update_rel_diff"] == 0 and r["per_example_rel_diff"] in (None, 0)
+        # The same multiplies and adds: 0 apart (the same to the bit) at every point of
+        # experiments/results/bench_toeplitz_band.md with jaxlib 0.10.2. Another XLA may add a
+        # filter entry's jb = 4 band terms in another order: float32 rounding, at most 3 eps =
+        # 3.6e-7 of the gradient's terms, less in the new params.
+        assert r["update_rel_diff"] <= 1e-6
+        assert r["per_example_rel_diff"] is None or r["per_example_rel_diff"] <= 1e-6
     assert (
         "| 16 | 32x32x3 | 5 | 8 | toeplitz/toeplitz/all |"
         in (tmp_path / "bench_toeplitz_band.md").read_text()
