@@ -36,6 +36,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import generated_kernels  # noqa: E402
 from bench import machine_line  # noqa: E402
+from bench import rel_error  # noqa: E402
 from bench import script_record  # noqa: E402
 from bench import step_inputs  # noqa: E402
 from bench import write_results  # noqa: E402
@@ -152,10 +153,8 @@ def run_point(batch, in_shape, kernel, filters, repeats, compiles, per_example) 
 
 
 def rel_diff(a: list, b: list) -> float:
-    """The largest of max |a - b| / max |b| over the leaves: 0 where the two are the same to the bit."""
-    import numpy as np
-
-    return max(float(np.max(np.abs(x - y)) / max(1e-30, np.max(np.abs(y)))) for x, y in zip(a, b))
+    """The largest `bench.rel_error` over the leaves: 0 where the two are the same to the bit."""
+    return max(rel_error(x, y) for x, y in zip(a, b))
 
 
 def spread(values) -> str:
