@@ -26,6 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import machine_line  # noqa: E402
+from bench import rel_error  # noqa: E402
 from bench import script_record  # noqa: E402
 from bench import step_inputs  # noqa: E402
 from bench import write_results  # noqa: E402
@@ -63,9 +64,7 @@ def run_point(batch, in_shape, kernel, filters, repeats, compiles) -> dict | Non
     # The parts as they run: each is a convolution of the optimized program.
     convolutions = {p: c.as_text().count(" convolution(") for p, c in compiled.items()}
     # The same sums in another order: the two updates (new params - params) agree to float32 rounding.
-    err = max(
-        float(np.max(np.abs(a - b)) / max(1e-30, np.max(np.abs(b)))) for a, b in zip(updates[2], updates[4])
-    )
+    err = max(rel_error(a, b) for a, b in zip(updates[2], updates[4]))
     samples = interleaved_samples(calls, repeats, 0.02)
     ms = {p: 1e3 * statistics.median(samples[p]) for p in PARTS}
     quartiles = {p: [1e3 * q for q in np.percentile(samples[p], [25, 75])] for p in PARTS}  # as bench.py's

@@ -458,7 +458,7 @@ def filter_grad_toeplitz(
     Returns:
       (kh, kw, C, K) dE/df, or with ``transposed`` (K, kh kw C).
     """
-    kh, kw = spec.kernel_size
+    kh, _ = spec.kernel_size
     ho, wo, k = spec.h1_shape
     jb, nb, span = toeplitz_blocks(spec)
     d1 = jnp.pad(delta1, ((0, 0), (0, 0), (0, nb * jb - wo), (0, 0))).reshape(-1, jb * k)
