@@ -47,15 +47,48 @@ def point(times_ms, compile_s, autodiff_compile_s, chosen):
     }
 
 
+def compile_rows(results):
+    """The rows of `formulation_compile_table` (its points), and the summary lines after them."""
+    lines = bench.formulation_compile_table(results)
+    return [x for x in lines if x.startswith("| 256")], [x for x in lines if x.startswith("- ")]
+
+
 def test_formulation_compile_table_names_the_tradeoff():
     times = {"a/a/all": 10.0, "b/b/all": 20.0, "c/c/64": 40.0}
     compile_s = {"a/a/all": 0.6, "b/b/all": 0.3, "c/c/64": 0.2}
     # jax.grad compiles in 0.35 s: b and c compile no slower, b is the faster of the two (2x a's time).
-    row = bench.formulation_compile_table([point(times, compile_s, 0.35, "a/a/all")])[-1]
-    assert row == "| 256 | 28x28x1 | 5 | 8 | 0.35 | 0.60 | c/c/64 0.20 (4.00) | b/b/all 0.30 (2.00) |"
+    (row,), summary = compile_rows([point(times, compile_s, 0.35, "a/a/all")])
+    assert row == "| 256 | 28x28x1 | 5 | 8 | 0.35 | 0.60 | c/c/64 0.20 (4.00) | b/b/all 0.30 (2.00) | - | - |"
+    assert summary[0] == "- some formulation compiles in at most jax.grad's time: 1 of 1 points"
+    assert summary[2].endswith("0 of 1 (PyTorch not timed)")
     # jax.grad compiles in 0.1 s: no formulation does.
-    row = bench.formulation_compile_table([point(times, compile_s, 0.1, "a/a/all")])[-1]
-    assert row.endswith("| c/c/64 0.20 (4.00) | none |")
+    (row,), summary = compile_rows([point(times, compile_s, 0.1, "a/a/all")])
+    assert row.endswith("| c/c/64 0.20 (4.00) | none | - | - |")
+    assert summary[0].endswith(": 0 of 1 points")
+
+
+def test_formulation_compile_table_weighs_the_compile_target_against_the_peers():
+    times = {"a/a/all": 10.0, "b/b/all": 20.0, "c/c/64": 40.0}
+    compile_s = {"a/a/all": 0.6, "b/b/all": 0.3, "c/c/64": 0.2}
+    # b, the fastest compiling within jax.grad's 0.35 s, against jax.grad's step and PyTorch's:
+    # ahead of jax.grad (25 ms) at both points, of PyTorch (30 ms) at the first only.
+    results = [point(times, compile_s, 0.35, "a/a/all") for _ in range(2)]
+    for r, torch_ms in zip(results, (30.0, 15.0)):
+        r["times"] |= {"autodiff": {"median_ms": 25.0}, "torch": {"median_ms": torch_ms}}
+    rows, summary = compile_rows(results)
+    assert [row.rsplit("|", 3)[1:3] for row in rows] == [[" 1.25 ", " 1.50 "], [" 1.25 ", " 0.75 "]]
+    assert summary == [
+        "- some formulation compiles in at most jax.grad's time: 2 of 2 points",
+        "- one of those at least as fast as jax.grad: 2 of 2",
+        "- one of those at least as fast as jax.grad and faster than PyTorch: 1 of 2",
+    ]
+    # jax.grad's step faster than b: not ahead of it, so not of both either (c, slower, never is)
+    for r in results:
+        r["times"]["autodiff"]["median_ms"] = 19.0
+    assert compile_rows(results)[1][1:] == [
+        "- one of those at least as fast as jax.grad: 0 of 2",
+        "- one of those at least as fast as jax.grad and faster than PyTorch: 0 of 2",
+    ]
 
 
 def test_formulation_tables_take_the_manual_step_for_a_pick_left_out_of_the_pairs():
@@ -68,13 +101,13 @@ def test_formulation_tables_take_the_manual_step_for_a_pick_left_out_of_the_pair
         "taps/toeplitz/128": 12.0,
         "taps/conv*4/128": 10.0,
     }
-    row = bench.formulation_compile_table([r])[-1]
-    assert row == "| 256 | 28x28x1 | 5 | 8 | 0.35 | 0.40 | taps/conv*4/128 0.40 (1.00) | none |"
+    (row,), _ = compile_rows([r])
+    assert row == "| 256 | 28x28x1 | 5 | 8 | 0.35 | 0.40 | taps/conv*4/128 0.40 (1.00) | none | - | - |"
 
 
 def test_formulation_compile_table_skips_points_without_formulations():
     plain = point({}, {}, 0.3, None)
-    assert len(bench.formulation_compile_table([plain])) == 7  # the header only
+    assert len(bench.formulation_compile_table([plain])) == 8  # the header only, no summary
 
 
 def test_variants_table_ratios_and_compile_times():
@@ -840,6 +873,9 @@ def test_chunks_set_the_chunks_the_pick_is_also_timed_at(tmp_path):
     names = bench.jax_methods(jax, jaxbp, spec, chosen, 256, forms=("patches",), chunks=(16, 64))
     timed = sorted(n for n in names if n.startswith("manual["))
     assert timed == [f"manual[patches/patches/{c}]" for c in ("16", "32", "64", "all")]
+    # with XLA's conv among the forms, also jax.grad's own program: both convs XLA's, whole, one part
+    names = bench.jax_methods(jax, jaxbp, spec, chosen, 256, forms=("patches", "conv"), chunks=())
+    assert "manual[conv/conv/all]" in names and "manual[conv/conv*4/32]" in names
     for args, message in (
         (["--chunks", "16"], "--chunks only applies with --formulations"),
         (["--chunks", "8", "32", "128"], "--chunks only applies with --formulations"),  # the default
