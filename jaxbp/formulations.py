@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import jax
 
+from jaxbp import machine
 from jaxbp.conv_forms import FORMS
 from jaxbp.conv_forms import ConvForm
 from jaxbp.conv_forms import toeplitz_blocks
@@ -57,7 +58,8 @@ class Formulation(NamedTuple):
       w_delta2_terms: dE/dH1 = delta2 W^T as n_out broadcast products that XLA fuses into the
         kernels reading delta1 (True) or as a matmul written out (False); None, the rule
         (`w_delta2_as_terms`): the products where dE/df is XLA's conv after the patches or
-        Toeplitz forward, on the CPU, for 2 or more examples and at most 10 outputs.
+        Toeplitz forward, on a CPU without AVX-512, for 2 or more examples and at most 10
+        outputs.
     """
 
     forward: ConvForm
@@ -286,9 +288,10 @@ class Formulation(NamedTuple):
 #   from BATCH_MINOR_FROM_CHANNELS = 2 channels on. Not measured on the Xeon or the 32 MB AMD
 #   EPYC the other rules come from; `jaxbp.tune_formulation` times both layouts.
 # * dE/dH1 = delta2 W^T as n_out broadcast products instead of a matmul (`w_delta2_as_terms`,
-#   `Formulation.w_delta2_terms`), measured on the AMD EPYC with a 16 MB L3 only
-#   (experiments/results/bench_w_delta2.md: the update step at the rule's formulation both ways,
-#   the grid's points from batch 32 on with 1, 8 and 32 filters, 7 interleaved repeats; the 4
+#   `Formulation.w_delta2_terms`), measured first on the AMD EPYC with a 16 MB L3, a Zen 2 with
+#   AVX2 and no AVX-512 (experiments/results/bench_w_delta2.md: the update step at the rule's
+#   formulation both ways, the grid's points from batch 32 on with 1, 8 and 32 filters, 7
+#   interleaved repeats; the 4
 #   batch-minor points have their own W delta2 and were skipped; git b3b4ffc). Where dE/df is
 #   XLA's conv after the patches or Toeplitz forward (32 filters) the products were faster at
 #   all 12 points, 0.84-0.94x the matmul's time (batch 256, 32x32x3, 3x3: 27.0 against 30.3 ms;
@@ -302,7 +305,20 @@ class Formulation(NamedTuple):
 #   read in its (m, D) order by one kernel, which sums the products without vectorizing over
 #   n_out); after the taps 1.07-1.44x at all 8. A first run of the same points (git 6d928ab,
 #   replaced) had 0.87-0.93x, 0.90-0.99x, 1.10-1.37x and 1.00-1.39x.
-#   So the products for the conv dE/df after a matmul forward only. Measured with 10 outputs
+#   So the products for the conv dE/df after a matmul forward only.
+#   On the Zen 4 AMD EPYC (AVX-512, 1 MB L2, 32 MB L3) the same script found the opposite
+#   (`python experiments/bench_w_delta2.py --name bench_w_delta2_zen4`, git 5afc03e, 2.5
+#   minutes, bench_w_delta2_zen4.md): the products slower at all 32 points, 1.11-1.36x the
+#   matmul's time at the 12 where the rule had picked them (batch 256, 32x32x3, 5x5, 32
+#   filters: 24.6 against 21.6 ms; batch 256, 28x28x1, 3x3, 32 filters: 10.3 against 7.59),
+#   compiling in 1.00-1.13x its time; in the formulation grid before it
+#   (bench_amd_epyc_zen4_formulations.md, 3 repeats) the matmul was faster at 11 of those 12.
+#   Why the two CPUs differ was not traced. Of what the results files record, the Zen 4 has
+#   AVX-512 (avx512f) and twice the L2 and L3; the rule keys on the first,
+#   W_DELTA2_DOT_WITH_SIMD: the products on a CPU without it, the matmul on one with it. That is
+#   two CPUs, one of each; on others (the Xeon and the 32 MB AMD EPYC of the other rules were
+#   not measured) `jaxbp.tune_formulation` times both sides (`jaxbp.tune.w_delta2_alternatives`).
+#   Measured with 10 outputs
 #   only, where each element of dE/dH1 sums 10 products: past W_DELTA2_TERMS_MAX_OUT = 10 the
 #   matmul (unmeasured either way). Not used for one example (the vmapped per-example path and
 #   a batch of one, unmeasured) nor off the CPU (an accelerator's matmul writes (m, D) at its
@@ -326,6 +342,7 @@ class Formulation(NamedTuple):
 W_DELTA2_TERMS_FORWARDS = ("patches", "toeplitz")
 W_DELTA2_TERMS_FILTER_GRADS = ("conv",)
 W_DELTA2_TERMS_MAX_OUT = 10
+W_DELTA2_DOT_WITH_SIMD = "avx512f"
 TAPS_BELOW_CHANNELS_X_FILTERS = 8
 TAPS_MAX_FILTERS = 1
 TOEPLITZ_BELOW_FILTERS = 8
@@ -471,18 +488,29 @@ def check_formulation(formulation) -> Formulation:
     return formulation
 
 
-def w_delta2_as_terms(formulation: Formulation, batch: int, n_out: int, backend: str | None = None) -> bool:
+def w_delta2_as_terms(
+    formulation: Formulation,
+    batch: int,
+    n_out: int,
+    backend: str | None = None,
+    simd: frozenset[str] | None = None,
+) -> bool:
     """Whether the batch gradient of `batch` examples with `n_out` outputs computes dE/dH1 =
     delta2 W^T as n_out broadcast products (`jaxbp.batched.slide_terms`):
     `formulation.w_delta2_terms` where set, else True for dE/df as XLA's conv after the patches
-    or Toeplitz forward (W_DELTA2_TERMS_FORWARDS, W_DELTA2_TERMS_FILTER_GRADS) on the CPU, with 2
-    or more examples and at most W_DELTA2_TERMS_MAX_OUT outputs (measured below at 10; each
-    element of dE/dH1 sums n_out products), False otherwise."""
+    or Toeplitz forward (W_DELTA2_TERMS_FORWARDS, W_DELTA2_TERMS_FILTER_GRADS) on a CPU without
+    AVX-512 (W_DELTA2_DOT_WITH_SIMD not among `simd`, the CPU's SIMD extensions; None: this
+    machine's, `jaxbp.machine.simd_flags`), with 2 or more examples and at most
+    W_DELTA2_TERMS_MAX_OUT outputs (measured below at 10; each element of dE/dH1 sums n_out
+    products), False otherwise."""
     if formulation.w_delta2_terms is not None:
         return formulation.w_delta2_terms
     backend = backend or jax.default_backend()
+    if backend != "cpu":
+        return False
+    simd = machine.simd_flags() if simd is None else simd
     return (
-        backend == "cpu"
+        W_DELTA2_DOT_WITH_SIMD not in simd
         and batch > 1
         and n_out <= W_DELTA2_TERMS_MAX_OUT
         and not formulation.batch_minor

@@ -6,6 +6,7 @@ with every run and the tuning cache keys its entries by them.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import statistics
@@ -56,6 +57,13 @@ def cpu_features(root: str = "/") -> dict:
     vendor, family, model = (info.get(k, "") for k in ("vendor_id", "cpu family", "model"))
     numbers = f"{vendor} family {family} model {model}" if family and model else ""
     return {"cpu_caches": ", ".join(caches), "cpu_simd": " ".join(simd), "cpu_model": numbers.strip()}
+
+
+@functools.cache
+def simd_flags(root: str = "/") -> frozenset[str]:
+    """The SIMD extensions of `cpu_features` ("avx2", "avx512f", ...) as a set, read once: the
+    formulation rules that differ between CPUs key on them (`jaxbp.formulations`)."""
+    return frozenset(cpu_features(root)["cpu_simd"].split())
 
 
 def usable_cores() -> int:

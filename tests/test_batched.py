@@ -24,6 +24,7 @@ from jaxbp import batch_minor
 from jaxbp import batched
 from jaxbp import conv_forms
 from jaxbp import formulations
+from jaxbp import machine
 from jaxbp.check import tree_relative_error
 from jaxbp.formulations import Formulation
 
@@ -611,10 +612,13 @@ def w_delta2_matmuls(fn, *args) -> int:
 @pytest.mark.parametrize("backend", ["cpu", "gpu"])
 def test_the_formulation_says_whether_w_delta2_is_a_matmul_or_products(backend):
     # None is the rule (`formulations.w_delta2_as_terms`): the products for dE/df as XLA's conv
-    # after the patches or Toeplitz forward, on the CPU, from 2 examples on; True and False
-    # override it, at a batch of one too. With chunks and a remainder, one W delta2 per body.
+    # after the patches or Toeplitz forward, on a CPU without AVX-512, from 2 examples on; True
+    # and False override it, at a batch of one too. With chunks and a remainder, one W delta2
+    # per body.
     spec = jaxbp.ConvNetSpec(in_shape=(7, 6, 2), n_filters=3, kernel_size=(3, 2), n_out=4)
     params, x, y = problem(spec, 3, 5)
+    zen2, zen4 = frozenset({"avx2", "fma"}), frozenset({"avx2", "fma", "avx512f", "avx512_bf16"})
+    here = machine.simd_flags()  # what None reads
     for form, rule in (
         (Formulation("patches", "conv", 2, 2), True),
         (Formulation("toeplitz", "conv", None), True),
@@ -622,17 +626,24 @@ def test_the_formulation_says_whether_w_delta2_is_a_matmul_or_products(backend):
         (Formulation("taps", "conv", 2, 2), False),
         (Formulation("conv", "conv", 2, 2), False),
     ):
-        assert formulations.w_delta2_as_terms(form, 5, 4, backend) == (rule and backend == "cpu")
-        assert not formulations.w_delta2_as_terms(form, 1, 4, backend)
-        assert not formulations.w_delta2_as_terms(form, 5, formulations.W_DELTA2_TERMS_MAX_OUT + 1, backend)
-        for terms in (True, False):
-            assert formulations.w_delta2_as_terms(form._replace(w_delta2_terms=terms), 1, 4, backend) == terms
+        assert formulations.w_delta2_as_terms(form, 5, 4, backend, zen2) == (rule and backend == "cpu")
+        assert not formulations.w_delta2_as_terms(form, 5, 4, backend, zen4)  # AVX-512: the matmul
+        assert formulations.w_delta2_as_terms(form, 5, 4, backend) == formulations.w_delta2_as_terms(
+            form, 5, 4, backend, here
+        )
+        for simd in (zen2, zen4):
+            assert not formulations.w_delta2_as_terms(form, 1, 4, backend, simd)
+            max_out = formulations.W_DELTA2_TERMS_MAX_OUT
+            assert not formulations.w_delta2_as_terms(form, 5, max_out + 1, backend, simd)
+            for terms in (True, False):
+                f = form._replace(w_delta2_terms=terms)
+                assert formulations.w_delta2_as_terms(f, 1, 4, backend, simd) == terms
         if backend != jax.default_backend():
             continue
         for terms in (None, True, False):
             f = form._replace(w_delta2_terms=terms)
             bodies = 1 if f.chunk is None else 2  # the loop's and the remainder's
-            uses = rule if terms is None else terms
+            uses = formulations.w_delta2_as_terms(form, 5, 4, backend, here) if terms is None else terms
             step = lambda p, x, y, f=f: batched.value_and_grads(p, x, y, spec, formulation=f)  # noqa: E731
             assert w_delta2_matmuls(step, params, x, y) == (0 if uses else bodies), f
             one = lambda p, x, y, f=f: batched.value_and_grads(p, x[:1], y[:1], spec, formulation=f)  # noqa: E731

@@ -27,6 +27,7 @@ def test_cpu_features_read_linux_caches_and_flags(tmp_path):
         "cpu_simd": "avx2 fma",
         "cpu_model": "AuthenticAMD family 23 model 49",
     }
+    assert machine.simd_flags(str(tmp_path)) == frozenset({"avx2", "fma"})  # what the rules key on
     # Without the family (not every architecture's cpuinfo has one): no numbers.
     (tmp_path / "proc/cpuinfo").write_text("model name\t: X\nmodel\t\t: 49\n")
     assert machine.cpu_features(str(tmp_path))["cpu_model"] == ""

@@ -5,6 +5,7 @@ experiments/bench.py --tune); what is tested is what the tuner times, that it pi
 median it measured, and that its pick computes the same update as the rule's.
 """
 
+import itertools
 import json
 import time
 
@@ -17,10 +18,14 @@ from strategies import problem
 import jaxbp
 from jaxbp import batched
 from jaxbp import formulations
+from jaxbp import machine
 from jaxbp import tune
 
 SPEC = jaxbp.ConvNetSpec(in_shape=(8, 8, 3), n_filters=8, kernel_size=(3, 3), n_out=4)
 SPEC_FORM = formulations.Formulation("patches", "patches")
+# The SIMD extensions of the two CPUs the W delta2 rule was measured on (`jaxbp.machine.simd_flags`).
+ZEN2_SIMD = frozenset({"avx2", "fma"})
+ZEN4_SIMD = frozenset({"avx2", "fma", "avx512f", "avx512_bf16"})
 
 
 # The rule at 8x8x3, 3x3: one filter the taps (dE/df the Toeplitz form at batch 1, else the
@@ -57,10 +62,13 @@ def test_candidates_are_the_rules_forms_at_other_chunks_and_other_pairs(batch, f
     at_the_rules = [f for f in candidates if f[:3] == rule[:3] and f.contract_channels is None]
     assert {f.batch_minor for f in at_the_rules} == ({False, True} if taps_conv else {False})
     # W delta2 the other way where dE/df is the conv or the Toeplitz form after a matmul forward
-    # (here the patches and the conv with 32 filters), at a batch; nothing else sets it.
+    # (here the patches and the conv with 32 filters), at a batch; nothing else sets it. Which
+    # way is the other depends on the CPU (`formulations.w_delta2_as_terms`: the products without
+    # AVX-512).
     other = [f for f in candidates if f.w_delta2_terms is not None]
     close = rule.forward == "patches" and rule.filter_grad == "conv" and batch > 1
-    assert other == ([rule._replace(w_delta2_terms=False)] if close else [])
+    flip = not formulations.w_delta2_as_terms(rule, batch, spec.n_out, "cpu")
+    assert other == ([rule._replace(w_delta2_terms=flip)] if close else [])
     # On a GPU the rule takes the patches for both: nothing to set (the products' rule is the
     # CPU's, and after the patches dE/df they were slower there).
     on_gpu_other = [
@@ -73,7 +81,7 @@ def test_candidates_are_the_rules_forms_at_other_chunks_and_other_pairs(batch, f
     assert {f.conv_parts for f in on_gpu} == {1}
 
 
-def test_candidates_given_are_taken_as_they_run_at_the_batch():
+def test_candidates_given_are_taken_as_they_run_at_the_batch(monkeypatch):
     whole, chunked = SPEC_FORM, SPEC_FORM._replace(chunk=8)
     given = [whole._replace(chunk=20), whole._replace(chunk=64), chunked, chunked._replace(conv_parts=3)]
     assert tune.distinct(given, 20) == [whole, chunked]  # conv_parts only matters for a conv dE/df
@@ -104,11 +112,12 @@ def test_candidates_given_are_taken_as_they_run_at_the_batch():
     # w_delta2_terms set to what None means at the batch is None (the products for the conv
     # dE/df after a matmul forward from 2 examples on, on the CPU): so a batch of one keeps True.
     terms, dot = (conv._replace(w_delta2_terms=t) for t in (True, False))
-    for backend in ("cpu", "gpu"):
-        cpu = backend == "cpu"
+    for backend, simd in itertools.product(("cpu", "gpu"), (ZEN2_SIMD, ZEN4_SIMD)):
+        monkeypatch.setattr(machine, "simd_flags", lambda simd=simd: simd)  # what the rule reads
+        products = backend == "cpu" and simd == ZEN2_SIMD  # the rule's side: the products
         assert tune.distinct([conv, terms, dot], 20, n_out=10, backend=backend) == [
             conv,
-            dot if cpu else terms,
+            dot if products else terms,
         ]
         one = conv._replace(chunk=None)
         assert tune.distinct([conv, terms, dot], 1, n_out=10, backend=backend) == [
