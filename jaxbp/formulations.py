@@ -291,38 +291,36 @@ class Formulation(NamedTuple):
 #   `Formulation.w_delta2_terms`), measured first on the AMD EPYC with a 16 MB L3, a Zen 2 with
 #   AVX2 and no AVX-512 (experiments/results/bench_w_delta2.md: the update step at the rule's
 #   formulation both ways, the grid's points from batch 32 on with 1, 8 and 32 filters, 7
-#   interleaved repeats; the 4
-#   batch-minor points have their own W delta2 and were skipped; git b3b4ffc). Where dE/df is
-#   XLA's conv after the patches or Toeplitz forward (32 filters) the products were faster at
-#   all 12 points, 0.84-0.94x the matmul's time (batch 256, 32x32x3, 3x3: 27.0 against 30.3 ms;
-#   batch 32, 32x32x3, 5x5: 5.41 against 6.43), compiling in 0.99-1.10x its time (the same
-#   kernels). There delta1 is read by the copies that lay each part out for its conv, and the
-#   sums fused into those copies replace writing the (m, D) product and reading it back (a
-#   jax.profiler trace at batch 32, 32x32x3, 5x5, 32 filters, not committed: the four copies
-#   0.20 ms each against 0.31-0.36, and the matmul's 0.14 ms gone). Elsewhere it is a trade or
-#   a loss: after the Toeplitz dE/df 0.92-1.01x the run time (faster at 5 of 6) for 1.05-1.13x
-#   the compile time; after the patches dE/df 1.12-1.37x the run time at all 6 (delta1 is then
-#   read in its (m, D) order by one kernel, which sums the products without vectorizing over
-#   n_out); after the taps 1.07-1.44x at all 8. A first run of the same points (git 6d928ab,
-#   replaced) had 0.87-0.93x, 0.90-0.99x, 1.10-1.37x and 1.00-1.39x.
-#   So the products for the conv dE/df after a matmul forward only.
+#   interleaved repeats; the 4 batch-minor points have their own W delta2 and were skipped; git
+#   b3b4ffc). Where dE/df is XLA's conv after the patches or Toeplitz forward (32 filters) the
+#   products were faster at all 12 points, 0.84-0.94x the matmul's time (batch 256, 32x32x3,
+#   3x3: 27.0 against 30.3 ms; batch 32, 32x32x3, 5x5: 5.41 against 6.43), compiling in
+#   0.99-1.10x its time (the same kernels). There delta1 is read by the copies that lay each
+#   part out for its conv, and the sums fused into those copies replace writing the (m, D)
+#   product and reading it back (a jax.profiler trace at batch 32, 32x32x3, 5x5, 32 filters, not
+#   committed: the four copies 0.20 ms each against 0.31-0.36, and the matmul's 0.14 ms gone).
+#   Elsewhere it is a trade or a loss: after the Toeplitz dE/df 0.92-1.01x the run time (faster
+#   at 5 of 6) for 1.05-1.13x the compile time; after the patches dE/df 1.12-1.37x the run time
+#   at all 6 (delta1 is then read in its (m, D) order by one kernel, which sums the products
+#   without vectorizing over n_out); after the taps 1.07-1.44x at all 8. A first run of the same
+#   points (git 6d928ab, replaced) had 0.87-0.93x, 0.90-0.99x, 1.10-1.37x and 1.00-1.39x. So the
+#   products for the conv dE/df after a matmul forward only.
 #   On the Zen 4 AMD EPYC (AVX-512, 1 MB L2, 32 MB L3) the same script found the opposite
 #   (`python experiments/bench_w_delta2.py --name bench_w_delta2_zen4`, git 5afc03e, 2.5
 #   minutes, bench_w_delta2_zen4.md): the products slower at all 32 points, 1.11-1.36x the
-#   matmul's time at the 12 where the rule had picked them (batch 256, 32x32x3, 5x5, 32
-#   filters: 24.6 against 21.6 ms; batch 256, 28x28x1, 3x3, 32 filters: 10.3 against 7.59),
-#   compiling in 1.00-1.13x its time; in the formulation grid before it
-#   (bench_amd_epyc_zen4_formulations.md, 3 repeats) the matmul was faster at 11 of those 12.
-#   Why the two CPUs differ was not traced. Of what the results files record, the Zen 4 has
-#   AVX-512 (avx512f) and twice the L2 and L3; the rule keys on the first,
-#   W_DELTA2_DOT_WITH_SIMD: the products on a CPU without it, the matmul on one with it. That is
-#   two CPUs, one of each; on others (the Xeon and the 32 MB AMD EPYC of the other rules were
-#   not measured) `jaxbp.tune_formulation` times both sides (`jaxbp.tune.w_delta2_alternatives`).
-#   Measured with 10 outputs
-#   only, where each element of dE/dH1 sums 10 products: past W_DELTA2_TERMS_MAX_OUT = 10 the
-#   matmul (unmeasured either way). Not used for one example (the vmapped per-example path and
-#   a batch of one, unmeasured) nor off the CPU (an accelerator's matmul writes (m, D) at its
-#   own speed; unmeasured).
+#   matmul's time at the 12 where the rule had picked them (batch 256, 32x32x3, 5x5, 32 filters:
+#   24.6 against 21.6 ms; batch 256, 28x28x1, 3x3, 32 filters: 10.3 against 7.59), compiling in
+#   0.97-1.13x its time; in the formulation grid before it (bench_amd_epyc_zen4_formulations.md,
+#   3 repeats) the matmul was faster at 11 of those 12. Why the two CPUs differ was not traced.
+#   Of what the results files record, the Zen 4 has AVX-512 (avx512f) and twice the L2 and L3;
+#   the rule keys on the first, W_DELTA2_DOT_WITH_SIMD: the products on a CPU without it, the
+#   matmul on one with it. That is two CPUs, one of each; on others (the Xeon and the 32 MB AMD
+#   EPYC of the other rules were not measured; a CPU whose flags Linux does not list, or another
+#   architecture, counts as without) `jaxbp.tune_formulation` times both sides
+#   (`jaxbp.tune.w_delta2_alternatives`). Measured with 10 outputs only, where each element of
+#   dE/dH1 sums 10 products: past W_DELTA2_TERMS_MAX_OUT = 10 the matmul (unmeasured either
+#   way). Not used for one example (the vmapped per-example path and a batch of one, unmeasured)
+#   nor off the CPU (an accelerator's matmul writes (m, D) at its own speed; unmeasured).
 # On a GPU (one NVIDIA H200, jax 0.11.2, full float32; experiments/results/
 # bench_formulations_gpu.md, batch 256, 28x28x1, 5x5, the only shape compared there) the step
 # is a few kernel launches long (the manual step 0.07-0.12 ms in the quick grid). The patches

@@ -131,9 +131,10 @@ def w_delta2_alternatives(
     form: Formulation, batch: int, n_out: int, backend: str | None = None
 ) -> list[Formulation]:
     """`form` with dE/dH1 = delta2 W^T the other way (n_out products or a matmul,
-    `jaxbp.formulations.w_delta2_as_terms`) where both sides measured close or the rule's side
-    rests on one CPU: dE/df as XLA's conv or the Toeplitz form after the patches or Toeplitz
-    forward, for 2 or more examples (a batch of one takes the matmul unless set)."""
+    `jaxbp.formulations.w_delta2_as_terms`) where both sides measured close or the faster side
+    differed between the two CPUs measured: dE/df as XLA's conv or the Toeplitz form after the
+    patches or Toeplitz forward, for 2 or more examples (a batch of one takes the matmul unless
+    set)."""
     matmul_forward = form.forward in formulations.W_DELTA2_TERMS_FORWARDS
     if batch < 2 or not matmul_forward or form.filter_grad not in ("conv", "toeplitz"):
         return []

@@ -17,6 +17,13 @@ paddings = st.one_of(
 )
 
 
+# The SIMD extensions (`jaxbp.machine.simd_flags`) of the two CPUs the W delta2 rule was measured
+# on (`jaxbp.formulations.w_delta2_as_terms`): the Zen 2 AMD EPYC (the products) and the Zen 4
+# (AVX-512: the matmul).
+ZEN2_SIMD = frozenset({"avx2", "fma"})
+ZEN4_SIMD = frozenset({"avx2", "fma", "avx512f", "avx512_bf16"})
+
+
 @st.composite
 def specs(draw, max_hw: int = 10):
     """A valid spec: stride 1-3, padding VALID/SAME/explicit asymmetric, dilation 1-2, C 1-3,

@@ -14,6 +14,8 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 from jax.extend.core import subjaxprs
+from strategies import ZEN2_SIMD
+from strategies import ZEN4_SIMD
 from strategies import problem
 from strategies import specs
 from test_backward import FLOAT32_PER_KAPPA
@@ -37,9 +39,11 @@ from jaxbp.formulations import Formulation
 # unequal size, and a remainder chunk; the taps forward with its channels contracted first and
 # not, whatever their number; the taps and conv in the batch-minor layout, in chunks of 2 (2
 # parts; a remainder of one example, one part) and whole (3 parts where they divide the batch);
-# W delta2 set as n_out products (the patches for both, whole; the taps and the conv, and the
-# patches and the conv, in chunks with a remainder of one example, and each at a batch of one)
-# and as the matmul (the conv dE/df after the Toeplitz forward, where the rule takes the products).
+# W delta2 set as n_out products (the patches for both, whole; the taps and the conv, the
+# patches and the conv, and the Toeplitz forward and the conv, in chunks with a remainder of one
+# example, and each at a batch of one) and as the matmul (the conv dE/df after the Toeplitz and
+# the patches forward, where the rule takes the products on a CPU without AVX-512): both sides
+# whatever this CPU's rule.
 PAIRS = [*itertools.product(("taps", "patches", "conv"), repeat=2)]
 PAIRS += [("toeplitz", "toeplitz"), ("toeplitz", "conv"), ("taps", "toeplitz")]
 CHUNKED = [Formulation(form, form, 2) for form in conv_forms.FORMS] + [
@@ -57,6 +61,8 @@ CHUNKED = [Formulation(form, form, 2) for form in conv_forms.FORMS] + [
     Formulation("taps", "conv", 2, 2, w_delta2_terms=True),
     Formulation("patches", "conv", 2, 2, w_delta2_terms=True),
     Formulation("toeplitz", "conv", 2, 2, w_delta2_terms=False),
+    Formulation("toeplitz", "conv", 3, 2, w_delta2_terms=True),
+    Formulation("patches", "conv", 2, 2, w_delta2_terms=False),
 ]
 FORMULATIONS = [Formulation(*f) for f in PAIRS] + CHUNKED
 
@@ -617,7 +623,7 @@ def test_the_formulation_says_whether_w_delta2_is_a_matmul_or_products(backend):
     # per body.
     spec = jaxbp.ConvNetSpec(in_shape=(7, 6, 2), n_filters=3, kernel_size=(3, 2), n_out=4)
     params, x, y = problem(spec, 3, 5)
-    zen2, zen4 = frozenset({"avx2", "fma"}), frozenset({"avx2", "fma", "avx512f", "avx512_bf16"})
+    zen2, zen4 = ZEN2_SIMD, ZEN4_SIMD
     here = machine.simd_flags()  # what None reads
     for form, rule in (
         (Formulation("patches", "conv", 2, 2), True),

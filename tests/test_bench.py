@@ -16,11 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from strategies import ZEN2_SIMD
 
 import jaxbp
 from jaxbp import batched
 from jaxbp import conv_forms
 from jaxbp import formulations
+from jaxbp import machine
 from jaxbp.machine import CoreRoundTrip
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -89,6 +91,30 @@ def test_formulation_compile_table_weighs_the_compile_target_against_the_peers()
         "- one of those at least as fast as jax.grad: 0 of 2",
         "- one of those at least as fast as jax.grad and faster than PyTorch: 0 of 2",
     ]
+
+
+def test_formulation_compile_table_counts_ties_with_jax_grad_but_not_with_pytorch():
+    times, compile_s = {"a/a/all": 10.0, "b/b/all": 20.0}, {"a/a/all": 0.6, "b/b/all": 0.3}
+    # b ties jax.grad's step (at least as fast: counted) and PyTorch's (not faster: not counted).
+    r = point(times, compile_s, 0.35, "a/a/all")
+    r["times"] |= {"autodiff": {"median_ms": 20.0}, "torch": {"median_ms": 20.0}}
+    (row,), summary = compile_rows([r])
+    assert row.endswith("| b/b/all 0.30 (2.00) | 1.00 | 1.00 |")
+    assert summary[1:] == [
+        "- one of those at least as fast as jax.grad: 1 of 1",
+        "- one of those at least as fast as jax.grad and faster than PyTorch: 0 of 1",
+    ]
+    # Nothing compiles within jax.grad's time: no ratios, nothing counted, peers timed or not.
+    r["compile"]["autodiff"]["compile_s"] = 0.1
+    (row,), summary = compile_rows([r])
+    assert row.endswith("| none | - | - |")
+    assert summary[0].endswith(": 0 of 1 points") and all(line.endswith(": 0 of 1") for line in summary[1:])
+    # PyTorch timed, jax.grad's step not: its column empty, and nothing ahead of it.
+    r["compile"]["autodiff"]["compile_s"] = 0.35
+    del r["times"]["autodiff"]
+    (row,), summary = compile_rows([r])
+    assert row.endswith("| b/b/all 0.30 (2.00) | - | 1.00 |")
+    assert summary[1].endswith("0 of 1") and summary[2].endswith("0 of 1")
 
 
 def test_formulation_tables_take_the_manual_step_for_a_pick_left_out_of_the_pairs():
@@ -1003,10 +1029,12 @@ bench_w_delta2 = load_experiment("bench_w_delta2")
 
 def test_w_delta2_bench_runs_end_to_end_and_times_both_sides(tmp_path, monkeypatch):
     # Small inputs, one sample and one compile each: the matmul and the products at a point whose
-    # dE/df is XLA's conv (32 filters; the rule's products) and one whose is not (8 filters), in
+    # dE/df is XLA's conv (32 filters; the rule's products on a CPU without AVX-512, the Zen 2's
+    # SIMD pinned here so that the rule column has both sides) and one whose is not (8 filters), in
     # chunks with a remainder (batch 130) and whole; each program as labelled (one W delta2
     # matmul less per chunk body with the products) and the two gradients within float32 rounding.
     # One filter on 3 channels in chunks is the batch-minor layout, skipped.
+    monkeypatch.setattr(machine, "simd_flags", lambda root="/": ZEN2_SIMD)
     args = ["--inputs", "8x8x3", "--filters", "1", "8", "32", "--batches", "4", "130", "--kernels", "3"]
     args += ["--repeats", "1", "--compile-repeats", "1", "--min-sample-s", "0.001", "--out", str(tmp_path)]
     bench_w_delta2.main(args)

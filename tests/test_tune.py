@@ -13,6 +13,8 @@ import chex
 import jax
 import numpy as np
 import pytest
+from strategies import ZEN2_SIMD
+from strategies import ZEN4_SIMD
 from strategies import problem
 
 import jaxbp
@@ -23,16 +25,15 @@ from jaxbp import tune
 
 SPEC = jaxbp.ConvNetSpec(in_shape=(8, 8, 3), n_filters=8, kernel_size=(3, 3), n_out=4)
 SPEC_FORM = formulations.Formulation("patches", "patches")
-# The SIMD extensions of the two CPUs the W delta2 rule was measured on (`jaxbp.machine.simd_flags`).
-ZEN2_SIMD = frozenset({"avx2", "fma"})
-ZEN4_SIMD = frozenset({"avx2", "fma", "avx512f", "avx512_bf16"})
 
 
 # The rule at 8x8x3, 3x3: one filter the taps (dE/df the Toeplitz form at batch 1, else the
 # conv), 8 filters the patches (dE/df the conv at batch 1), 32 the patches and the conv.
+@pytest.mark.parametrize("simd", [ZEN2_SIMD, ZEN4_SIMD], ids=["zen2", "zen4"])
 @pytest.mark.parametrize("filters", [1, 8, 32])
 @pytest.mark.parametrize("batch", [1, 32, 256, 1024])
-def test_candidates_are_the_rules_forms_at_other_chunks_and_other_pairs(batch, filters):
+def test_candidates_are_the_rules_forms_at_other_chunks_and_other_pairs(batch, filters, simd, monkeypatch):
+    monkeypatch.setattr(machine, "simd_flags", lambda root="/": simd)  # the CPU the rule reads
     spec = jaxbp.ConvNetSpec(in_shape=(8, 8, 3), n_filters=filters, kernel_size=(3, 3), n_out=4)
     rule = formulations.choose_formulation(spec, batch, "cpu")
     candidates = tune.candidate_formulations(spec, batch, "cpu")
@@ -62,13 +63,12 @@ def test_candidates_are_the_rules_forms_at_other_chunks_and_other_pairs(batch, f
     at_the_rules = [f for f in candidates if f[:3] == rule[:3] and f.contract_channels is None]
     assert {f.batch_minor for f in at_the_rules} == ({False, True} if taps_conv else {False})
     # W delta2 the other way where dE/df is the conv or the Toeplitz form after a matmul forward
-    # (here the patches and the conv with 32 filters), at a batch; nothing else sets it. Which
-    # way is the other depends on the CPU (`formulations.w_delta2_as_terms`: the products without
-    # AVX-512).
+    # (here the patches and the conv with 32 filters), at a batch; nothing else sets it. The rule
+    # takes the products without AVX-512 (the Zen 2) and the matmul with it (the Zen 4), so the
+    # other way is the matmul on the one and the products on the other.
     other = [f for f in candidates if f.w_delta2_terms is not None]
     close = rule.forward == "patches" and rule.filter_grad == "conv" and batch > 1
-    flip = not formulations.w_delta2_as_terms(rule, batch, spec.n_out, "cpu")
-    assert other == ([rule._replace(w_delta2_terms=flip)] if close else [])
+    assert other == ([rule._replace(w_delta2_terms=simd == ZEN4_SIMD)] if close else [])
     # On a GPU the rule takes the patches for both: nothing to set (the products' rule is the
     # CPU's, and after the patches dE/df they were slower there).
     on_gpu_other = [
@@ -113,7 +113,7 @@ def test_candidates_given_are_taken_as_they_run_at_the_batch(monkeypatch):
     # dE/df after a matmul forward from 2 examples on, on the CPU): so a batch of one keeps True.
     terms, dot = (conv._replace(w_delta2_terms=t) for t in (True, False))
     for backend, simd in itertools.product(("cpu", "gpu"), (ZEN2_SIMD, ZEN4_SIMD)):
-        monkeypatch.setattr(machine, "simd_flags", lambda simd=simd: simd)  # what the rule reads
+        monkeypatch.setattr(machine, "simd_flags", lambda root="/", simd=simd: simd)  # what the rule reads
         products = backend == "cpu" and simd == ZEN2_SIMD  # the rule's side: the products
         assert tune.distinct([conv, terms, dot], 20, n_out=10, backend=backend) == [
             conv,
