@@ -77,6 +77,24 @@ class Tuning(NamedTuple):
         """The rule's median time over the best's (1.0 where the rule is the best)."""
         return self.times_ms[self.rule][1] / self.times_ms[self.best][1]
 
+    def fastest_compiling_within(self, seconds: float) -> Formulation | None:
+        """The fastest candidate (smallest median) that compiled in at most `seconds`, or None if
+        none did: for a run that compiles often, a compile budget traded against step time. XLA's
+        CPU compile time grows with the kernels a step generates, and the fastest steps generate
+        the most (experiments/PERFORMANCE.md, "Can any formulation meet the compile target and
+        the run-time targets at once?"; there a formulation compiling within jax.grad's step's
+        time that also beat jax.grad's and PyTorch's steps existed at 28 of 48 grid points, and
+        at none of the other 20). Each candidate is compiled once, so near the budget the choice
+        follows that one compile's noise.
+
+        Raises:
+          ValueError: if `seconds` is not a non-negative number.
+        """
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:
+            raise ValueError(f"seconds must be a non-negative number of seconds, got {seconds!r}")
+        within = [form for form, s in self.compile_s.items() if s <= seconds]
+        return min(within, key=lambda form: self.times_ms[form][1]) if within else None
+
     def report(self) -> str:
         """The candidates fastest first, a line each: median ms [quartiles], time over the
         rule's, compile seconds, and which is the rule's pick."""

@@ -147,6 +147,11 @@ def test_tuning_times_every_candidate_and_each_computes_the_rules_means():
     labels = ["patches/patches/all", "patches/patches/16", "toeplitz/toeplitz/all", "conv/conv*4/all"]
     assert [f.label() for f in candidates] == labels
     assert tuning.best == min(candidates, key=lambda f: tuning.times_ms[f][1])
+    # A budget every candidate compiled within leaves the fastest; the quickest compile's own
+    # time leaves only candidates at most that slow to compile.
+    assert tuning.fastest_compiling_within(max(tuning.compile_s.values())) == tuning.best
+    quickest = min(tuning.compile_s.values())
+    assert tuning.compile_s[tuning.fastest_compiling_within(quickest)] == quickest
     assert all(q1 <= med <= q3 for q1, med, q3 in tuning.times_ms.values())
     assert tuning.speedup() >= 1 and len(lines) == len(candidates) + 1
     # Whichever is picked computes the same means: every candidate against the rule's (float64,
@@ -187,6 +192,19 @@ def test_the_pick_is_the_smallest_median_and_the_rule_wins_a_tie(monkeypatch):
     assert "0.75x the rule's" in report[0] and report[1].endswith("(the rule's pick)")
     medians[other] = 2.0
     assert jaxbp.tune_formulation(SPEC, 64, candidates=[other], repeats=1).best == rule
+
+
+def test_the_fastest_within_a_compile_budget():
+    rule, other, slower = (formulations.Formulation("patches", "patches", c) for c in (None, 16, 8))
+    times = {rule: (0.9, 1.0, 1.1), other: (1.8, 2.0, 2.2), slower: (2.7, 3.0, 3.3)}
+    tuning = tune.Tuning(rule, rule, times, {rule: 0.5, other: 0.3, slower: 0.2})
+    assert tuning.fastest_compiling_within(0.5) == rule  # the budget includes its end
+    assert tuning.fastest_compiling_within(0.4) == other  # the faster of the two within it
+    assert tuning.fastest_compiling_within(0.2) == slower
+    assert tuning.fastest_compiling_within(0.1) is None
+    for bad in (-0.1, float("nan"), "0.3", True):
+        with pytest.raises(ValueError, match="seconds must be a non-negative number"):
+            tuning.fastest_compiling_within(bad)
 
 
 @pytest.mark.parametrize("warm_calls", [0, 1, 2])
