@@ -82,10 +82,10 @@ class Tuning(NamedTuple):
         none did: for a run that compiles often, a compile budget traded against step time. XLA's
         CPU compile time grows with the kernels a step generates, and the fastest steps generate
         the most (experiments/PERFORMANCE.md, "Can any formulation meet the compile target and
-        the run-time targets at once?"; there a formulation compiling within jax.grad's step's
-        time that also beat jax.grad's and PyTorch's steps existed at 28 of 48 grid points, and
-        at none of the other 20). Each candidate is compiled once, so near the budget the choice
-        follows that one compile's noise.
+        the run-time targets at once?"; there, among more candidates than these, a formulation
+        compiling within jax.grad's step's time that also beat jax.grad's and PyTorch's steps
+        existed at 28 of 48 grid points, and at none of the other 20). Each candidate is
+        compiled once, so near the budget the choice follows that one compile's noise.
 
         Raises:
           ValueError: if `seconds` is not a non-negative number.
