@@ -623,7 +623,6 @@ def test_the_formulation_says_whether_w_delta2_is_a_matmul_or_products(backend):
     # per body.
     spec = jaxbp.ConvNetSpec(in_shape=(7, 6, 2), n_filters=3, kernel_size=(3, 2), n_out=4)
     params, x, y = problem(spec, 3, 5)
-    zen2, zen4 = ZEN2_SIMD, ZEN4_SIMD
     here = machine.simd_flags()  # what None reads
     for form, rule in (
         (Formulation("patches", "conv", 2, 2), True),
@@ -632,12 +631,12 @@ def test_the_formulation_says_whether_w_delta2_is_a_matmul_or_products(backend):
         (Formulation("taps", "conv", 2, 2), False),
         (Formulation("conv", "conv", 2, 2), False),
     ):
-        assert formulations.w_delta2_as_terms(form, 5, 4, backend, zen2) == (rule and backend == "cpu")
-        assert not formulations.w_delta2_as_terms(form, 5, 4, backend, zen4)  # AVX-512: the matmul
+        assert formulations.w_delta2_as_terms(form, 5, 4, backend, ZEN2_SIMD) == (rule and backend == "cpu")
+        assert not formulations.w_delta2_as_terms(form, 5, 4, backend, ZEN4_SIMD)  # AVX-512: the matmul
         assert formulations.w_delta2_as_terms(form, 5, 4, backend) == formulations.w_delta2_as_terms(
             form, 5, 4, backend, here
         )
-        for simd in (zen2, zen4):
+        for simd in (ZEN2_SIMD, ZEN4_SIMD):
             assert not formulations.w_delta2_as_terms(form, 1, 4, backend, simd)
             max_out = formulations.W_DELTA2_TERMS_MAX_OUT
             assert not formulations.w_delta2_as_terms(form, 5, max_out + 1, backend, simd)
