@@ -5,13 +5,13 @@ the batch gradient that runs them `jaxbp.batched`).
 The batch step does not vmap, and uses XLA's conv only where it measured faster. Under vmap the
 per-example dE/df (a conv whose batch axis is C) becomes a grouped conv per example, which XLA's
 CPU runs slowly. The ``conv`` forms (XLA's convolution, with the batch as the contracted axis of
-dE/df) serve dE/df after the taps (but a single example on 2 or more channels), from 32 filters on
-and for a batch of one past the taps, and both convolutions on accelerators other than a GPU (not
-measured there; on a GPU the patches for both measured fastest, below). On the CPU dE/df's conv is
-split over the examples into a few convs that run at once (``conv_parts``): with 32 filters Eigen
-ran one such conv on one core. The measurements assume the steps' `jaxbp.compiler_options()`: with
-jaxlib 0.10's default YNNPACK convolutions the same convs ran up to 10x slower
-(`jaxbp.compile_options`).
+dE/df) serve dE/df after the taps (but a single example on 2 or more channels) and from 32 filters
+on (but a single example, whose dE/df is the patches'), and both convolutions on accelerators
+other than a GPU (not measured there; on a GPU the patches for both measured fastest, below). On
+the CPU dE/df's conv is split over the examples into a few convs that run at once
+(``conv_parts``): with 32 filters Eigen ran one such conv on one core. The measurements assume
+the steps' `jaxbp.compiler_options()`: with jaxlib 0.10's default YNNPACK convolutions the same
+convs ran up to 10x slower (`jaxbp.compile_options`).
 
 Which formulation and chunk are fastest depends on the shape; `choose_formulation` encodes the
 measurement, `jaxbp.tune_formulation` times the alternatives on the machine at hand.
@@ -191,6 +191,15 @@ class Formulation(NamedTuple):
 #   1.2x of the fastest formulation at 9 of 12 points, and 1.26-1.40x at three: with one filter
 #   and 3x3 the patches for dE/df won by 0.02-0.05 ms (32x32x3: 0.115 against 0.161 ms), and
 #   at 32x32x3, 5x5, 8 filters conv/patches by 0.10 ms.
+#   Since then the patches for dE/df too, from 8 filters on: in that file the patches for both
+#   took 0.83-1.19x the pick's time at its 8 points with 8 and 32 filters (faster at 6; the
+#   median 0.875x), and on the Zen 4 AMD EPYC 0.54-0.99x at all 8 in one run
+#   (bench_amd_epyc_zen4_formulations.md, 3 repeats) and 0.52-1.02x in another
+#   (bench_amd_epyc_zen4_formulations_small_batch.md, 7 repeats; 32x32x3, 5x5, 8 filters: 0.155
+#   against 0.297 ms): faster at 21 of the 24. The tuner's runs on the 16 MB AMD EPYC also
+#   picked the patches or the Toeplitz form for both at batch 1 (experiments/PERFORMANCE.md,
+#   "Tuning on your machine"). One example has no batch for XLA's conv to contract; its dE/df
+#   is a (kh kw C, Ho Wo) x (Ho Wo, K) matmul of the P the forward built.
 # * The taps with 9 terms or fewer (kh kw C <= 9: a 3x3 filter on one channel) run the whole batch
 #   while x, Z1, H1 and delta1 stay under TAPS_UNCHUNKED_WORKING_SET_BYTES. Under the chunks' loop
 #   (then a lax.scan over x in chunks) XLA fused the loop's dynamic slice of x into the 9-term
@@ -387,7 +396,7 @@ def choose_formulation(
         batch_minor = chunk is not None and c >= BATCH_MINOR_FROM_CHANNELS
         return Formulation("taps", "conv", chunk, parts, batch_minor=batch_minor)
     if batch == 1:
-        return Formulation("patches", "conv", None)
+        return Formulation("patches", "patches", None)
     wide_band = toeplitz_multiply_ratio(spec) > TOEPLITZ_MAX_MULTIPLY_RATIO
     forward: ConvForm = "patches" if wide_band and k >= TOEPLITZ_BELOW_FILTERS else "toeplitz"
     if k >= CONV_FILTER_GRAD_FROM_FILTERS:
