@@ -184,22 +184,31 @@ class Formulation(NamedTuple):
 #   time. The rule stays until the same sweep has run on both with their caches recorded;
 #   meanwhile `jaxbp.tune_formulation` times the rule's pick against its forms at other chunks
 #   (and other pairs) on the machine at hand, for `make_update_step(..., formulation=...)`.
-# * (After the taps on 2 or more channels superseded by the single-example bullet further down,
-#   measured on the AMD EPYC only; the Xeon's bench_formulations_b1.md had no Toeplitz dE/df.)
+# * (Superseded: after the taps on 2 or more channels by the single-example bullet further down,
+#   measured on the AMD EPYC only, the Xeon's bench_formulations_b1.md having no Toeplitz dE/df;
+#   past the taps by the patches for both, below. It now holds for one filter on one channel.)
 #   A single example (bench_formulations_b1.md, sub-millisecond and noisy): dE/df as XLA's conv,
-#   one op where the taps are kh*kw dots and the conv has no batch to group. The pick was within
-#   1.2x of the fastest formulation at 9 of 12 points, and 1.26-1.40x at three: with one filter
-#   and 3x3 the patches for dE/df won by 0.02-0.05 ms (32x32x3: 0.115 against 0.161 ms), and
-#   at 32x32x3, 5x5, 8 filters conv/patches by 0.10 ms.
-#   Since then the patches for dE/df too, from 8 filters on: in that file the patches for both
-#   took 0.83-1.19x the pick's time at its 8 points with 8 and 32 filters (faster at 6; the
-#   median 0.875x), and on the Zen 4 AMD EPYC 0.54-0.99x at all 8 in one run
-#   (bench_amd_epyc_zen4_formulations.md, 3 repeats) and 0.52-1.02x in another
-#   (bench_amd_epyc_zen4_formulations_small_batch.md, 7 repeats; 32x32x3, 5x5, 8 filters: 0.155
-#   against 0.297 ms): faster at 21 of the 24. The tuner's runs on the 16 MB AMD EPYC also
-#   picked the patches or the Toeplitz form for both at batch 1 (experiments/PERFORMANCE.md,
-#   "Tuning on your machine"). One example has no batch for XLA's conv to contract; its dE/df
-#   is a (kh kw C, Ho Wo) x (Ho Wo, K) matmul of the P the forward built.
+#   one op where the taps are kh*kw dots. The pick was within 1.2x of the fastest formulation at
+#   9 of 12 points, and 1.26-1.40x at three: with one filter and 3x3 the patches for dE/df won by
+#   0.02-0.05 ms (32x32x3: 0.115 against 0.161 ms), and at 32x32x3, 5x5, 8 filters conv/patches
+#   by 0.10 ms.
+# * A single example past the taps: the patches for both, P built once and used twice (its dE/df
+#   a (kh kw C, Ho Wo) x (Ho Wo, K) matmul), not the patches forward with XLA's conv for dE/df.
+#   The two side by side in the same run, at batch 1 with 8 and 32 filters (28x28x1 and
+#   32x32x3, 3x3 and 5x5), the patches for both over the conv's time:
+#   - the Xeon (bench_formulations_b1.md, 5 repeats): 0.88-1.13x, faster at 4 of 8 (median
+#     about 1.0x): the same time;
+#   - the Zen 4 AMD EPYC before the change: 0.53-0.98x, faster at all 8
+#     (bench_amd_epyc_zen4_formulations.md, 3 repeats), and 0.53-1.00x, faster at 6 of 8 and
+#     within 1% at the other 2 (bench_amd_epyc_zen4_formulations_small_batch.md, 7 repeats;
+#     32x32x3, 5x5, 8 filters: 0.154 against 0.291 ms);
+#   - the Zen 4 after it (bench_amd_epyc_zen4_b1_patches.md, 15 repeats of at least 50 ms):
+#     0.55-1.02x, faster at 7 of 8 (32x32x3, 5x5, 8 filters: 0.153 against 0.277 ms).
+#   So as fast on the one CPU and up to 1.9x faster on the other. The tuner's runs on the 16 MB
+#   AMD EPYC picked the patches or the Toeplitz form for both at 12 of the 16 such point-runs
+#   (bench_amd_epyc_tuned.md and its rerun). 2-7 filters past the taps (the Toeplitz rule's
+#   range from batch 2 on) and one filter on 8 or more channels follow by extrapolation;
+#   `jaxbp.tune_formulation` also times the conv's side at batch 1.
 # * The taps with 9 terms or fewer (kh kw C <= 9: a 3x3 filter on one channel) run the whole batch
 #   while x, Z1, H1 and delta1 stay under TAPS_UNCHUNKED_WORKING_SET_BYTES. Under the chunks' loop
 #   (then a lax.scan over x in chunks) XLA fused the loop's dynamic slice of x into the 9-term

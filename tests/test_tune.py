@@ -28,7 +28,7 @@ SPEC_FORM = formulations.Formulation("patches", "patches")
 
 
 # The rule at 8x8x3, 3x3: one filter the taps (dE/df the Toeplitz form at batch 1, else the
-# conv), 8 filters the patches (dE/df the conv at batch 1), 32 the patches and the conv.
+# conv), 8 filters the patches, 32 the patches and the conv (at batch 1 the patches for both).
 @pytest.mark.parametrize("simd", [ZEN2_SIMD, ZEN4_SIMD], ids=["zen2", "zen4"])
 @pytest.mark.parametrize("filters", [1, 8, 32])
 @pytest.mark.parametrize("batch", [1, 32, 256, 1024])
@@ -46,6 +46,13 @@ def test_candidates_are_the_rules_forms_at_other_chunks_and_other_pairs(batch, f
     assert same_forms == expected | ({None} if batch <= tune.WHOLE_BATCH_MAX else set())
     for pair in tune.CANDIDATE_PAIRS:
         assert any(f[:2] == pair and f.chunk == rule.chunk for f in candidates), pair
+    # A single example past the taps: the patches for both, and the conv's side too (the rule
+    # before, one part); after the taps (one filter) no patches forward with the conv.
+    by_conv = [f for f in candidates if f[:2] == ("patches", "conv")]
+    if batch == 1:
+        past_taps = filters > 1
+        assert (rule[:2] == ("patches", "patches")) == past_taps
+        assert by_conv == ([formulations.Formulation("patches", "conv", None, 1)] if past_taps else [])
     # XLA's conv dE/df in the rule's parts for this batch (4 on the CPU, one per example at most).
     parts = formulations.conv_filter_grad_parts(batch, "cpu")
     assert {f.conv_parts for f in candidates if f.filter_grad == "conv"} == {parts}
