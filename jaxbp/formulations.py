@@ -204,11 +204,11 @@ class Formulation(NamedTuple):
 #     32x32x3, 5x5, 8 filters: 0.154 against 0.291 ms);
 #   - the Zen 4 after it (bench_amd_epyc_zen4_b1_patches.md, 15 repeats of at least 50 ms):
 #     0.55-1.02x, faster at 7 of 8 (32x32x3, 5x5, 8 filters: 0.153 against 0.277 ms).
-#   So as fast on the one CPU and up to 1.9x faster on the other. The tuner's runs on the 16 MB
+#   So as fast on the one CPU and up to 1.9x faster on the other. The tuner's runs on the 32 MB
 #   AMD EPYC picked the patches or the Toeplitz form for both at 12 of the 16 such point-runs
 #   (bench_amd_epyc_tuned.md and its rerun). 2-7 filters past the taps (the Toeplitz rule's
 #   range from batch 2 on) and one filter on 8 or more channels follow by extrapolation;
-#   `jaxbp.tune_formulation` also times the conv's side at batch 1.
+#   `jaxbp.tune_formulation` also times the conv's side at batch 1 on the CPU.
 # * The taps with 9 terms or fewer (kh kw C <= 9: a 3x3 filter on one channel) run the whole batch
 #   while x, Z1, H1 and delta1 stay under TAPS_UNCHUNKED_WORKING_SET_BYTES. Under the chunks' loop
 #   (then a lax.scan over x in chunks) XLA fused the loop's dynamic slice of x into the 9-term

@@ -117,8 +117,8 @@ def candidate_formulations(
     (`jaxbp.batch_minor`); where the pick's forward is the taps on 2 or more input channels, the
     pick channels last with the other ``contract_channels``; where the pick's dE/df is XLA's conv
     or the Toeplitz form after a matmul forward, the pick with W delta2 the other way
-    (`w_delta2_alternatives`); where the pick is the patches for both for a single example, the
-    patches with XLA's conv for dE/df (the rule before, as fast on the Xeon); then each of
+    (`w_delta2_alternatives`); on the CPU, where the pick is the patches for both for a single
+    example, the patches with XLA's conv for dE/df (the rule before, as fast on the Xeon); then each of
     `CANDIDATE_PAIRS` at the pick's chunk (XLA's conv for dE/df in the rule's parts for this batch
     and backend, `formulations.conv_filter_grad_parts`): 3-11 formulations, 4-10 on the
     benchmark's grid."""
@@ -128,7 +128,7 @@ def candidate_formulations(
     chunks = [c for c in CANDIDATE_CHUNKS if c < batch] + ([None] if batch <= WHOLE_BATCH_MAX else [])
     out = [rule] + [rule._replace(chunk=c) for c in chunks] + taps_alternatives(rule, batch, spec)
     out += w_delta2_alternatives(rule, batch, spec.n_out, backend)
-    if batch == 1 and rule[:2] == ("patches", "patches"):
+    if batch == 1 and rule[:2] == ("patches", "patches") and (backend or jax.default_backend()) == "cpu":
         out.append(Formulation("patches", "conv", None, parts))
     out += [Formulation(f, g, rule.chunk, parts) for f, g in CANDIDATE_PAIRS]
     return distinct(out, batch, spec.in_shape[2], n_out=spec.n_out, backend=backend)

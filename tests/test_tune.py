@@ -53,6 +53,8 @@ def test_candidates_are_the_rules_forms_at_other_chunks_and_other_pairs(batch, f
         past_taps = filters > 1
         assert (rule[:2] == ("patches", "patches")) == past_taps
         assert by_conv == ([formulations.Formulation("patches", "conv", None, 1)] if past_taps else [])
+    elif rule[:2] != ("patches", "conv"):
+        assert by_conv == []  # at a batch only the rule's own patches/conv, at its chunks
     # XLA's conv dE/df in the rule's parts for this batch (4 on the CPU, one per example at most).
     parts = formulations.conv_filter_grad_parts(batch, "cpu")
     assert {f.conv_parts for f in candidates if f.filter_grad == "conv"} == {parts}
@@ -85,6 +87,7 @@ def test_candidates_are_the_rules_forms_at_other_chunks_and_other_pairs(batch, f
     assert on_gpu_other == []
     on_gpu = tune.candidate_formulations(spec, batch, "gpu")
     assert on_gpu[0] == formulations.choose_formulation(spec, batch, "gpu")
+    assert not any(f[:2] == ("patches", "conv") for f in on_gpu)  # the batch-1 extra is the CPU's
     assert {f.conv_parts for f in on_gpu} == {1}
 
 
