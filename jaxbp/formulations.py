@@ -184,9 +184,10 @@ class Formulation(NamedTuple):
 #   time. The rule stays until the same sweep has run on both with their caches recorded;
 #   meanwhile `jaxbp.tune_formulation` times the rule's pick against its forms at other chunks
 #   (and other pairs) on the machine at hand, for `make_update_step(..., formulation=...)`.
-# * (Superseded: after the taps on 2 or more channels by the single-example bullet further down,
-#   measured on the AMD EPYC only, the Xeon's bench_formulations_b1.md having no Toeplitz dE/df;
-#   past the taps by the patches for both, below. It now holds for one filter on one channel.)
+# * (Superseded: after the taps on 2 or more channels by the bullet "A single example with one
+#   filter on 2 or more channels" further down, measured on the AMD EPYC only, the Xeon's
+#   bench_formulations_b1.md having no Toeplitz dE/df; past the taps by the patches for both,
+#   below. It now holds for one filter on one channel.)
 #   A single example (bench_formulations_b1.md, sub-millisecond and noisy): dE/df as XLA's conv,
 #   one op where the taps are kh*kw dots. The pick was within 1.2x of the fastest formulation at
 #   9 of 12 points, and 1.26-1.40x at three: with one filter and 3x3 the patches for dE/df won by

@@ -123,12 +123,13 @@ def candidate_formulations(
     and backend, `formulations.conv_filter_grad_parts`): 3-11 formulations, 4-10 on the
     benchmark's grid."""
     positive_int(batch, "batch")
+    backend = jax.default_backend() if backend is None else backend
     rule = formulations.choose_formulation(spec, batch, backend, itemsize)
     parts = formulations.conv_filter_grad_parts(batch, backend)
     chunks = [c for c in CANDIDATE_CHUNKS if c < batch] + ([None] if batch <= WHOLE_BATCH_MAX else [])
     out = [rule] + [rule._replace(chunk=c) for c in chunks] + taps_alternatives(rule, batch, spec)
     out += w_delta2_alternatives(rule, batch, spec.n_out, backend)
-    if batch == 1 and rule[:2] == ("patches", "patches") and (backend or jax.default_backend()) == "cpu":
+    if batch == 1 and rule[:2] == ("patches", "patches") and backend == "cpu":
         out.append(Formulation("patches", "conv", None, parts))
     out += [Formulation(f, g, rule.chunk, parts) for f, g in CANDIDATE_PAIRS]
     return distinct(out, batch, spec.in_shape[2], n_out=spec.n_out, backend=backend)

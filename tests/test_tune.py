@@ -55,6 +55,8 @@ def test_candidates_are_the_rules_forms_at_other_chunks_and_other_pairs(batch, f
         assert by_conv == ([formulations.Formulation("patches", "conv", None, 1)] if past_taps else [])
     elif rule[:2] != ("patches", "conv"):
         assert by_conv == []  # at a batch only the rule's own patches/conv, at its chunks
+    if jax.default_backend() == "cpu":  # backend None is this machine's
+        assert tune.candidate_formulations(spec, batch) == candidates
     # XLA's conv dE/df in the rule's parts for this batch (4 on the CPU, one per example at most).
     parts = formulations.conv_filter_grad_parts(batch, "cpu")
     assert {f.conv_parts for f in candidates if f.filter_grad == "conv"} == {parts}
