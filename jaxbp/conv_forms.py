@@ -317,9 +317,10 @@ def toeplitz_band(f: jax.Array, spec: ConvNetSpec) -> jax.Array:
     a 0/1 selection constant, S[b, w, j] = [w = j s_w + b d_w], T was a dot whose operands XLA
     laid out with copies, and so was the fold below (`fold_band`): one generated kernel more
     each. On the Zen 4 AMD EPYC of experiments/PERFORMANCE.md, at the 14 grid points with the
-    Toeplitz form, the step now has 1-2 fewer kernels and compiled in 0.88-1.03x the time (median
-    0.96x); it ran in 0.93-1.13x (median 0.99x, within the noise), its update the same to the
-    bit, and the per-example gradients in 0.84-1.02x (median 0.96x)
+    Toeplitz form, the step now has 1-2 fewer kernels and compiled in 0.88-1.03x and 0.89-1.09x
+    the time in two runs (medians 0.96x and 0.97x); it ran in 0.93-1.13x and 0.97-1.21x (medians
+    0.99x, within the noise), its update the same to the bit, and the per-example gradients in
+    0.84-1.02x and 0.94-0.99x (medians 0.96x and 0.97x)
     (`python experiments/bench_toeplitz_band.py --per-example`,
     experiments/results/bench_toeplitz_band.md). XLA's CPU compile time grows with the kernels it
     generates, each a few ms to tens of ms (experiments/PERFORMANCE.md).
